@@ -1,0 +1,129 @@
+"""The `nvidia-agent` command: daemon, status, config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import structlog
+
+from agent import __version__, log
+from agent.config import CONFIG_DIRS, Settings, load_settings
+from agent.credentials import Credentials
+from agent.daemon import LOCK_FILE, LockHeld, Triggers, acquire_lock, run_daemon
+from agent.errors import ConfigError, ExitCode
+from agent.hostfacts import HostProbe
+from agent.hostroot import HostRoot
+from agent.reconcile import Agent
+from agent.registry import RegistryClient
+from agent.status import SOCKET_FILE, Phase, query, render_text
+
+DESCRIPTION = """\
+Keeps the prebuilt NVIDIA driver that matches the running kernel installed
+under /opt/nvidia/<driver>/<os>, visible under /usr/lib64 and loaded.
+
+Run under systemd:   systemctl enable --now nvidia-agent.service
+Ask it:              nvidia-agent status        (exit 0 ready, 2 degraded, 1 failed/unreachable)
+Read its log:        journalctl -u nvidia-agent -p warning
+"""
+
+EPILOG = f"""\
+configuration (later overrides earlier, same file name replaces, a symlink to /dev/null masks):
+  {chr(10).join('  ' + d + '/*.toml' for d in CONFIG_DIRS).strip()}
+exit statuses: 0 ready, 1 failed, 2 degraded, 64 usage, 75 another daemon runs, 78 bad configuration
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nvidia-agent", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"nvidia-agent {__version__}")
+    parser.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
+                        help="host root every host path hangs off (default /; /host in a container)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("daemon", help="reconcile now, then keep the driver matched (what the unit runs)",
+                       description="Reconcile at start, then every daemon.check_interval_s, on SIGHUP, and with "
+                                   "backoff after a failure. Serves `status` on " + SOCKET_FILE + ".")
+    d.add_argument("--once", action="store_true",
+                   help="reconcile once and exit: 0 ready (or no GPU), 2 degraded, 78 bad configuration")
+    d.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
+
+    s = sub.add_parser("status", help="show what the running daemon did and why",
+                       description="Ask the daemon over its Unix socket. Exit 0 ready (or no GPU), "
+                                   "2 degraded or still working, 1 failed or daemon not reachable.")
+    s.add_argument("--json", action="store_true", help="print the full status as JSON")
+    s.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to SECONDS for the daemon to be reachable and ready")
+    s.add_argument("--socket", type=Path, default=None, help=f"socket path (default <root>{SOCKET_FILE})")
+
+    sub.add_parser("config", help="validate the configuration and print the merged result as JSON",
+                   description="Exit 0 with the effective settings, or 78 naming the file, key and what is valid.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    host = HostRoot(args.root.resolve())
+    if args.command == "status":
+        return cmd_status(host, args)
+    log.configure(verbose=getattr(args, "verbose", False))
+    logger = structlog.get_logger("nvidia-agent")
+    try:
+        settings = load_settings(host)
+    except ConfigError as exc:
+        logger.error("config_invalid", error=str(exc), file=exc.file, key=exc.key)
+        print(f"nvidia-agent: configuration error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    if args.command == "config":
+        print(json.dumps(asdict(settings), indent=2, default=list))
+        return ExitCode.OK
+    return cmd_daemon(host, settings, once=args.once)
+
+
+def cmd_daemon(host: HostRoot, settings: Settings, *, once: bool) -> int:
+    logger = structlog.get_logger("nvidia-agent")
+    try:
+        lock = acquire_lock(host(LOCK_FILE))
+    except LockHeld as exc:
+        logger.error("already_running", error=str(exc))
+        print(f"nvidia-agent: {exc}", file=sys.stderr)
+        return ExitCode.LOCKED
+    with lock:
+        try:
+            credentials = Credentials.load(host(settings.image.auth_file))
+        except ConfigError as exc:
+            logger.error("config_invalid", error=str(exc))
+            return ExitCode.CONFIG
+        if credentials.unsupported_helpers:
+            logger.warning("credential_helpers_ignored", helpers=",".join(credentials.unsupported_helpers),
+                           file=settings.image.auth_file)
+        registry = RegistryClient(plain_http=settings.image.plain_http, credentials=credentials,
+                                  timeout_s=settings.image.timeout_s, attempts=settings.image.attempts)
+        agent = Agent(host, settings, probe=HostProbe(host), registry=registry)
+        return run_daemon(agent, socket_path=host(SOCKET_FILE), once=once, triggers=Triggers.install())
+
+
+def cmd_status(host: HostRoot, args: argparse.Namespace) -> int:
+    path = args.socket or host(SOCKET_FILE)
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            status = query(path)
+            error = None
+        except (OSError, ValueError) as exc:
+            status, error = None, exc
+        settled = status is not None and Phase(status["phase"]).exit_code == ExitCode.OK
+        if settled or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if status is None:
+        print(f"nvidia-agent: daemon not reachable at {path}: {error}\n"
+              "  is it running? systemctl status nvidia-agent", file=sys.stderr)
+        return ExitCode.FAILED
+    print(json.dumps(status, indent=2) if args.json else render_text(status))
+    return int(Phase(status["phase"]).exit_code)

@@ -1,0 +1,280 @@
+"""Layered TOML configuration: vendor → runtime → admin fragments, merged onto defaults, validated."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+from agent.hostroot import HostRoot, check_host_path
+from agent.reference import REGISTRY_RE, REPOSITORY_RE, Reference, render_tag
+
+# Lowest precedence first. A later directory's file of the same name replaces
+# an earlier one; a file that is a symlink to /dev/null masks the name.
+CONFIG_DIRS = (
+    "/usr/lib/nvidia-agent/config.d",
+    "/run/nvidia-agent/config.d",
+    "/etc/nvidia-agent/config.d",
+)
+
+MODULE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+MODULE_PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S*$")
+UNIT_NAME_RE = re.compile(r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.(service|target|socket|mount)$")
+DRIVER_VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+){1,3}$")
+
+
+@dataclass(frozen=True)
+class DriverSettings:
+    version: str = "535.261.03"
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    registry: str = "127.0.0.1:5000"
+    repository: str = "nvidia/driver"
+    tag_template: str = "{driver}-{os}"
+    plain_http: tuple[str, ...] = ("127.0.0.1:5000",)
+    auth_file: str = "/etc/nvidia-agent/auth.json"
+    timeout_s: float = 30.0
+    attempts: int = 5
+
+
+@dataclass(frozen=True)
+class InstallSettings:
+    root: str = "/opt/nvidia"
+    keep_trees: int = 3
+
+
+@dataclass(frozen=True)
+class MountSettings:
+    enabled: bool = True
+    target: str = "/usr/lib64"
+    ldconfig: bool = True
+
+
+@dataclass(frozen=True)
+class ModuleSettings:
+    load: bool = True
+    parameters: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UnitSettings:
+    before: tuple[str, ...] = ("kubelet.service", "dcos-mesos-slave.service")
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    check_interval_s: float = 300.0
+    retry_initial_s: float = 10.0
+    retry_max_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    driver: DriverSettings = DriverSettings()
+    image: ImageSettings = ImageSettings()
+    install: InstallSettings = InstallSettings()
+    mount: MountSettings = MountSettings()
+    modules: ModuleSettings = ModuleSettings()
+    units: UnitSettings = UnitSettings()
+    daemon: DaemonSettings = DaemonSettings()
+    sources: tuple[str, ...] = ()  # the fragments merged, in order (host paths)
+
+
+# --- validators: each returns the converted value or raises ValueError(what is valid)
+
+def _string(pattern: re.Pattern[str] | None = None, valid: str = "a string") -> Callable[[Any], Any]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or (pattern and not pattern.match(value)):
+            raise ValueError(valid)
+        return value
+    return check
+
+
+def _number(minimum: float, maximum: float) -> Callable[[Any], Any]:
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not minimum <= value <= maximum:
+            raise ValueError(f"a number from {minimum:g} to {maximum:g}")
+        return float(value)
+    return check
+
+
+def _integer(minimum: int, maximum: int) -> Callable[[Any], Any]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise ValueError(f"an integer from {minimum} to {maximum}")
+        return value
+    return check
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
+
+
+def _host_path(value: Any) -> str:
+    try:
+        return str(check_host_path(value)) if isinstance(value, str) else _fail()
+    except ValueError:
+        raise ValueError("an absolute, normalized path such as /opt/nvidia") from None
+
+
+def _fail() -> str:
+    raise ValueError
+
+
+def _string_list(pattern: re.Pattern[str], valid: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) and pattern.match(v) for v in value):
+            raise ValueError(f"a list of {valid}")
+        return tuple(value)
+    return check
+
+
+def _tag_template(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("a string such as \"{driver}-{os}\"")
+    sample = {"driver": "535.261.03", "os": "flatcar-3815.2.0", "os_id": "flatcar",
+              "os_version": "3815.2.0", "kernel": "6.1.0-28-amd64", "arch": "amd64"}
+    try:
+        render_tag(value, sample)
+    except ValueError as exc:
+        raise ValueError(f"a tag template over {{driver}} {{os}} {{os_id}} {{os_version}} "
+                         f"{{kernel}} {{arch}} ({exc})") from None
+    return value
+
+
+def _parameters(value: Any) -> dict[str, tuple[str, ...]]:
+    valid = 'a table of module name = ["param=value", ...]'
+    if not isinstance(value, dict):
+        raise ValueError(valid)
+    out: dict[str, tuple[str, ...]] = {}
+    for name, params in value.items():
+        if not MODULE_NAME_RE.match(name):
+            raise ValueError(f"{valid}; {name!r} is not a module name")
+        out[name] = _string_list(MODULE_PARAM_RE, "param=value strings")(params)
+    return out
+
+
+SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "driver": {"version": _string(DRIVER_VERSION_RE, "a driver version such as \"535.261.03\"")},
+    "image": {
+        "registry": _string(REGISTRY_RE, "a registry host[:port] such as \"registry.example:5000\""),
+        "repository": _string(REPOSITORY_RE, "a lowercase repository path such as \"nvidia/driver\""),
+        "tag_template": _tag_template,
+        "plain_http": _string_list(REGISTRY_RE, "registry host[:port] strings"),
+        "auth_file": _host_path,
+        "timeout_s": _number(1, 3600),
+        "attempts": _integer(1, 100),
+    },
+    "install": {"root": _host_path, "keep_trees": _integer(1, 100)},
+    "mount": {"enabled": _boolean, "target": _host_path, "ldconfig": _boolean},
+    "modules": {"load": _boolean, "parameters": _parameters},
+    "units": {"before": _string_list(UNIT_NAME_RE, "unit names such as \"kubelet.service\"")},
+    "daemon": {
+        "check_interval_s": _number(1, 86400),
+        "retry_initial_s": _number(0.1, 3600),
+        "retry_max_s": _number(1, 86400),
+    },
+}
+
+_SECTIONS: dict[str, type] = {
+    "driver": DriverSettings, "image": ImageSettings, "install": InstallSettings,
+    "mount": MountSettings, "modules": ModuleSettings, "units": UnitSettings,
+    "daemon": DaemonSettings,
+}
+
+
+def fragment_paths(host: HostRoot, dirs: tuple[str, ...] = CONFIG_DIRS) -> list[tuple[str, Path]]:
+    """The fragments to merge, as (host path, local path), in merge order.
+
+    Same-named files in later directories replace earlier ones; a symlink to
+    /dev/null masks the name. The survivors merge in file-name order.
+    """
+    chosen: dict[str, tuple[str, Path]] = {}
+    for d in dirs:
+        local_dir = host(d)
+        if not local_dir.is_dir():
+            continue
+        for entry in local_dir.iterdir():
+            if not entry.name.endswith(".toml"):
+                continue
+            if entry.is_symlink() and os.readlink(entry) == "/dev/null":
+                chosen.pop(entry.name, None)
+                continue
+            chosen[entry.name] = (f"{d}/{entry.name}", entry)
+    return [chosen[name] for name in sorted(chosen)]
+
+
+def merge_fragments(fragments: list[tuple[str, Mapping[str, Any]]]) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], str]]:
+    """Merge parsed fragments (later wins, per key); returns values and the file each came from.
+
+    Unknown sections or keys are errors naming the file and what is valid.
+    """
+    values: dict[str, dict[str, Any]] = {}
+    origin: dict[tuple[str, str], str] = {}
+    for name, data in fragments:
+        for section, table in data.items():
+            if section not in SCHEMA:
+                raise ConfigError(name, f"[{section}]", "unknown section", ", ".join(f"[{s}]" for s in SCHEMA))
+            if not isinstance(table, dict):
+                raise ConfigError(name, section, "must be a table", f"[{section}] with keys " + ", ".join(SCHEMA[section]))
+            for key, value in table.items():
+                if key not in SCHEMA[section]:
+                    raise ConfigError(name, f"{section}.{key}", "unknown key",
+                                      f"keys in [{section}]: " + ", ".join(SCHEMA[section]))
+                values.setdefault(section, {})[key] = value
+                origin[(section, key)] = name
+    return values, origin
+
+
+def build_settings(values: Mapping[str, Mapping[str, Any]], origin: Mapping[tuple[str, str], str],
+                   sources: tuple[str, ...] = ()) -> Settings:
+    """Validate merged values onto the defaults into a frozen Settings."""
+    sections: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        given = values.get(section, {})
+        converted: dict[str, Any] = {}
+        for key, raw in given.items():
+            try:
+                converted[key] = SCHEMA[section][key](raw)
+            except ValueError as exc:
+                raise ConfigError(origin.get((section, key), "<defaults>"), f"{section}.{key}",
+                                  f"invalid value {raw!r}", str(exc)) from None
+        sections[section] = cls(**converted)
+    settings = Settings(**sections, sources=sources)
+    _cross_check(settings, origin)
+    return settings
+
+
+def _cross_check(s: Settings, origin: Mapping[tuple[str, str], str]) -> None:
+    if s.daemon.retry_initial_s > s.daemon.retry_max_s:
+        raise ConfigError(origin.get(("daemon", "retry_initial_s"), "<defaults>"), "daemon.retry_initial_s",
+                          f"{s.daemon.retry_initial_s:g} exceeds daemon.retry_max_s {s.daemon.retry_max_s:g}",
+                          "retry_initial_s <= retry_max_s")
+    try:
+        Reference(s.image.registry, s.image.repository, tag="x")
+    except ValueError as exc:  # pragma: no cover - both parts are validated above
+        raise ConfigError("<merged>", "image", str(exc)) from None
+
+
+def load_settings(host: HostRoot, dirs: tuple[str, ...] = CONFIG_DIRS) -> Settings:
+    """Read, merge and validate every fragment under the host root."""
+    fragments: list[tuple[str, Mapping[str, Any]]] = []
+    for name, local in fragment_paths(host, dirs):
+        try:
+            with local.open("rb") as f:
+                fragments.append((name, tomllib.load(f)))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(name, None, f"not valid TOML: {exc}", "TOML, see /usr/lib/nvidia-agent/config.d/00-defaults.toml") from None
+        except OSError as exc:
+            raise ConfigError(name, None, f"cannot read: {exc.strerror}") from None
+    values, origin = merge_fragments(fragments)
+    return build_settings(values, origin, tuple(name for name, _ in fragments))

@@ -1,0 +1,252 @@
+"""Detect: what the host is running (OS, kernel, NVIDIA GPUs, loaded modules, mounts). Parsers are pure."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shlex
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.errors import HostError
+from agent.hostroot import HostRoot
+
+NVIDIA_PCI_VENDOR = 0x10DE
+# PCI class/subclass (the top 16 bits of the 24-bit class code).
+GPU_PCI_CLASSES = {0x0300: "VGA compatible controller", 0x0302: "3D controller"}
+COREOS_FAMILY = frozenset({"flatcar", "coreos", "fedora-coreos", "rhcos"})
+_OS_KEY_PART = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True)
+class OSInfo:
+    id: str
+    version: str
+    pretty_name: str
+
+    @property
+    def coreos_family(self) -> bool:
+        return self.id in COREOS_FAMILY
+
+
+@dataclass(frozen=True)
+class GPU:
+    pci_slot: str
+    device_id: int
+    pci_class: int
+
+    @property
+    def kind(self) -> str:
+        return GPU_PCI_CLASSES.get(self.pci_class >> 8, "unknown")
+
+
+@dataclass(frozen=True)
+class Mount:
+    mount_point: str
+    fs_type: str
+    source: str
+    options: dict[str, str]
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    os: OSInfo
+    kernel: str
+    arch: str
+    gpus: tuple[GPU, ...]
+    modules: dict[str, str]  # loaded module name -> version ("" when it has none)
+    mounts: tuple[Mount, ...]
+    modules_supported: bool
+
+    def mount_at(self, mount_point: str) -> Mount | None:
+        return top_mount(self.mounts, mount_point)
+
+
+def top_mount(mounts: Iterable[Mount], mount_point: str) -> Mount | None:
+    """The topmost mount at `mount_point` (mountinfo lists stacked mounts in order)."""
+    found = None
+    for m in mounts:
+        if m.mount_point == mount_point:
+            found = m
+    return found
+
+
+def parse_os_release(text: str) -> dict[str, str]:
+    """os-release(5): KEY=value lines, shell-style quoting, comments."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, raw = line.partition("=")
+        try:
+            parts = shlex.split(raw, posix=True)
+        except ValueError:
+            continue
+        fields[key.strip()] = parts[0] if parts else ""
+    return fields
+
+
+def os_info(fields: dict[str, str]) -> OSInfo:
+    """The OS identity the agent keys installs on.
+
+    Fedora CoreOS is ID=fedora with VARIANT_ID=coreos; it and RHEL CoreOS carry
+    the full build in OSTREE_VERSION (VERSION_ID is only the major release).
+    """
+    os_id = fields.get("ID", "linux").lower()
+    if os_id == "fedora" and fields.get("VARIANT_ID") == "coreos":
+        os_id = "fedora-coreos"
+    version = fields.get("OSTREE_VERSION") or fields.get("VERSION_ID") or fields.get("BUILD_ID") or "unknown"
+    return OSInfo(id=os_id, version=version, pretty_name=fields.get("PRETTY_NAME", os_id))
+
+
+def os_key(os_: OSInfo, kernel: str) -> str:
+    """The `<os>` of /opt/nvidia/<driver>/<os>: changes whenever the kernel can.
+
+    On CoreOS-family hosts the OS version pins the kernel; elsewhere the
+    kernel release is part of the key.
+    """
+    parts = [os_.id, os_.version] if os_.coreos_family else [os_.id, os_.version, kernel]
+    return "-".join(_OS_KEY_PART.sub("_", p) for p in parts)
+
+
+def parse_mountinfo(text: str) -> tuple[Mount, ...]:
+    """proc_pid_mountinfo(5), with octal escapes (\\040) decoded."""
+    mounts = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        lf, rf = left.split(), right.split()
+        if len(lf) < 6 or len(rf) < 3:
+            continue
+        options: dict[str, str] = {}
+        for opt in (lf[5] + "," + rf[2]).split(","):
+            k, _, v = opt.partition("=")
+            options[k] = _unescape(v)
+        mounts.append(Mount(_unescape(lf[4]), rf[0], _unescape(rf[1]), options))
+    return tuple(mounts)
+
+
+def host_view_mounts(mounts: tuple[Mount, ...], host: HostRoot) -> tuple[Mount, ...]:
+    """Keep mounts under the host root and rename their paths to host paths."""
+    def view(path: str) -> str | None:
+        try:
+            return host.host_view(Path(path))
+        except ValueError:
+            return None
+
+    out = []
+    for m in mounts:
+        point = view(m.mount_point)
+        if point is None:
+            continue
+        options = dict(m.options)
+        if "lowerdir" in options:
+            options["lowerdir"] = ":".join(view(p) or p for p in options["lowerdir"].split(":"))
+        out.append(Mount(point, m.fs_type, m.source, options))
+    return tuple(out)
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def oci_arch(machine: str) -> str:
+    return {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64", "ppc64le": "ppc64le",
+            "s390x": "s390x"}.get(machine, machine)
+
+
+class UdevContext(Protocol):
+    def list_devices(self, **kwargs: Any) -> Iterable[Any]: ...
+
+
+def find_gpus(context: UdevContext) -> tuple[GPU, ...]:
+    """NVIDIA GPUs on the PCI bus: vendor 0x10de and class 0x0300 (VGA) or 0x0302 (3D)."""
+    gpus = []
+    for dev in context.list_devices(subsystem="pci"):
+        try:
+            vendor = int(_attr(dev, "vendor"), 16)
+            pci_class = int(_attr(dev, "class"), 16)
+            device_id = int(_attr(dev, "device"), 16)
+        except (KeyError, ValueError):
+            continue
+        if vendor == NVIDIA_PCI_VENDOR and (pci_class >> 8) in GPU_PCI_CLASSES:
+            gpus.append(GPU(pci_slot=dev.sys_name, device_id=device_id, pci_class=pci_class))
+    return tuple(sorted(gpus, key=lambda g: g.pci_slot))
+
+
+def _attr(dev: Any, name: str) -> str:
+    value = dev.attributes.get(name)
+    if value is None:
+        raise KeyError(name)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_modules(sys_module: Path) -> dict[str, str]:
+    """Loaded modules with their versions, from /sys/module/<name>/version."""
+    loaded: dict[str, str] = {}
+    if not sys_module.is_dir():
+        return loaded
+    for entry in sys_module.iterdir():
+        # Built-in modules appear in /sys/module too but have no initstate.
+        if not (entry / "initstate").exists():
+            continue
+        try:
+            loaded[entry.name] = (entry / "version").read_text().strip()
+        except OSError:
+            loaded[entry.name] = ""
+    return loaded
+
+
+class HostProbe:
+    """Reads the host's facts off the host root; the udev context is injected."""
+
+    def __init__(self, host: HostRoot, udev: UdevContext | None = None) -> None:
+        self.host = host
+        self._udev = udev
+
+    def kernel(self) -> str:
+        path = self.host("/proc/sys/kernel/osrelease")
+        try:
+            return path.read_text().strip()
+        except OSError:
+            if self.host.root == Path("/"):
+                return os.uname().release
+            raise HostError(f"cannot read the kernel release from {path}") from None
+
+    def os(self) -> OSInfo:
+        for candidate in ("/etc/os-release", "/usr/lib/os-release"):
+            path = self.host(candidate)
+            if path.is_file():
+                return os_info(parse_os_release(path.read_text(errors="replace")))
+        raise HostError(f"no os-release under {self.host.root} (looked for /etc/os-release, /usr/lib/os-release)")
+
+    def gpus(self) -> tuple[GPU, ...]:
+        if self._udev is None:
+            import pyudev  # noqa: PLC0415 - libudev is only needed on a real host
+
+            self._udev = pyudev.Context()
+        return find_gpus(self._udev)
+
+    def mounts(self) -> tuple[Mount, ...]:
+        """Mounts under the host root, named as the host sees them (lowerdir paths too).
+
+        Our own mount namespace is the one we act in, whatever the host root.
+        """
+        return host_view_mounts(parse_mountinfo(Path("/proc/self/mountinfo").read_text()), self.host)
+
+    def facts(self) -> HostFacts:
+        proc_modules = self.host("/proc/modules")
+        return HostFacts(
+            os=self.os(),
+            kernel=self.kernel(),
+            arch=oci_arch(platform.machine()),
+            gpus=self.gpus(),
+            modules=read_modules(self.host("/sys/module")),
+            mounts=self.mounts(),
+            modules_supported=proc_modules.exists(),
+        )

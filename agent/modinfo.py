@@ -1,0 +1,82 @@
+"""Read a kernel module's `.modinfo` ELF section (vermagic, depends, version) without running modinfo."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_SECTIONS = 65535
+
+
+class ModinfoError(ValueError):
+    """The file is not an ELF object with a readable .modinfo section."""
+
+
+@dataclass(frozen=True)
+class ModInfo:
+    name: str
+    vermagic: str
+    version: str
+    depends: tuple[str, ...]
+    fields: dict[str, tuple[str, ...]]
+
+
+def parse_modinfo(data: bytes) -> dict[str, tuple[str, ...]]:
+    """The key=value strings of an ELF file's .modinfo section (keys may repeat, e.g. parm, alias)."""
+    if data[:4] != b"\x7fELF":
+        raise ModinfoError("not an ELF file")
+    elf_class, endian = data[4], data[5]
+    if elf_class not in (1, 2) or endian not in (1, 2):
+        raise ModinfoError("unknown ELF class or byte order")
+    e = "<" if endian == 1 else ">"
+    try:
+        if elf_class == 2:
+            shoff, = struct.unpack_from(e + "Q", data, 0x28)
+            shentsize, shnum, shstrndx = struct.unpack_from(e + "HHH", data, 0x3A)
+            sh_fmt, off_idx, size_idx = e + "IIQQQQIIQQ", 4, 5
+        else:
+            shoff, = struct.unpack_from(e + "I", data, 0x20)
+            shentsize, shnum, shstrndx = struct.unpack_from(e + "HHH", data, 0x2E)
+            sh_fmt, off_idx, size_idx = e + "IIIIIIIIII", 4, 5
+        if shnum == 0 or shnum > MAX_SECTIONS or shstrndx >= shnum or shentsize < struct.calcsize(sh_fmt):
+            raise ModinfoError("no usable section header table")
+        headers = [struct.unpack_from(sh_fmt, data, shoff + i * shentsize) for i in range(shnum)]
+    except struct.error:
+        raise ModinfoError("truncated ELF headers") from None
+
+    def section(h: tuple[int, ...]) -> bytes:
+        off, size = h[off_idx], h[size_idx]
+        if off + size > len(data):
+            raise ModinfoError("section extends past the end of the file")
+        return data[off:off + size]
+
+    names = section(headers[shstrndx])
+    for h in headers:
+        end = names.find(b"\0", h[0])
+        if names[h[0]:end] == b".modinfo":
+            fields: dict[str, list[str]] = {}
+            for item in section(h).split(b"\0"):
+                key, sep, value = item.decode(errors="replace").partition("=")
+                if sep:
+                    fields.setdefault(key, []).append(value)
+            return {k: tuple(v) for k, v in fields.items()}
+    raise ModinfoError("no .modinfo section (not a kernel module)")
+
+
+def read_modinfo(path: Path) -> ModInfo:
+    fields = parse_modinfo(path.read_bytes())
+    depends = tuple(d for d in ",".join(fields.get("depends", ())).split(",") if d)
+    name = fields.get("name", (path.name.removesuffix(".ko").replace("-", "_"),))[0]
+    return ModInfo(
+        name=name,
+        vermagic=fields.get("vermagic", ("",))[0],
+        version=fields.get("version", ("",))[0],
+        depends=depends,
+        fields=fields,
+    )
+
+
+def vermagic_matches(vermagic: str, kernel_release: str) -> bool:
+    """The kernel's own rule: vermagic starts with the release followed by a space."""
+    return vermagic.startswith(kernel_release + " ")

@@ -1,0 +1,183 @@
+"""The pipeline: detect → decide → fetch → install → mount → load, reported at every phase."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent import __version__
+from agent import mount as mounts
+from agent.config import Settings
+from agent.errors import AgentError, HostError, cause_chain
+from agent.hostfacts import HostFacts, HostProbe, top_mount
+from agent.hostroot import HostRoot
+from agent.install import current_target, install_image, remove_debris, switch_current
+from agent.log import RepeatLimiter
+from agent.modules import load_modules
+from agent.plan import (
+    Action,
+    InstallImage,
+    Installed,
+    Ldconfig,
+    LoadModules,
+    MountOverlay,
+    Plan,
+    SwitchCurrent,
+    Unmount,
+    plan,
+    target_for,
+)
+from agent.registry import Platform, RegistryClient
+from agent.state import STATE_FILE, State, load_state, read_marker, save_state
+from agent.status import LastError, Phase, Snapshot
+
+CACHE_DIR = "/var/cache/nvidia-agent"
+ERROR_LOG_PERIOD_S = 3600.0
+
+Notify = Callable[[str], None]
+
+
+class Agent:
+    """Owns the snapshot and runs reconciles; every collaborator is injected."""
+
+    def __init__(self, host: HostRoot, settings: Settings, *, probe: HostProbe, registry: RegistryClient,
+                 notify: Notify = lambda _status: None, platform: Platform | None = None) -> None:
+        self.host = host
+        self.settings = settings
+        self.probe = probe
+        self.registry = registry
+        self.notify = notify
+        self.platform = platform or Platform.host()
+        self.snapshot = Snapshot(version=__version__, driver=settings.driver.version)
+        self.log = structlog.get_logger("nvidia-agent")
+        self._errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
+
+    # --- reporting: one place that updates the log, the snapshot and systemd's STATUS=
+
+    def _phase(self, phase: Phase, detail: str = "", *, level: str = "info", **ctx: Any) -> None:
+        self.snapshot = self.snapshot.evolve(phase=phase, detail=detail)
+        getattr(self.log, level)(phase.value, **({"detail": detail} if detail else {}), **ctx)
+        self.notify(f"{phase.value}: {detail}" if detail else phase.value)
+
+    def reconcile(self, cancelled: Callable[[], bool] = lambda: False) -> Phase:
+        """One pass. Never raises for host or image trouble: the outcome is the returned phase."""
+        started = time.monotonic()
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(driver=self.settings.driver.version)
+        try:
+            outcome = self._reconcile(cancelled)
+        except AgentError as exc:
+            outcome = self._failed(exc, transient_default=exc.transient)
+        except Exception as exc:  # a bug: report it, keep the daemon alive, retry later
+            self.log.exception("reconcile_crashed")
+            outcome = self._failed(exc, transient_default=False)
+        self.snapshot = self.snapshot.evolve(last_reconcile_at=time.time())
+        self.log.debug("reconcile_done", phase=outcome.value, duration_s=round(time.monotonic() - started, 3))
+        return outcome
+
+    def _reconcile(self, cancelled: Callable[[], bool]) -> Phase:
+        self._phase(Phase.DETECTING)
+        facts = self.probe.facts()
+        structlog.contextvars.bind_contextvars(kernel=facts.kernel, os=f"{facts.os.id}-{facts.os.version}")
+        state_path = self.host(STATE_FILE)
+        state = load_state(state_path)
+        install_root = self.host(self.settings.install.root)
+        target = target_for(self.settings, facts)
+        current = current_target(install_root)
+        installed = Installed(read_marker(self.host(target.tree)),
+                              self.host.host_view(current) if current else None)
+        the_plan = plan(self.settings, facts, installed, state)
+        self.snapshot = self.snapshot.evolve(
+            os=facts.os.pretty_name, kernel=facts.kernel, kernel_changed_from=the_plan.kernel_changed_from,
+            gpus=tuple(f"{g.pci_slot} {g.device_id:04x} ({g.kind})" for g in facts.gpus),
+            os_key=target.os_key, install_path=target.tree, image=str(target.reference),
+            next_attempt_at=None)
+        if the_plan.kernel_changed_from:
+            self.log.info("kernel_changed", previous=the_plan.kernel_changed_from, tree=target.tree)
+        if the_plan.no_gpu:
+            self._phase(Phase.NO_GPU, "no NVIDIA GPU (PCI vendor 0x10de, class 0x0300/0x0302) on this host")
+            return Phase.NO_GPU
+        if the_plan.blocked:
+            raise HostError(the_plan.blocked)
+        if installed.marker is not None:
+            self.snapshot = self.snapshot.evolve(image=installed.marker.reference, digest=installed.marker.digest)
+        for action in the_plan.actions:
+            if cancelled():
+                raise AgentError("stopping: reconcile interrupted")
+            self._execute(action, the_plan, facts, cancelled)
+        self._check_result(the_plan)
+        save_state(state_path, State(last_kernel=facts.kernel, last_os_key=target.os_key, last_ready_at=time.time()))
+        now = time.time()
+        self.snapshot = self.snapshot.evolve(last_error=None, kernel_changed_from=None,
+                                             ready_since=self.snapshot.ready_since or now)
+        self._errors.forget()
+        self._phase(Phase.READY, f"driver {target.driver} for {target.os_key}", tree=target.tree,
+                    digest=self.snapshot.digest)
+        return Phase.READY
+
+    def _execute(self, action: Action, the_plan: Plan, facts: HostFacts, cancelled: Callable[[], bool]) -> None:
+        install_root = self.host(self.settings.install.root)
+        match action:
+            case InstallImage(target=t):
+                for debris in remove_debris(install_root):
+                    self.log.info("removed_debris", path=self.host.host_view(debris))
+                result = install_image(
+                    self.registry, t.reference, platform=self.platform, install_root=install_root,
+                    tree=self.host(t.tree), blob_cache=self.host(CACHE_DIR) / "blobs",
+                    driver=t.driver, os_key=t.os_key, kernel=t.kernel, cancelled=cancelled,
+                    on_phase=lambda name, ctx: self._phase(Phase(name), **ctx))
+                self.snapshot = self.snapshot.evolve(image=str(t.reference), digest=result.marker.digest)
+                self.log.info("installed", tree=t.tree, digest=result.marker.digest,
+                              modules=",".join(m.name for m in result.verified.modules))
+            case SwitchCurrent(tree=tree):
+                self._phase(Phase.ACTIVATING, f"current -> {tree}")
+                switch_current(install_root, self.host(tree))
+                self.snapshot = self.snapshot.evolve(current=tree)
+            case Unmount(path=path, reason=reason):
+                self._phase(Phase.MOUNTING, f"unmount {path}: {reason}")
+                mounts.unmount(self.host(path))
+            case MountOverlay(lower=lower, path=path):
+                self._phase(Phase.MOUNTING, f"overlay {lower} on {path}")
+                mounts.mount_overlay(self.host(lower), self.host(path))
+            case Ldconfig():
+                mounts.ldconfig(self.host.root)
+            case LoadModules(tree=tree, parameters=params):
+                self._phase(Phase.LOADING)
+                loaded = load_modules(self.host(tree), self.host("/sys/module"), params)
+                self.snapshot = self.snapshot.evolve(modules=loaded)
+
+    def _check_result(self, the_plan: Plan) -> None:
+        """Ready only if the host now shows what the plan promised."""
+        t = the_plan.target
+        install_root = self.host(self.settings.install.root)
+        current = current_target(install_root)
+        if current is None or self.host.host_view(current) != t.tree or read_marker(current) is None:
+            raise HostError(f"{self.settings.install.root}/current does not point at {t.tree} after install")
+        self.snapshot = self.snapshot.evolve(current=t.tree)
+        if self.settings.mount.enabled:
+            top = top_mount(self.probe.mounts(), self.settings.mount.target)
+            if mounts.classify(top, t.lib64) is not mounts.MountState.OURS:
+                raise HostError(f"overlay of {t.lib64} is not mounted on {self.settings.mount.target}")
+            self.snapshot = self.snapshot.evolve(mount=f"{t.lib64} over {self.settings.mount.target}")
+
+    def _failed(self, exc: BaseException, *, transient_default: bool) -> Phase:
+        causes = tuple(cause_chain(exc))
+        hint = getattr(exc, "hint", None)
+        self.snapshot = self.snapshot.evolve(last_error=LastError(
+            message=causes[0], hint=hint, causes=causes, transient=transient_default, at=time.time()))
+        key = f"{type(exc).__name__}:{causes[0]}"
+        log_now, suppressed = self._errors.should_log(key)
+        phase = Phase.DEGRADED
+        detail = causes[0] if not hint else f"{causes[0]} ({hint})"
+        if log_now:
+            self._phase(phase, detail, level="error", error=causes[0], causes=" <- ".join(causes[1:]) or None,
+                        hint=hint, transient=transient_default, repeated=suppressed or None)
+        else:
+            self.snapshot = self.snapshot.evolve(phase=phase, detail=detail)
+            self.notify(f"{phase.value}: {detail}")
+        return phase
+

@@ -1,0 +1,839 @@
+"""Fetch step: resolve and download images from an OCI registry with plain HTTP(S), no container engine."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform as _platform
+import random
+import re
+import time
+from base64 import b64encode
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import requests
+import structlog
+import tenacity
+import urllib3
+
+from agent.credentials import Credentials
+from agent.errors import AgentError, DigestMismatch, RegistryError, RegistryUnavailable
+from agent.reference import DIGEST_RE, TAG_RE, Reference
+
+log = structlog.get_logger(__name__)
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+IMAGE_MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+# Every type we handle, always all four: a registry may answer 404 to an OCI manifest
+# when Accept lists only the Docker types.
+MANIFEST_ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
+SCHEMA1_TYPES = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    }
+)
+
+OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+LAYER_TYPES = frozenset({OCI_LAYER_TAR, OCI_LAYER_GZIP, DOCKER_LAYER_GZIP})
+CONFIG_TYPES = frozenset({"application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"})
+
+MANIFEST_MAX_BYTES = 4 * 1024 * 1024
+CONFIG_MAX_BYTES = 4 * 1024 * 1024
+TOKEN_MAX_BYTES = 1024 * 1024
+ERROR_BODY_MAX_BYTES = 64 * 1024
+CHUNK_BYTES = 1024 * 1024
+READ_BYTES = 64 * 1024
+MAX_REDIRECTS = 5
+BACKOFF_BASE_S = 1.0
+TOKEN_DEFAULT_TTL_S = 60.0  # what the distribution token spec says to assume
+TOKEN_EXPIRY_MARGIN_S = 5.0
+CONFIG_CACHE_ENTRIES = 16
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MISSING_HINT = (
+    "no image tagged {tag} in {name}; push one built for this host or check image.repository / image.tag_template"
+)
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Platform:
+    """An OCI platform: os, architecture and (for arm) variant."""
+
+    os: str = "linux"
+    architecture: str = "amd64"
+    variant: str | None = None
+
+    @classmethod
+    def host(cls, machine: str | None = None) -> Platform:
+        """The platform of this host, from `platform.machine()` (or `machine` in tests)."""
+        name = (machine if machine is not None else _platform.machine()).lower()
+        arch, variant = _MACHINES.get(name, (name, None))
+        return cls("linux", arch, variant)
+
+    def matches(self, other: Platform) -> bool:
+        """Whether `other` (an index entry) serves this platform; a variant is compared only if we want one."""
+        if (self.os, self.architecture) != (other.os, other.architecture):
+            return False
+        if self.variant is None:
+            return True
+        return _norm_variant(self.architecture, self.variant) == _norm_variant(other.architecture, other.variant)
+
+    def __str__(self) -> str:
+        text = f"{self.os}/{self.architecture}"
+        return f"{text}/{self.variant}" if self.variant else text
+
+
+_MACHINES: dict[str, tuple[str, str | None]] = {
+    "x86_64": ("amd64", None),
+    "amd64": ("amd64", None),
+    "aarch64": ("arm64", "v8"),
+    "arm64": ("arm64", "v8"),
+    "armv7l": ("arm", "v7"),
+    "armv6l": ("arm", "v6"),
+    "i386": ("386", None),
+    "i686": ("386", None),
+    "ppc64le": ("ppc64le", None),
+    "s390x": ("s390x", None),
+    "riscv64": ("riscv64", None),
+}
+
+
+def _norm_variant(arch: str, variant: str | None) -> str | None:
+    """arm64 without a variant is v8 and arm without one is v7, as containerd normalizes."""
+    if variant:
+        return variant
+    return {"arm64": "v8", "arm": "v7"}.get(arch)
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """What names a blob or manifest: media type, sha256 digest and size in bytes."""
+
+    media_type: str
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """A reference resolved to one single-platform manifest: its config and layers."""
+
+    reference: Reference  # .digest is the chosen single-platform manifest's
+    index_digest: str | None  # the index / manifest list the reference pointed at, if any
+    media_type: str
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """One challenge of a WWW-Authenticate header: scheme (lowercase) and its parameters."""
+
+    scheme: str
+    params: Mapping[str, str]
+
+
+class ManifestError(ValueError):
+    """A manifest (or index) is malformed or asks for something unsupported."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class PullCancelled(AgentError):
+    """A download stopped because the caller cancelled it; nothing was left behind."""
+
+
+class _Busy(RegistryUnavailable):
+    """The registry asked us to come back later (429/5xx), maybe saying when."""
+
+    def __init__(self, message: str, retry_after_s: float | None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+# --- pure parsing --------------------------------------------------------------------------
+
+_TCHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_AUTH_PARAM = re.compile(rf"\s*({_TCHARS})\s*=\s*({_TCHARS}|{_QUOTED})\s*(?:,|$)")
+_SCHEME = re.compile(rf"\s*({_TCHARS})(?:\s+|$)")
+_TOKEN68 = re.compile(r"\s*[A-Za-z0-9._~+/-]+=*\s*(?:,|$)")
+
+
+def parse_www_authenticate(header: str) -> list[Challenge]:
+    """Parse a WWW-Authenticate header (RFC 9110): one or more challenges with auth-params.
+
+    Malformed parts end the parse; what was understood so far is returned.
+    """
+    challenges: list[Challenge] = []
+    pos = 0
+    text = header.strip()
+    while pos < len(text):
+        if text[pos] in ", ":
+            pos += 1
+            continue
+        scheme = _SCHEME.match(text, pos)
+        if scheme is None:
+            break
+        pos = scheme.end()
+        params: dict[str, str] = {}
+        while pos < len(text):
+            param = _AUTH_PARAM.match(text, pos)
+            if param is None:
+                token68 = _TOKEN68.match(text, pos)
+                if token68 is not None and not params and not _SCHEME.fullmatch(text[pos:].rstrip(",")):
+                    pos = token68.end()
+                break
+            name, value = param.group(1).lower(), param.group(2)
+            if value.startswith('"'):
+                value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            params.setdefault(name, value)
+            pos = param.end()
+        challenges.append(Challenge(scheme.group(1).lower(), params))
+    return challenges
+
+
+def parse_retry_after(value: str | None, now_s: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - now_s)
+
+
+def load_json_object(body: bytes, what: str) -> dict[str, Any]:
+    """Decode a JSON object, or raise ManifestError naming `what`."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{what} is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{what} is not a JSON object")
+    return doc
+
+
+def manifest_media_type(doc: Mapping[str, Any], content_type: str) -> str:
+    """The media type of a manifest document: from its body, else its Content-Type, else its shape."""
+    declared = doc.get("mediaType")
+    if declared is not None and not isinstance(declared, str):
+        raise ManifestError("manifest mediaType is not a string")
+    header = content_type.split(";", 1)[0].strip().lower()
+    schema = doc.get("schemaVersion")
+    if schema == 1 or declared in SCHEMA1_TYPES or header in SCHEMA1_TYPES:
+        raise ManifestError(
+            "the image uses the Docker schema 1 manifest format, which is not supported",
+            hint="push it again with a current tool (docker, skopeo, buildah) to get a schema 2 or OCI manifest",
+        )
+    if schema != 2 or isinstance(schema, bool):
+        raise ManifestError(f"manifest schemaVersion is {schema!r}, want 2")
+    kind = declared or header
+    if kind in IMAGE_MANIFEST_TYPES or kind in INDEX_TYPES:
+        return kind
+    if kind and kind not in ("application/json", "application/octet-stream"):
+        raise ManifestError(f"unsupported manifest media type {kind!r}")
+    if "manifests" in doc:
+        return OCI_INDEX
+    if "config" in doc:
+        return OCI_MANIFEST
+    raise ManifestError("the document is neither an image manifest nor an index")
+
+
+def parse_descriptor(obj: Any, where: str) -> Descriptor:
+    """Validate one descriptor object of a manifest (hostile input: check every type)."""
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{where} is not an object")
+    media_type, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
+    if not isinstance(media_type, str) or not media_type:
+        raise ManifestError(f"{where} has no mediaType")
+    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+        raise ManifestError(f"{where} digest {digest!r} is not sha256:<64 hex>")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ManifestError(f"{where} size {size!r} is not a byte count")
+    return Descriptor(media_type, digest, size)
+
+
+def parse_image_manifest(doc: Mapping[str, Any]) -> tuple[Descriptor, tuple[Descriptor, ...]]:
+    """The config and layer descriptors of an image manifest; unsupported layer types are refused."""
+    config = parse_descriptor(doc.get("config"), "config")
+    if config.media_type not in CONFIG_TYPES:
+        raise ManifestError(f"config media type {config.media_type!r} is not a container image config")
+    raw_layers = doc.get("layers")
+    if not isinstance(raw_layers, list):
+        raise ManifestError("manifest layers is not a list")
+    layers = tuple(parse_descriptor(item, f"layer {i}") for i, item in enumerate(raw_layers))
+    for i, layer in enumerate(layers):
+        check_layer_type(layer.media_type, i)
+    return config, layers
+
+
+def check_layer_type(media_type: str, index: int) -> None:
+    """Refuse layer media types other than tar and tar+gzip, naming the type."""
+    if media_type in LAYER_TYPES:
+        return
+    if "zstd" in media_type:
+        why = "zstd layers are not supported yet; push the image with gzip layers"
+    elif "nondistributable" in media_type or "foreign" in media_type:
+        why = "non-distributable (foreign) layers are not supported; push the layer content itself"
+    else:
+        why = "want tar or tar+gzip layers"
+    raise ManifestError(f"layer {index} has media type {media_type}: {why}")
+
+
+def parse_index(doc: Mapping[str, Any]) -> list[tuple[Descriptor, Platform | None]]:
+    """The entries of an index / manifest list with their platforms (None when unknown)."""
+    raw = doc.get("manifests")
+    if not isinstance(raw, list):
+        raise ManifestError("index manifests is not a list")
+    return [(parse_descriptor(item, f"index entry {i}"), _entry_platform(item)) for i, item in enumerate(raw)]
+
+
+def _entry_platform(item: Mapping[str, Any]) -> Platform | None:
+    spec = item.get("platform")
+    if not isinstance(spec, dict):
+        return None
+    os_name, arch, variant = spec.get("os"), spec.get("architecture"), spec.get("variant")
+    if not isinstance(os_name, str) or not isinstance(arch, str) or not os_name or not arch:
+        return None
+    if "unknown" in (os_name, arch):  # attestation manifests
+        return None
+    return Platform(os_name, arch, variant if isinstance(variant, str) and variant else None)
+
+
+def select_manifest(entries: list[tuple[Descriptor, Platform | None]], want: Platform) -> Descriptor:
+    """The first image manifest of an index that serves `want`; else a ManifestError listing what exists."""
+    usable = [(desc, plat) for desc, plat in entries if plat is not None and desc.media_type in IMAGE_MANIFEST_TYPES]
+    for desc, plat in usable:
+        if want.matches(plat):
+            return desc
+    have = sorted({str(plat) for _, plat in usable})
+    listing = ", ".join(have) if have else "no platforms at all"
+    raise ManifestError(
+        f"no {want} image in the index; it has {listing}",
+        hint=f"push an image built for {want}",
+    )
+
+
+def config_platform(config: Mapping[str, Any]) -> Platform | None:
+    """The platform an image config declares, None when it does not say."""
+    os_name, arch, variant = config.get("os"), config.get("architecture"), config.get("variant")
+    if not isinstance(os_name, str) or not isinstance(arch, str) or not os_name or not arch:
+        return None
+    return Platform(os_name, arch, variant if isinstance(variant, str) and variant else None)
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# --- the client ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at_s: float  # time.monotonic()
+
+
+def _keep_headers(request: requests.PreparedRequest) -> requests.PreparedRequest:
+    """Explicit no-op auth: stops requests from adding ~/.netrc credentials over ours."""
+    return request
+
+
+class RegistryClient:
+    """Talks the OCI distribution API to registries: manifests, blobs, auth, retries.
+
+    Transient failures (connection, timeout, 5xx, 429) are retried up to
+    `attempts` times with exponential backoff capped at `backoff_max_s`;
+    nothing else is retried.
+    """
+
+    def __init__(
+        self,
+        *,
+        plain_http: Collection[str] = (),
+        credentials: Credentials | None = None,
+        timeout_s: float = 30.0,
+        attempts: int = 5,
+        backoff_max_s: float = 30.0,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._plain_http = frozenset(plain_http)
+        self._credentials = credentials if credentials is not None else Credentials()
+        self._timeout_s = timeout_s
+        self._attempts = max(1, attempts)
+        self._backoff_max_s = backoff_max_s
+        self._session = session if session is not None else requests.Session()
+        self._sleep = sleep
+        self._tokens: dict[tuple[str, str], _Token] = {}
+        self._basic: set[str] = set()  # registries that asked for Basic auth
+        self._configs: dict[str, dict[str, Any]] = {}
+
+    # --- public API ---
+
+    def resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
+        """Resolve `ref` to the single-platform manifest for `platform`, following an index."""
+        what = f"resolve {ref}"
+        if ref.digest:
+            missing = f"{ref.name} has no manifest {ref.digest}; check the pinned digest"
+        else:
+            missing = _MISSING_HINT.format(tag=ref.tag, name=ref.name)
+        digest, media_type, doc = self._get_manifest(ref, ref.selector, what, missing)
+        index_digest = None
+        if media_type in INDEX_TYPES:
+            index_digest = digest
+            try:
+                chosen = select_manifest(parse_index(doc), platform)
+            except ManifestError as exc:
+                raise RegistryError(f"{what}: {exc}", hint=exc.hint) from exc
+            missing = f"the index names manifest {chosen.digest}, which {ref.name} lacks; push the image again"
+            digest, media_type, doc = self._get_manifest(ref, chosen.digest, what, missing)
+            if media_type not in IMAGE_MANIFEST_TYPES:
+                raise RegistryError(f"{what}: index entry {chosen.digest} is a {media_type}, not an image manifest")
+        try:
+            config, layers = parse_image_manifest(doc)
+        except ManifestError as exc:
+            raise RegistryError(f"{what}: manifest {digest}: {exc}", hint=exc.hint) from exc
+        resolved = ResolvedImage(ref.with_digest(digest), index_digest, media_type, config, layers)
+        if index_digest is None:
+            self._check_platform(resolved, platform, what)
+        log.debug("image_resolved", ref=str(ref), digest=digest, index_digest=index_digest, layers=len(layers))
+        return resolved
+
+    def fetch_blob(
+        self,
+        ref: Reference,
+        desc: Descriptor,
+        dest: Path,
+        *,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Download a blob to `dest`, verified: streamed into `dest.partial`, renamed only if it matches.
+
+        Raises DigestMismatch when the content is not what `desc` names, PullCancelled
+        when `cancelled()` turns true; no partial file is left behind either way.
+        """
+        what = f"pull {ref}: blob {desc.digest}"
+        self._check_descriptor(desc, what)
+        partial = dest.with_name(dest.name + ".partial")
+        url = self._url(ref, f"blobs/{desc.digest}")
+        missing = f"{ref.name} lacks blob {desc.digest}; push the image again"
+
+        def attempt() -> None:
+            try:
+                if cancelled():
+                    raise PullCancelled(f"{what}: cancelled")
+                with self._open(ref, url, what, {"Accept-Encoding": "identity"}, missing) as resp:
+                    self._stream_to_file(resp, desc, partial, what, cancelled)
+                partial.replace(dest)
+                _fsync_dir(dest.parent)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+
+        self._retrying(what, attempt)
+
+    def fetch_config(self, ref: Reference, desc: Descriptor) -> dict[str, Any]:
+        """Fetch and verify a small JSON blob (the image config); size-capped, digest-checked."""
+        what = f"pull {ref}: config {desc.digest}"
+        self._check_descriptor(desc, what)
+        cached = self._configs.get(desc.digest)
+        if cached is not None:
+            return copy.deepcopy(cached)
+        if desc.size > CONFIG_MAX_BYTES:
+            raise RegistryError(
+                f"{what}: {desc.size} bytes is more than the {CONFIG_MAX_BYTES}-byte limit for a config"
+            )
+        url = self._url(ref, f"blobs/{desc.digest}")
+        missing = f"{ref.name} lacks blob {desc.digest}; push the image again"
+
+        def attempt() -> bytes:
+            with self._open(ref, url, what, {}, missing) as resp:
+                return self._read_capped(resp, desc.size, what, digest_bound=True)
+
+        body = self._retrying(what, attempt)
+        self._verify(body, desc, what)
+        try:
+            doc = load_json_object(body, "the config")
+        except ManifestError as exc:
+            raise RegistryError(f"{what}: {exc}") from exc
+        if len(self._configs) >= CONFIG_CACHE_ENTRIES:
+            self._configs.pop(next(iter(self._configs)))
+        self._configs[desc.digest] = doc
+        return copy.deepcopy(doc)
+
+    # --- manifests ---
+
+    def _get_manifest(self, ref: Reference, selector: str, what: str, missing: str) -> tuple[str, str, dict[str, Any]]:
+        """Fetch a manifest by tag or digest: (computed digest, media type, document)."""
+        by_digest = selector.startswith("sha256:")
+        if not (DIGEST_RE.match(selector) if by_digest else TAG_RE.match(selector)):
+            raise RegistryError(f"{what}: invalid tag or digest {selector!r}")
+        url = self._url(ref, f"manifests/{selector}")
+
+        def attempt() -> tuple[bytes, str]:
+            with self._open(ref, url, what, {"Accept": MANIFEST_ACCEPT}, missing) as resp:
+                body = self._read_capped(resp, MANIFEST_MAX_BYTES, what)
+                return body, resp.headers.get("Content-Type", "")
+
+        body, content_type = self._retrying(what, attempt)
+        digest = sha256_digest(body)
+        if by_digest and digest != selector:
+            raise DigestMismatch(
+                f"{what}: manifest {selector} came back with digest {digest}",
+                hint="the registry or something in between serves other content than it names",
+            )
+        try:
+            doc = load_json_object(body, f"manifest {digest}")
+            media_type = manifest_media_type(doc, content_type)
+        except ManifestError as exc:
+            raise RegistryError(f"{what}: {exc}", hint=exc.hint) from exc
+        return digest, media_type, doc
+
+    def _check_platform(self, resolved: ResolvedImage, want: Platform, what: str) -> None:
+        """A single-platform manifest carries its platform in the config: refuse another one."""
+        config = self.fetch_config(resolved.reference, resolved.config)
+        have = config_platform(config)
+        if have is not None and not want.matches(have):
+            raise RegistryError(
+                f"{what}: the image is built for {have}, not {want}",
+                hint=f"push an image built for {want}",
+            )
+
+    # --- blobs ---
+
+    def _stream_to_file(
+        self,
+        resp: requests.Response,
+        desc: Descriptor,
+        partial: Path,
+        what: str,
+        cancelled: Callable[[], bool],
+    ) -> None:
+        announced = _content_length(resp)
+        if announced is not None and announced != desc.size:
+            raise DigestMismatch(
+                f"{what}: the registry sends {announced} bytes, the descriptor says {desc.size}",
+                hint="the image is corrupt or was tampered with; it was not used",
+            )
+        hasher = hashlib.sha256()
+        got = 0
+        with partial.open("wb") as out:
+            for chunk in self._chunks(resp, CHUNK_BYTES, what, decode=False):
+                if cancelled():
+                    raise PullCancelled(f"{what}: cancelled")
+                got += len(chunk)
+                if got > desc.size:
+                    raise DigestMismatch(
+                        f"{what}: more than the {desc.size} bytes its descriptor gives",
+                        hint="the image is corrupt or was tampered with; it was not used",
+                    )
+                hasher.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        self._verify_parts(got, "sha256:" + hasher.hexdigest(), desc, what)
+
+    def _verify(self, body: bytes, desc: Descriptor, what: str) -> None:
+        self._verify_parts(len(body), sha256_digest(body), desc, what)
+
+    @staticmethod
+    def _verify_parts(size: int, digest: str, desc: Descriptor, what: str) -> None:
+        hint = "the image is corrupt or was tampered with; it was not used"
+        if size != desc.size:
+            raise DigestMismatch(f"{what}: got {size} bytes, the descriptor says {desc.size}", hint=hint)
+        if digest != desc.digest:
+            raise DigestMismatch(f"{what}: the content has digest {digest}", hint=hint)
+
+    @staticmethod
+    def _check_descriptor(desc: Descriptor, what: str) -> None:
+        if not DIGEST_RE.match(desc.digest):
+            raise RegistryError(f"{what}: digest {desc.digest!r} is not sha256:<64 hex>")
+        if desc.size < 0:
+            raise RegistryError(f"{what}: negative size {desc.size}")
+
+    # --- HTTP: retries, auth, redirects ---
+
+    def _url(self, ref: Reference, path: str) -> str:
+        scheme = "http" if ref.registry in self._plain_http else "https"
+        return f"{scheme}://{ref.registry}/v2/{ref.repository}/{path}"
+
+    def _retrying(self, what: str, attempt: Callable[[], _T]) -> _T:
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self._attempts),
+            wait=self._wait_s,
+            retry=tenacity.retry_if_exception_type(RegistryUnavailable),
+            sleep=self._sleep,
+            before_sleep=lambda state: _log_retry(what, state),
+        )
+        try:
+            return retrying(attempt)
+        except tenacity.RetryError as exc:
+            last = exc.last_attempt.exception()
+            message = last.message if isinstance(last, AgentError) else str(last)
+            raise RegistryUnavailable(
+                f"{message} (gave up after {self._attempts} attempts)",
+                hint="the registry is down or unreachable; the agent tries again later",
+            ) from last
+
+    def _wait_s(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(exc, _Busy) and exc.retry_after_s is not None:
+            return float(min(exc.retry_after_s, self._backoff_max_s))
+        backoff = min(self._backoff_max_s, BACKOFF_BASE_S * 2.0 ** (state.attempt_number - 1))
+        return float(backoff * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not a secret
+
+    def _open(self, ref: Reference, url: str, what: str, headers: Mapping[str, str], missing: str) -> requests.Response:
+        """One attempt at GET `url` with auth: a 2xx response for the caller to read and close."""
+        registry = ref.registry
+        scope = f"repository:{ref.repository}:pull"
+        authorization = self._authorization(registry, scope)
+        resp, final = self._send(url, headers, authorization, what)
+        if resp.status_code == 401 and urlsplit(final).netloc == registry:
+            challenge = resp.headers.get("WWW-Authenticate", "")
+            resp.close()
+            authorization = self._answer(registry, scope, challenge, authorization, what)
+            resp, final = self._send(url, headers, authorization, what)
+        try:
+            self._raise_for_status(resp, registry, what, missing)
+        except BaseException:
+            resp.close()
+            raise
+        return resp
+
+    def _raise_for_status(self, resp: requests.Response, registry: str, what: str, missing: str) -> None:
+        status = resp.status_code
+        if 200 <= status < 300:
+            return
+        detail = _error_detail(resp)
+        if status in (401, 403):
+            raise RegistryError(f"{what}: access denied ({detail})", hint=self._denied_hint(registry))
+        if status == 404:
+            raise RegistryError(f"{what}: not found ({detail})", hint=missing)
+        if status == 429 or status >= 500:
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
+            raise _Busy(f"{what}: {registry} answered {detail}", retry_after)
+        raise RegistryError(f"{what}: {registry} answered {detail}")
+
+    def _denied_hint(self, registry: str) -> str:
+        where = self._credentials.describe(registry)
+        if self._credentials.lookup(registry) is None:
+            return f"no credentials for {registry}: add them to {where}"
+        return f"check the user and password for {registry} in {where}"
+
+    def _authorization(self, registry: str, scope: str) -> str | None:
+        token = self._tokens.get((registry, scope))
+        if token is not None and token.expires_at_s - TOKEN_EXPIRY_MARGIN_S > time.monotonic():
+            return f"Bearer {token.value}"
+        if registry in self._basic:
+            return self._basic_header(registry)
+        return None
+
+    def _basic_header(self, registry: str) -> str | None:
+        pair = self._credentials.lookup(registry)
+        if pair is None:
+            return None
+        return "Basic " + b64encode(f"{pair[0]}:{pair[1]}".encode()).decode("ascii")
+
+    def _answer(self, registry: str, scope: str, header: str, sent: str | None, what: str) -> str:
+        """The Authorization value that answers a 401's challenge (fetching a token if asked)."""
+        challenges = {c.scheme: c for c in reversed(parse_www_authenticate(header))}
+        bearer, basic = challenges.get("bearer"), challenges.get("basic")
+        if bearer is not None and "realm" in bearer.params:
+            token = self._fetch_token(registry, bearer, scope, what)
+            return f"Bearer {token}"
+        if basic is not None:
+            self._basic.add(registry)
+            value = self._basic_header(registry)
+            if value is None or value == sent:
+                raise RegistryError(f"{what}: {registry} requires a login", hint=self._denied_hint(registry))
+            return value
+        raise RegistryError(f"{what}: {registry} asks for authentication this agent does not support: {header!r}")
+
+    def _fetch_token(self, registry: str, challenge: Challenge, scope: str, what: str) -> str:
+        realm = challenge.params["realm"]
+        parts = urlsplit(realm)
+        if parts.scheme not in ("https", "http") or not parts.netloc:
+            raise RegistryError(f"{what}: token realm {realm!r} is not an http(s) URL")
+        if parts.scheme == "http" and parts.netloc not in self._plain_http:
+            raise RegistryError(
+                f"{what}: {registry} sends us to the plain-http token realm {realm}; "
+                "refusing to send credentials there",
+                hint=f"add {parts.netloc!r} to image.plain_http if that is intended",
+            )
+        query = {"scope": challenge.params.get("scope") or scope}
+        if challenge.params.get("service"):
+            query["service"] = challenge.params["service"]
+        url = realm + ("&" if parts.query else "?") + urlencode(query)
+        resp, _ = self._send(url, {}, self._basic_header(registry), what)
+        try:
+            self._raise_for_status(resp, registry, f"{what}: token from {realm}", "check the token realm")
+            body = self._read_capped(resp, TOKEN_MAX_BYTES, what)
+        finally:
+            resp.close()
+        try:
+            doc = load_json_object(body, "the token response")
+        except ManifestError as exc:
+            raise RegistryError(f"{what}: {exc}") from exc
+        token = doc.get("token") or doc.get("access_token")
+        if not isinstance(token, str) or not token.isascii() or not token.isprintable() or " " in token:
+            raise RegistryError(f"{what}: the token realm {realm} returned no usable token")
+        ttl = doc.get("expires_in")
+        ttl_s = (
+            float(ttl)
+            if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0
+            else TOKEN_DEFAULT_TTL_S
+        )
+        self._tokens[(registry, scope)] = _Token(token, time.monotonic() + ttl_s)
+        return token
+
+    def _send(
+        self, url: str, headers: Mapping[str, str], authorization: str | None, what: str
+    ) -> tuple[requests.Response, str]:
+        """GET `url`, following redirects ourselves: Authorization goes only to the first host."""
+        origin = urlsplit(url).netloc
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            if not (parts.scheme == "https" or (parts.scheme == "http" and parts.netloc in self._plain_http)):
+                raise RegistryError(
+                    f"{what}: refusing {parts.scheme}://{parts.netloc} (not https, not listed as plain http)",
+                    hint=f"add {parts.netloc!r} to image.plain_http if it serves plain http",
+                )
+            sent = {"User-Agent": "nvidia-agent", "Accept-Encoding": "identity", **headers}
+            if authorization is not None and parts.netloc == origin:
+                sent["Authorization"] = authorization
+            resp = self._request(url, sent, what)
+            if resp.status_code in _REDIRECTS and resp.headers.get("Location"):
+                url = urljoin(url, resp.headers["Location"])
+                resp.close()
+                continue
+            return resp, url
+        raise RegistryError(f"{what}: more than {MAX_REDIRECTS} redirects")
+
+    def _request(self, url: str, headers: Mapping[str, str], what: str) -> requests.Response:
+        netloc = urlsplit(url).netloc
+        try:
+            return self._session.get(
+                url,
+                headers=dict(headers),
+                stream=True,
+                timeout=self._timeout_s,
+                allow_redirects=False,
+                auth=_keep_headers,
+            )
+        except requests.exceptions.SSLError as exc:
+            text = str(exc)
+            if "CERTIFICATE_VERIFY_FAILED" in text:
+                raise RegistryError(
+                    f"{what}: {netloc}: TLS certificate not trusted: {_reason(exc)}",
+                    hint="install the registry's CA on the host",
+                ) from exc
+            if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
+                raise RegistryError(
+                    f"{what}: {netloc} does not speak TLS",
+                    hint=f"if it serves plain http, add {netloc!r} to image.plain_http",
+                ) from exc
+            raise RegistryUnavailable(f"{what}: {netloc}: {_reason(exc)}") from exc
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise RegistryUnavailable(f"{what}: {netloc} unreachable: {_reason(exc)}") from exc
+        except requests.RequestException as exc:
+            raise RegistryError(f"{what}: request to {netloc} failed: {exc}") from exc
+
+    def _read_capped(self, resp: requests.Response, limit: int, what: str, *, digest_bound: bool = False) -> bytes:
+        """The whole body, refusing more than `limit` bytes (DigestMismatch when `limit` is a descriptor's size)."""
+
+        def too_big() -> AgentError:
+            if digest_bound:
+                return DigestMismatch(f"{what}: more than the {limit} bytes its descriptor gives")
+            return RegistryError(f"{what}: response larger than the {limit}-byte limit")
+
+        announced = _content_length(resp)
+        if announced is not None and announced > limit:
+            raise too_big()
+        data = bytearray()
+        for chunk in self._chunks(resp, READ_BYTES, what, decode=not digest_bound):
+            data += chunk
+            if len(data) > limit:
+                raise too_big()
+        return bytes(data)
+
+    @staticmethod
+    def _chunks(resp: requests.Response, size: int, what: str, *, decode: bool) -> Iterator[bytes]:
+        """The body in chunks of at most `size`; a broken stream is transient."""
+        try:
+            yield from resp.raw.stream(size, decode_content=decode)
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+            raise RegistryUnavailable(f"{what}: download broke off: {_reason(exc)}") from exc
+
+
+def _content_length(resp: requests.Response) -> int | None:
+    value = resp.headers.get("Content-Length", "")
+    return int(value) if value.isdigit() else None
+
+
+def _error_detail(resp: requests.Response) -> str:
+    """`HTTP 404 MANIFEST_UNKNOWN: manifest unknown` from a distribution error body, if any."""
+    text = f"HTTP {resp.status_code}"
+    try:
+        body = resp.raw.read(ERROR_BODY_MAX_BYTES, decode_content=True)
+        errors = json.loads(body).get("errors")
+        first = errors[0]
+        code, message = first.get("code"), first.get("message")
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, urllib3.exceptions.HTTPError, OSError):
+        return text
+    if isinstance(code, str) and isinstance(message, str):
+        return f"{text} {code[:64]}: {message[:200]}"
+    return text
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost useful message of a requests/urllib3 exception, without object reprs."""
+    inner: BaseException = exc
+    for _ in range(8):
+        nxt = getattr(inner, "reason", None)
+        if not isinstance(nxt, BaseException) and inner.args and isinstance(inner.args[0], BaseException):
+            nxt = inner.args[0]
+        if not isinstance(nxt, BaseException) or nxt is inner:
+            break
+        inner = nxt
+    text = re.sub(r"^<[^>]*>:\s*", "", str(inner)) or type(inner).__name__
+    return text[:300]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _log_retry(what: str, state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    wait_s = state.next_action.sleep if state.next_action is not None else None
+    log.warning("registry_retry", what=what, attempt=state.attempt_number, wait_s=wait_s, error=str(exc))
