@@ -17,7 +17,7 @@ from agent.hostroot import HostRoot
 NVIDIA_PCI_VENDOR = 0x10DE
 # PCI class/subclass (the top 16 bits of the 24-bit class code).
 GPU_PCI_CLASSES = {0x0300: "VGA compatible controller", 0x0302: "3D controller"}
-COREOS_FAMILY = frozenset({"flatcar", "coreos", "fedora-coreos", "rhcos"})
+COREOS_IDS = frozenset({"flatcar", "coreos", "rhcos", "scos"})
 _OS_KEY_PART = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -26,10 +26,7 @@ class OSInfo:
     id: str
     version: str
     pretty_name: str
-
-    @property
-    def coreos_family(self) -> bool:
-        return self.id in COREOS_FAMILY
+    coreos_family: bool  # the OS version pins the kernel (image-based, updated whole)
 
 
 @dataclass(frozen=True)
@@ -93,14 +90,17 @@ def parse_os_release(text: str) -> dict[str, str]:
 def os_info(fields: dict[str, str]) -> OSInfo:
     """The OS identity the agent keys installs on.
 
-    Fedora CoreOS is ID=fedora with VARIANT_ID=coreos; it and RHEL CoreOS carry
-    the full build in OSTREE_VERSION (VERSION_ID is only the major release).
+    Fedora CoreOS is ID=fedora with VARIANT_ID=coreos (RHEL CoreOS 10 is
+    ID=rhel likewise); they carry the full build in OSTREE_VERSION, where
+    VERSION_ID is only the major release.
     """
     os_id = fields.get("ID", "linux").lower()
-    if os_id == "fedora" and fields.get("VARIANT_ID") == "coreos":
-        os_id = "fedora-coreos"
+    variant_coreos = fields.get("VARIANT_ID") == "coreos"
+    if variant_coreos and os_id not in COREOS_IDS:
+        os_id = f"{os_id}-coreos"
     version = fields.get("OSTREE_VERSION") or fields.get("VERSION_ID") or fields.get("BUILD_ID") or "unknown"
-    return OSInfo(id=os_id, version=version, pretty_name=fields.get("PRETTY_NAME", os_id))
+    return OSInfo(id=os_id, version=version, pretty_name=fields.get("PRETTY_NAME", os_id),
+                  coreos_family=variant_coreos or os_id in COREOS_IDS)
 
 
 def os_key(os_: OSInfo, kernel: str) -> str:

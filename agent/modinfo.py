@@ -24,8 +24,8 @@ class ModInfo:
 
 def parse_modinfo(data: bytes) -> dict[str, tuple[str, ...]]:
     """The key=value strings of an ELF file's .modinfo section (keys may repeat, e.g. parm, alias)."""
-    if data[:4] != b"\x7fELF":
-        raise ModinfoError("not an ELF file")
+    if len(data) < 0x40 or data[:4] != b"\x7fELF":
+        raise ModinfoError("not an ELF file (or truncated)")
     elf_class, endian = data[4], data[5]
     if elf_class not in (1, 2) or endian not in (1, 2):
         raise ModinfoError("unknown ELF class or byte order")
@@ -66,7 +66,9 @@ def parse_modinfo(data: bytes) -> dict[str, tuple[str, ...]]:
 
 def read_modinfo(path: Path) -> ModInfo:
     fields = parse_modinfo(path.read_bytes())
-    depends = tuple(d for d in ",".join(fields.get("depends", ())).split(",") if d)
+    # depends= names modules by file name (nvidia-modeset); the kernel and
+    # /sys/module use underscores (nvidia_modeset): compare in that form.
+    depends = tuple(d.replace("-", "_") for d in ",".join(fields.get("depends", ())).split(",") if d)
     name = fields.get("name", (path.name.removesuffix(".ko").replace("-", "_"),))[0]
     return ModInfo(
         name=name,

@@ -172,21 +172,22 @@ class _Busy(RegistryUnavailable):
 
 _TCHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
+_SCHEME = re.compile(rf"\s*({_TCHARS})(?=\s|,|$)")
 _AUTH_PARAM = re.compile(rf"\s*({_TCHARS})\s*=\s*({_TCHARS}|{_QUOTED})\s*(?:,|$)")
-_SCHEME = re.compile(rf"\s*({_TCHARS})(?:\s+|$)")
 _TOKEN68 = re.compile(r"\s*[A-Za-z0-9._~+/-]+=*\s*(?:,|$)")
 
 
 def parse_www_authenticate(header: str) -> list[Challenge]:
     """Parse a WWW-Authenticate header (RFC 9110): one or more challenges with auth-params.
 
-    Malformed parts end the parse; what was understood so far is returned.
+    A token68 credential after a scheme is skipped; a malformed part ends the parse and
+    what was understood before it is returned.
     """
     challenges: list[Challenge] = []
-    pos = 0
     text = header.strip()
+    pos = 0
     while pos < len(text):
-        if text[pos] in ", ":
+        if text[pos] in ", \t":
             pos += 1
             continue
         scheme = _SCHEME.match(text, pos)
@@ -194,13 +195,10 @@ def parse_www_authenticate(header: str) -> list[Challenge]:
             break
         pos = scheme.end()
         params: dict[str, str] = {}
-        while pos < len(text):
-            param = _AUTH_PARAM.match(text, pos)
-            if param is None:
-                token68 = _TOKEN68.match(text, pos)
-                if token68 is not None and not params and not _SCHEME.fullmatch(text[pos:].rstrip(",")):
-                    pos = token68.end()
-                break
+        token68 = _TOKEN68.match(text, pos)
+        if token68 is not None and _AUTH_PARAM.match(text, pos) is None:
+            pos = token68.end()
+        while (param := _AUTH_PARAM.match(text, pos)) is not None:
             name, value = param.group(1).lower(), param.group(2)
             if value.startswith('"'):
                 value = re.sub(r"\\(.)", r"\1", value[1:-1])

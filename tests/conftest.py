@@ -1,0 +1,40 @@
+"""Shared test set-up: a guard against unplanned subprocesses, and small builders."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+class UnexpectedSubprocess(BaseException):  # noqa: N818 - a BaseException so a broad `except Exception` cannot hide it
+    """A unit test started a program it did not declare (cloud-init's guard)."""
+
+
+@pytest.fixture(autouse=True)
+def _no_unplanned_subprocess(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Unit tests run no programs unless marked `integration` or `subprocess`."""
+    if request.node.get_closest_marker("integration") or request.node.get_closest_marker("subprocess"):
+        yield
+        return
+    real_init = subprocess.Popen.__init__
+
+    def refuse(self: subprocess.Popen[bytes], args: object, *a: object, **kw: object) -> None:
+        raise UnexpectedSubprocess(f"unit test tried to run {args!r}; mark it integration or subprocess")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    yield
+    monkeypatch.setattr(subprocess.Popen, "__init__", real_init)
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path

@@ -1,0 +1,143 @@
+"""Host facts: os-release of real distributions, mountinfo, GPU discovery by PCI vendor and class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from agent.hostfacts import (
+    GPU,
+    HostProbe,
+    find_gpus,
+    host_view_mounts,
+    os_info,
+    os_key,
+    parse_mountinfo,
+    parse_os_release,
+    read_modules,
+    top_mount,
+)
+from agent.hostroot import HostRoot
+from tests.conftest import FIXTURES, write
+
+KERNEL = "6.1.0-28-amd64"
+OS_CASES = [
+    # fixture, os id, version, coreos family, os key
+    ("flatcar-3139.2.0", "flatcar", "3139.2.0", True, "flatcar-3139.2.0"),
+    ("coreos-1911.5.0", "coreos", "1911.5.0", True, "coreos-1911.5.0"),
+    ("fedora-coreos-37", "fedora-coreos", "37.20230126.20.0", True, "fedora-coreos-37.20230126.20.0"),
+    ("rhcos-4.12", "rhcos", "412.86.202301311551-0", True, "rhcos-412.86.202301311551-0"),
+    ("rhcos-4.13", "rhcos", "413.90.202212151724-0", True, "rhcos-413.90.202212151724-0"),
+    ("rhcos-10.1-ocp-4.20", "rhel-coreos", "10.1.20251005-0", True, "rhel-coreos-10.1.20251005-0"),
+    ("scos-4.12", "scos", "412.9.202211241749-0", True, "scos-412.9.202211241749-0"),
+    ("ubuntu-22.04", "ubuntu", "22.04", False, f"ubuntu-22.04-{KERNEL}"),
+    ("ubuntu-24.04", "ubuntu", "24.04", False, f"ubuntu-24.04-{KERNEL}"),
+    ("debian-12", "debian", "12", False, f"debian-12-{KERNEL}"),
+]
+
+
+@pytest.mark.parametrize(("fixture", "os_id", "version", "coreos", "key"), OS_CASES, ids=[c[0] for c in OS_CASES])
+def test_os_release_of_real_distributions(fixture: str, os_id: str, version: str, coreos: bool, key: str) -> None:
+    """CoreOS-family hosts key on the OS build (it pins the kernel); others add the kernel release."""
+    info = os_info(parse_os_release((FIXTURES / "os-release" / fixture).read_text()))
+    assert (info.id, info.version, info.coreos_family) == (os_id, version, coreos)
+    assert os_key(info, KERNEL) == key
+
+
+def test_os_key_changes_with_the_kernel_on_plain_distros() -> None:
+    """On Ubuntu a kernel update alone must give another install directory."""
+    info = os_info(parse_os_release((FIXTURES / "os-release/ubuntu-22.04").read_text()))
+    assert os_key(info, "5.15.0-91-generic") != os_key(info, "5.15.0-92-generic")
+
+
+def test_os_release_quoting_and_comments() -> None:
+    """Shell quoting, comments and junk lines as os-release(5) allows."""
+    fields = parse_os_release('# c\nID="my os"\nNAME=\'x y\'\nBAD LINE\nVERSION_ID=1.2 # tail\n')
+    assert fields["ID"] == "my os"
+    assert fields["NAME"] == "x y"
+    assert fields["VERSION_ID"] == "1.2"
+
+
+def test_mountinfo_fixture_with_overlays() -> None:
+    """A real Docker host's mountinfo: overlay lowerdirs parsed, octal escapes decoded."""
+    mounts = parse_mountinfo((FIXTURES / "mountinfo/host-fedora-docker-overlay2").read_text())
+    overlays = [m for m in mounts if m.fs_type == "overlay"]
+    assert overlays, "fixture has overlay mounts"
+    assert all("lowerdir" in m.options for m in overlays)
+    spaced = parse_mountinfo(r"36 35 98:0 / /mnt/a\040b rw - ext3 /dev/x\040y rw,errors=continue")
+    assert spaced[0].mount_point == "/mnt/a b"
+    assert spaced[0].source == "/dev/x y"
+
+
+def test_top_mount_is_the_last_stacked_one() -> None:
+    """Stacked mounts at one point: the later mountinfo line is the one visible."""
+    mounts = parse_mountinfo(
+        "1 0 0:1 / /usr/lib64 ro - ext4 /dev/a ro\n2 1 0:2 / /usr/lib64 ro - overlay nvidia-agent ro,lowerdir=/x:/y\n")
+    top = top_mount(mounts, "/usr/lib64")
+    assert top is not None
+    assert top.source == "nvidia-agent"
+
+
+def test_mounts_are_seen_as_host_paths_under_a_host_root(tmp_path: Path) -> None:
+    """Under /host, mount points and overlay lowerdirs are renamed to the host's own paths."""
+    root = tmp_path / "host"
+    text = (f"1 0 0:1 / {root}/usr/lib64 ro - overlay nvidia-agent ro,lowerdir={root}/opt/nvidia/x/lib64:{root}/usr/lib64\n"
+            "2 0 0:2 / /proc rw - proc proc rw\n")
+    mounts = host_view_mounts(parse_mountinfo(text), HostRoot(root))
+    assert [m.mount_point for m in mounts] == ["/usr/lib64"]
+    assert mounts[0].options["lowerdir"] == "/opt/nvidia/x/lib64:/usr/lib64"
+
+
+@dataclass
+class FakeDevice:
+    sys_name: str
+    attributes: dict[str, bytes] = field(default_factory=dict)
+
+
+class FakeUdev:
+    """Records the query; answers with the given devices."""
+
+    def __init__(self, devices: list[FakeDevice]) -> None:
+        self.devices = devices
+        self.queries: list[dict[str, str]] = []
+
+    def list_devices(self, **kwargs: str) -> list[FakeDevice]:
+        self.queries.append(kwargs)
+        return self.devices
+
+
+def pci(slot: str, vendor: int, device: int, cls: int) -> FakeDevice:
+    return FakeDevice(slot, {"vendor": f"0x{vendor:04x}".encode(), "device": f"0x{device:04x}".encode(),
+                             "class": f"0x{cls:06x}".encode()})
+
+
+def test_gpus_are_vga_and_3d_controllers_of_vendor_10de() -> None:
+    """Datacenter cards are 3D controllers (0x0302): both classes count, audio functions and others do not."""
+    udev = FakeUdev([
+        pci("0000:00:06.0", 0x10DE, 0x2204, 0x030000),  # GeForce: VGA
+        pci("0000:00:05.0", 0x10DE, 0x2330, 0x030200),  # H100: 3D controller
+        pci("0000:00:06.1", 0x10DE, 0x1AEF, 0x040300),  # the GPU's HDMI audio function
+        pci("0000:00:02.0", 0x8086, 0x46A6, 0x030000),  # Intel VGA
+        FakeDevice("0000:00:07.0", {"vendor": b"garbage"}),
+    ])
+    gpus = find_gpus(udev)
+    assert gpus == (GPU("0000:00:05.0", 0x2330, 0x030200), GPU("0000:00:06.0", 0x2204, 0x030000))
+    assert [g.kind for g in gpus] == ["3D controller", "VGA compatible controller"]
+    assert udev.queries == [{"subsystem": "pci"}]
+
+
+def test_probe_reads_kernel_os_and_modules_under_the_host_root(tmp_path: Path) -> None:
+    """The probe reads everything through the host root, so a temp dir can stand in for a host."""
+    write(tmp_path / "proc/sys/kernel/osrelease", "6.6.6-test\n")
+    write(tmp_path / "usr/lib/os-release", (FIXTURES / "os-release/flatcar-3139.2.0").read_text())
+    write(tmp_path / "sys/module/nvidia/initstate", "live\n")
+    write(tmp_path / "sys/module/nvidia/version", "535.261.03\n")
+    write(tmp_path / "sys/module/nvidia_uvm/initstate", "live\n")  # no version file
+    write(tmp_path / "sys/module/builtin_thing/parameters/x", "1\n")  # built-in: no initstate
+    probe = HostProbe(HostRoot(tmp_path), udev=FakeUdev([]))
+    assert probe.kernel() == "6.6.6-test"
+    assert probe.os().id == "flatcar"
+    assert read_modules(tmp_path / "sys/module") == {"nvidia": "535.261.03", "nvidia_uvm": ""}
+    assert probe.gpus() == ()

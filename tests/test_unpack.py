@@ -1,0 +1,192 @@
+"""Extraction and verification: hostile layers refused, whiteouts applied, the contract checked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.driverimage import load_order, parse_manifest, verify_tree
+from agent.errors import ImageRejected, KernelMismatch
+from agent.modinfo import ModInfo, parse_modinfo, read_modinfo
+from agent.unpack import GZIP_TYPES, Staging
+from support.images import HOSTILE_KINDS, SPECIAL_MODES, compile_module, hostile_entries, tar_bytes, valid_tree_entries
+
+GZ = next(iter(GZIP_TYPES))
+KERNEL = "6.1.0-28-amd64"
+pytestmark = pytest.mark.subprocess  # the trees carry modules compiled with gcc
+
+
+def extract(tmp_path: Path, *layers: bytes) -> Staging:
+    staging = Staging(tmp_path / "staging")
+    staging.path.mkdir()
+    for i, layer in enumerate(layers):
+        blob = tmp_path / f"layer{i}"
+        blob.write_bytes(layer)
+        staging.extract_layer(blob, GZ)
+    staging.check_links()
+    return staging
+
+
+@pytest.mark.parametrize("kind", HOSTILE_KINDS)
+def test_hostile_entry_rejects_the_image_and_touches_nothing_outside(tmp_path: Path, kind: str) -> None:
+    """'..', absolute paths, escaping links, devices, FIFOs and setuid bits are all refused."""
+    outside = tmp_path / "etc"
+    outside.mkdir()
+    if kind in SPECIAL_MODES:
+        entries = valid_tree_entries(extra_files={"bin/x": (b"#!/bin/sh\n", SPECIAL_MODES[kind])})
+    else:
+        entries = valid_tree_entries() + hostile_entries(kind)
+    layer = tar_bytes(entries)
+    with pytest.raises(ImageRejected):
+        extract(tmp_path, layer)
+    assert list(outside.iterdir()) == []
+    assert not (tmp_path / "evil").exists()
+    assert not Path("/tmp/pwned").exists()
+
+
+def test_valid_tree_extracts_and_verifies(tmp_path: Path) -> None:
+    """A contract-valid tree passes; digests were computed while writing; modules come in load order."""
+    staging = extract(tmp_path, tar_bytes(valid_tree_entries()))
+    verified = verify_tree(staging.path, staging.digests, driver_version="535.261.03", kernel=KERNEL)
+    assert [m.name for m in verified.modules] == ["nvidia"]
+    assert (staging.path / "lib64/libcuda.so.1").resolve() == (staging.path / "lib64/libcuda.so.535.261.03")
+    assert set(staging.digests) == set(verified.manifest.files) | {"manifest.json"}
+
+
+def test_entries_outside_the_tree_are_never_written(tmp_path: Path) -> None:
+    """A base OS in the image is ignored: only nvidia-driver/ reaches the staging tree."""
+    staging = extract(tmp_path, tar_bytes([("etc/", "dir"), ("etc/passwd", "file", b"root::0:0\n"),
+                                           *valid_tree_entries()]))
+    assert not (staging.path / "etc").exists()
+    assert not (staging.path.parent / "etc").exists()
+
+
+def test_whiteouts_and_opaque_directories_across_layers(tmp_path: Path) -> None:
+    """Later layers delete files (.wh.name) and hide whole lower directories (.wh..wh..opq)."""
+    lower = tar_bytes([("nvidia-driver/", "dir"), ("nvidia-driver/lib64/", "dir"),
+                       ("nvidia-driver/lib64/old.so", "file", b"old"), ("nvidia-driver/share/", "dir"),
+                       ("nvidia-driver/share/a", "file", b"a"), ("nvidia-driver/share/b", "file", b"b")])
+    upper = tar_bytes([("nvidia-driver/lib64/.wh.old.so", "file", b""),
+                       ("nvidia-driver/share/c", "file", b"c"),  # same layer, before the marker: kept
+                       ("nvidia-driver/share/.wh..wh..opq", "file", b""),
+                       ("nvidia-driver/.wh.never-existed", "file", b"")])
+    staging = extract(tmp_path, lower, upper)
+    assert not (staging.path / "lib64/old.so").exists()
+    assert sorted(p.name for p in (staging.path / "share").iterdir()) == ["c"]
+    assert set(staging.digests) == {"share/c"}
+
+
+def test_replacing_a_file_with_a_symlink_updates_digests(tmp_path: Path) -> None:
+    """An upper layer's entry replaces the lower one whatever its type."""
+    lower = tar_bytes([("nvidia-driver/", "dir"), ("nvidia-driver/x", "file", b"1")])
+    upper = tar_bytes([("nvidia-driver/y", "file", b"2"), ("nvidia-driver/x", "symlink", "y")])
+    staging = extract(tmp_path, lower, upper)
+    assert (staging.path / "x").is_symlink()
+    assert set(staging.digests) == {"y"}
+
+
+def test_unsupported_layer_media_type(tmp_path: Path) -> None:
+    """zstd layers are refused by name, not misread."""
+    staging = Staging(tmp_path)
+    with pytest.raises(ImageRejected, match=r"tar\+zstd"):
+        staging.extract_layer(tmp_path / "x", "application/vnd.oci.image.layer.v1.tar+zstd")
+
+
+def test_garbage_layer_is_rejected_not_crashing(tmp_path: Path) -> None:
+    """A blob that is not a gzip tar is an image problem, reported as such."""
+    with pytest.raises(ImageRejected, match="not a valid archive"):
+        extract(tmp_path, b"\x1f\x8b\x08\x00garbage")
+
+
+def digests_of(staging: Staging) -> dict[str, str]:
+    return dict(staging.digests)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"driver_version": "470.1"}, "carries driver 535.261.03, configured driver is 470.1"),
+    ({"kernel": "6.1.0-27-amd64"}, "built for kernel 6.1.0-28-amd64, this host runs 6.1.0-27-amd64"),
+])
+def test_verify_refuses_other_driver_or_kernel(tmp_path: Path, change: dict[str, str], message: str) -> None:
+    """An image for another driver version or another kernel is never installed."""
+    staging = extract(tmp_path, tar_bytes(valid_tree_entries()))
+    args = {"driver_version": "535.261.03", "kernel": KERNEL} | change
+    with pytest.raises(ImageRejected, match=message):
+        verify_tree(staging.path, staging.digests, **args)
+
+
+def test_verify_checks_module_vermagic_not_only_the_manifest(tmp_path: Path) -> None:
+    """A manifest that claims the right kernel but carries modules built for another is caught."""
+    wrong = compile_module("nvidia", driver="535.261.03", vermagic_kernel="6.1.0-27-amd64").read_bytes()
+    entries = valid_tree_entries(extra_files={f"lib/modules/{KERNEL}/nvidia.ko": (wrong, 0o644)})
+    staging = extract(tmp_path, tar_bytes(entries))
+    with pytest.raises(KernelMismatch, match="vermagic '6.1.0-27-amd64"):
+        verify_tree(staging.path, staging.digests, driver_version="535.261.03", kernel=KERNEL)
+
+
+@pytest.mark.parametrize(("tamper", "message"), [
+    ("extra", "present but not listed"),
+    ("missing", "listed in the manifest but missing"),
+    ("changed", "different from the manifest's digest"),
+])
+def test_verify_compares_every_file_with_the_manifest(tmp_path: Path, tamper: str, message: str) -> None:
+    """Unlisted, missing and altered files each reject the tree."""
+    staging = extract(tmp_path, tar_bytes(valid_tree_entries()))
+    digests = digests_of(staging)
+    if tamper == "extra":
+        digests["lib64/extra.so"] = "sha256:" + "0" * 64
+    elif tamper == "missing":
+        del digests["bin/nvidia-smi"]
+    else:
+        digests["bin/nvidia-smi"] = "sha256:" + "0" * 64
+    with pytest.raises(ImageRejected, match=message):
+        verify_tree(staging.path, digests, driver_version="535.261.03", kernel=KERNEL)
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    (b"[]", "JSON object"),
+    (b"{", "not JSON"),
+    (b'{"schema_version": 2}', "schema_version 2"),
+    (b'{"schema_version": 1, "driver_version": 5}', "driver_version must be"),
+    (b'{"schema_version": 1, "driver_version": "1", "os_id": "a", "os_version": "1", "kernel_release": "k",'
+     b' "modules": [], "files": {"../x": "sha256:' + b"0" * 64 + b'"}}', "normalized relative path"),
+    (b'{"schema_version": 1, "driver_version": "1", "os_id": "a", "os_version": "1", "kernel_release": "k",'
+     b' "modules": [], "files": {"x": "md5:1"}}', "sha256"),
+])
+def test_manifest_parse_errors(doc: bytes, message: str) -> None:
+    """A malformed manifest is rejected with the field that is wrong."""
+    with pytest.raises(ImageRejected, match=message):
+        parse_manifest(doc)
+
+
+def mod(name: str, *deps: str) -> ModInfo:
+    return ModInfo(name, "", "1", deps, {})
+
+
+def test_load_order_follows_depends_and_ignores_host_modules() -> None:
+    """nvidia before nvidia_uvm and nvidia_modeset, nvidia_modeset before nvidia_drm; drm is the host's."""
+    mods = {m.name: m for m in [mod("nvidia_drm", "drm", "nvidia_modeset"), mod("nvidia_uvm", "nvidia"),
+                                mod("nvidia_modeset", "nvidia"), mod("nvidia")]}
+    assert [m.name for m in load_order(mods)] == ["nvidia", "nvidia_modeset", "nvidia_drm", "nvidia_uvm"]
+
+
+def test_load_order_refuses_a_cycle() -> None:
+    """A dependency cycle is an image bug, reported with the cycle."""
+    with pytest.raises(ImageRejected, match="cycle: a -> b -> a"):
+        load_order({"a": mod("a", "b"), "b": mod("b", "a")})
+
+
+def test_modinfo_reads_a_gcc_built_object(tmp_path: Path) -> None:
+    """The ELF reader finds .modinfo in a real object file and splits depends."""
+    info = read_modinfo(compile_module("nvidia-drm", driver="535.261.03", vermagic_kernel=KERNEL))
+    assert info.name == "nvidia_drm"
+    assert info.version == "535.261.03"
+    assert info.vermagic.startswith(KERNEL + " ")
+    assert set(info.depends) == {"nvidia_modeset", "drm"}
+
+
+@pytest.mark.parametrize("data", [b"", b"\x7fELF", b"\x7fELF\x02\x01" + b"\0" * 60, b"MZ" + b"\0" * 100])
+def test_modinfo_refuses_truncated_or_foreign_files(data: bytes) -> None:
+    """Garbage is a ModinfoError (a ValueError), never an IndexError or a crash."""
+    with pytest.raises(ValueError):  # noqa: PT011
+        parse_modinfo(data)
