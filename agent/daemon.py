@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import time
 import os
 import signal
 import threading

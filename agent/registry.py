@@ -242,12 +242,14 @@ def manifest_media_type(doc: Mapping[str, Any], content_type: str) -> str:
         raise ManifestError("manifest mediaType is not a string")
     header = content_type.split(";", 1)[0].strip().lower()
     schema = doc.get("schemaVersion")
+    if isinstance(schema, bool):
+        raise ManifestError(f"manifest schemaVersion is {schema!r}, want 2")
     if schema == 1 or declared in SCHEMA1_TYPES or header in SCHEMA1_TYPES:
         raise ManifestError(
             "the image uses the Docker schema 1 manifest format, which is not supported",
             hint="push it again with a current tool (docker, skopeo, buildah) to get a schema 2 or OCI manifest",
         )
-    if schema != 2 or isinstance(schema, bool):
+    if schema != 2 or not isinstance(schema, int):
         raise ManifestError(f"manifest schemaVersion is {schema!r}, want 2")
     kind = declared or header
     if kind in IMAGE_MANIFEST_TYPES or kind in INDEX_TYPES:

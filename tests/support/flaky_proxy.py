@@ -20,7 +20,16 @@ from typing import Any
 COPY_CHUNK_BYTES = 64 * 1024
 UPSTREAM_TIMEOUT_S = 30.0
 _HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
 )
 
 PathRule = Callable[[str, str], bool]  # (method, path) -> applies
@@ -54,7 +63,7 @@ class _Server:
     def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def host(self) -> str:
@@ -179,14 +188,13 @@ class FlakyProxy:
                 total = len(data) if data is not None else int(resp.getheader("Content-Length") or 0)
                 self.send_header("Content-Length", str(total))
                 self.end_headers()
+                body_chunks = iter([data]) if data is not None else iter(lambda: resp.read(COPY_CHUNK_BYTES), b"")
                 sent = 0
-                while True:
-                    chunk = data if data is not None else resp.read(COPY_CHUNK_BYTES)
-                    data = b""
+                for chunk in body_chunks:
                     if not chunk:
                         break
                     if corrupt and sent == 0:
-                        chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
+                        chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]  # noqa: PLW2901 - the point of the proxy
                     if cut and sent + len(chunk) > total // 2:
                         self.wfile.write(chunk[: total // 2 - sent])
                         self.wfile.flush()

@@ -93,9 +93,7 @@ def _c_string(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def compile_module(
-    name: str, *, driver: str, vermagic_kernel: str, depends: str | None = None
-) -> Path:
+def compile_module(name: str, *, driver: str, vermagic_kernel: str, depends: str | None = None) -> Path:
     """A real ELF relocatable object whose .modinfo reads like the real module's.
 
     `modinfo` (kmod) reads version, vermagic, name and depends from it. Compiled once per
@@ -125,7 +123,9 @@ def compile_module(
     out = out_dir / f"{name}.ko"
     subprocess.run(
         ["gcc", "-c", "-O0", "-o", str(out), str(out_dir / "m.c")],
-        check=True, capture_output=True, timeout=BUILD_TIMEOUT_S,
+        check=True,
+        capture_output=True,
+        timeout=BUILD_TIMEOUT_S,
     )
     _compiled[key] = out
     return out
@@ -171,7 +171,10 @@ def run_build_script(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """Run packaging/build-driver-image with args; never raises on its exit status."""
     return subprocess.run(
         [str(BUILD_SCRIPT), *map(str, args)],
-        capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=BUILD_TIMEOUT_S,
     )
 
 
@@ -191,9 +194,23 @@ def build_image(
     with tempfile.TemporaryDirectory(prefix="build-image-") as tmp:
         digestfile = Path(tmp, "digest")
         result = run_build_script(
-            "--driver-version", driver, "--os-id", os_id, "--os-version", os_version,
-            "--kernel-release", kernel, "--format", fmt, "--arch", arch,
-            "--dest-tls-verify=false", "--digestfile", digestfile, tree, dest_ref,
+            "--driver-version",
+            driver,
+            "--os-id",
+            os_id,
+            "--os-version",
+            os_version,
+            "--kernel-release",
+            kernel,
+            "--format",
+            fmt,
+            "--arch",
+            arch,
+            "--dest-tls-verify=false",
+            "--digestfile",
+            digestfile,
+            tree,
+            dest_ref,
         )
         if result.returncode != 0:
             raise RuntimeError(f"build-driver-image failed ({result.returncode}):\n{result.stderr}")
@@ -225,7 +242,10 @@ def push_blob(registry_host: str, repo: str, data: bytes) -> str:
         start.raise_for_status()
         location = urljoin(f"http://{registry_host}/", start.headers["Location"])
         done = s.put(
-            location, params={"digest": digest}, data=data, timeout=HTTP_TIMEOUT_S,
+            location,
+            params={"digest": digest},
+            data=data,
+            timeout=HTTP_TIMEOUT_S,
             headers={"Content-Type": "application/octet-stream"},
         )
         done.raise_for_status()
@@ -236,8 +256,10 @@ def push_manifest(registry_host: str, repo: str, ref: str, body: bytes, media_ty
     """PUT a manifest (or index) under a tag or digest; returns its digest."""
     with _session() as s:
         r = s.put(
-            f"{_base(registry_host, repo)}/manifests/{ref}", data=body,
-            headers={"Content-Type": media_type}, timeout=HTTP_TIMEOUT_S,
+            f"{_base(registry_host, repo)}/manifests/{ref}",
+            data=body,
+            headers={"Content-Type": media_type},
+            timeout=HTTP_TIMEOUT_S,
         )
         if r.status_code != 201:
             raise RuntimeError(f"PUT manifest {repo}:{ref}: {r.status_code} {r.text}")
@@ -249,7 +271,8 @@ def get_manifest(registry_host: str, repo: str, ref: str) -> tuple[str, bytes]:
     with _session() as s:
         r = s.get(
             f"{_base(registry_host, repo)}/manifests/{ref}",
-            headers={"Accept": ", ".join(ALL_MANIFEST_TYPES)}, timeout=HTTP_TIMEOUT_S,
+            headers={"Accept": ", ".join(ALL_MANIFEST_TYPES)},
+            timeout=HTTP_TIMEOUT_S,
         )
         r.raise_for_status()
         return r.headers["Content-Type"], r.content
@@ -263,7 +286,7 @@ def get_blob(registry_host: str, repo: str, digest: str) -> bytes:
 
 
 def _platform(key: str) -> dict[str, str]:
-    """"linux/arm64/v8" -> {"os": "linux", "architecture": "arm64", "variant": "v8"}."""
+    """ "linux/arm64/v8" -> {"os": "linux", "architecture": "arm64", "variant": "v8"}."""
     parts = key.split("/")
     platform = {"os": parts[0], "architecture": parts[1]}
     if len(parts) > 2:
@@ -287,12 +310,14 @@ def push_index(
     manifests = []
     for platform, digest in entries.items():
         media_type, body = get_manifest(registry_host, repo, digest)
-        manifests.append({
-            "mediaType": media_type.split(";")[0],
-            "digest": digest,
-            "size": len(body),
-            "platform": _platform(platform),
-        })
+        manifests.append(
+            {
+                "mediaType": media_type.split(";")[0],
+                "digest": digest,
+                "size": len(body),
+                "platform": _platform(platform),
+            }
+        )
     media_type = DOCKER_LIST if docker_manifest_list else OCI_INDEX
     index = {"schemaVersion": 2, "mediaType": media_type, "manifests": manifests}
     return push_manifest(registry_host, repo, tag, json.dumps(index).encode(), media_type)
@@ -342,9 +367,7 @@ def tar_bytes(entries: Iterable[Entry], *, compress: bool = True) -> bytes:
     return gzip.compress(raw, mtime=0) if compress else raw
 
 
-def manifest_json(
-    files: Mapping[str, bytes], *, driver: str, kernel: str, os_id: str, os_version: str
-) -> bytes:
+def manifest_json(files: Mapping[str, bytes], *, driver: str, kernel: str, os_id: str, os_version: str) -> bytes:
     """The contract's manifest.json for regular files given relative to /nvidia-driver/."""
     module_dir = f"lib/modules/{kernel}/"
     manifest = {
@@ -375,13 +398,17 @@ def valid_tree_entries(
         f"lib64/libcuda.so.{driver}": (f"fake libcuda {driver}\n".encode(), 0o644),
         "bin/nvidia-smi": (f"#!/bin/sh\necho 'Driver Version: {driver}'\n".encode(), 0o755),
         f"lib/modules/{kernel}/nvidia.ko": (
-            compile_module("nvidia", driver=driver, vermagic_kernel=kernel).read_bytes(), 0o644,
+            compile_module("nvidia", driver=driver, vermagic_kernel=kernel).read_bytes(),
+            0o644,
         ),
     }
     files.update(extra_files or {})
     manifest = manifest_json(
         {p: content for p, (content, _mode) in files.items()},
-        driver=driver, kernel=kernel, os_id=os_id, os_version=os_version,
+        driver=driver,
+        kernel=kernel,
+        os_id=os_id,
+        os_version=os_version,
     )
     dirs = sorted({str(Path(p).parent) for p in files} - {"."})
     all_dirs = sorted({str(parent) for d in dirs for parent in [Path(d), *Path(d).parents]} - {"."})
@@ -420,10 +447,7 @@ def push_layers_image(
     zstd type the agent must refuse). edit_manifest may change the manifest dict before it
     is pushed (a wrong size, say). fmt="v2s2" pushes a Docker v2 schema 2 manifest.
     """
-    diff_ids = [
-        sha256_digest(gzip.decompress(layer) if layer[:2] == b"\x1f\x8b" else layer)
-        for layer in layers
-    ]
+    diff_ids = [sha256_digest(gzip.decompress(layer) if layer[:2] == b"\x1f\x8b" else layer) for layer in layers]
     config = {
         "architecture": arch,
         "os": "linux",
@@ -511,9 +535,7 @@ def push_hostile_image(
     listed (they are not regular files inside the tree). Returns the manifest digest.
     """
     extra = {"bin/x": (b"#!/bin/sh\nid\n", SPECIAL_MODES[kind])} if kind in SPECIAL_MODES else {}
-    entries = valid_tree_entries(
-        driver=driver, kernel=kernel, os_id=os_id, os_version=os_version, extra_files=extra
-    )
+    entries = valid_tree_entries(driver=driver, kernel=kernel, os_id=os_id, os_version=os_version, extra_files=extra)
     if kind not in SPECIAL_MODES:
         entries += hostile_entries(kind)
     return push_layers_image(registry_host, repo, tag, [tar_bytes(entries)])

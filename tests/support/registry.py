@@ -1,7 +1,7 @@
 """A real registry for tests: Debian's docker-registry on 127.0.0.1, optional auth, and hand-pushed images.
 
-Use it from a test module or conftest with `pytest_plugins = ["support.registry"]` (the
-session-scoped `registry_server` fixture: plain http, no auth), or start a `RegistryServer`
+Load it in tests/conftest.py with `pytest_plugins = ["support.registry"]` for the
+session-scoped `registry_server` fixture (plain http, no auth), or start a `RegistryServer`
 yourself for basic (`htpasswd=`) or bearer token (`token=TokenServer(...)`) auth. Pushes go
 through `Pusher`, which does its own small auth handshake with the server's admin login, so
 the code under test is never used to build what it is tested against.
@@ -109,7 +109,7 @@ class TokenServer:
         self._cert_der_b64 = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode("ascii")
         self._hashes = hashes
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def host(self) -> str:
@@ -307,8 +307,8 @@ def _bcrypt_line(user: str, password: str) -> str:
     return subp.run(["htpasswd", "-Bbn", user, password]).stdout.strip() + "\n"
 
 
-@pytest.fixture(scope="session")
-def registry_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+@pytest.fixture(scope="session", name="registry_server")
+def registry_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
     """A plain-http registry without auth on 127.0.0.1 for the whole session; use unique repos per test."""
     with RegistryServer(tmp_path_factory.mktemp("registry")) as server:
         yield server

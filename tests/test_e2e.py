@@ -1,0 +1,309 @@
+"""End to end on a sandboxed host root: a real registry, images built by umoci/skopeo or by hand,
+the agent as a real process in its own mount namespace with a real overlay, GPUs presented by umockdev.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support.flaky_proxy import FlakyProxy, blobs, manifests
+from support.images import build_image, make_driver_tree, push_hostile_image, push_index
+from support.registry import RegistryServer
+from tests.conftest import FIXTURES, write
+
+pytestmark = pytest.mark.integration
+DRIVER = "535.261.03"
+REPO = "nvidia/driver"
+K1, K2 = "6.1.0-28-amd64", "6.1.0-29-amd64"
+UBUNTU = (FIXTURES / "os-release/ubuntu-22.04").read_text()
+AGENT_TIMEOUT_S = 120
+NEEDED = ("unshare", "nsenter", "umockdev-run", "docker-registry", "skopeo", "umoci", "gcc", "ldconfig")
+
+
+def tag(kernel: str) -> str:
+    return f"{DRIVER}-ubuntu-22.04-{kernel}"
+
+
+def tree_path(kernel: str) -> str:
+    return f"/opt/nvidia/{DRIVER}/ubuntu-22.04-{kernel}"
+
+
+class Host:
+    """A host root in a temp dir with a persistent private mount namespace to run the agent in."""
+
+    def __init__(self, base: Path, registry: str) -> None:
+        self.base = base
+        self.root = base / "root"
+        self.ns_dir = base / "ns"
+        write(self.root / "etc/os-release", UBUNTU)
+        write(self.root / "etc/ld.so.conf", "/usr/lib64\n")  # a lib64 host's linker searches /usr/lib64
+        write(self.root / "usr/lib64/libhost.so.1", b"host library")
+        (self.root / "sys/module").mkdir(parents=True)
+        self.set_kernel(K1)
+        self.configure(registry)
+        self.ns_dir.mkdir()
+        for argv in (["mount", "--bind", str(self.ns_dir), str(self.ns_dir)],
+                     ["mount", "--make-private", str(self.ns_dir)]):
+            subprocess.run(argv, check=True)
+        (self.ns_dir / "mnt").touch()
+        subprocess.run(["unshare", f"--mount={self.ns_dir / 'mnt'}", "--propagation", "private", "true"], check=True)
+
+    def close(self) -> None:
+        subprocess.run(["umount", "--lazy", str(self.ns_dir / "mnt")], check=False)
+        subprocess.run(["umount", "--lazy", str(self.ns_dir)], check=False)
+
+    def set_kernel(self, kernel: str) -> None:
+        write(self.root / "proc/sys/kernel/osrelease", kernel + "\n")
+
+    def configure(self, registry: str, extra: str = "") -> None:
+        write(self.root / "etc/nvidia-agent/config.d/50-test.toml",
+              f'[image]\nregistry = "{registry}"\nplain_http = ["{registry}"]\n'
+              '[modules]\nload = false  # this machine\'s kernel cannot load modules (proven in the VM tier)\n'
+              '[daemon]\nretry_initial_s = 0.5\nretry_max_s = 2\n' + extra)
+
+    def argv(self, *args: str) -> list[str]:
+        return ["nsenter", f"--mount={self.ns_dir / 'mnt'}", "--", "umockdev-run", "-d",
+                str(FIXTURES / "udev/gpus.umockdev"), "--", sys.executable, "-m", "agent", "--root", str(self.root),
+                *args]
+
+    def agent(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+        return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=AGENT_TIMEOUT_S,
+                              env=env, cwd=Path(__file__).parent.parent, check=False)
+
+    def once(self) -> subprocess.CompletedProcess[str]:
+        return self.agent("daemon", "--once")
+
+    def in_ns(self, *argv: str) -> str:
+        return subprocess.run(["nsenter", f"--mount={self.ns_dir / 'mnt'}", "--", *argv], capture_output=True,
+                              text=True, check=True, timeout=30).stdout
+
+    def current(self) -> str | None:
+        link = self.root / "opt/nvidia/current"
+        return os.readlink(link) if link.is_symlink() else None
+
+    def our_mounts(self) -> list[str]:
+        lines = self.in_ns("cat", "/proc/self/mountinfo").splitlines()
+        return [line for line in lines if f" {self.root}/usr/lib64 " in line and " nvidia-agent " in line]
+
+    def debris(self) -> list[str]:
+        base = self.root / "opt/nvidia"
+        return [p.name for p in base.iterdir() if p.name.startswith((".staging-", ".trash-"))] if base.exists() else []
+
+
+@pytest.fixture(scope="module")
+def tools() -> None:
+    missing = [t for t in NEEDED if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (see .ci/run for the packages)")
+
+
+@pytest.fixture
+def registry(tmp_path: Path, tools: None) -> Iterator[RegistryServer]:
+    with RegistryServer(tmp_path / "registry") as server:
+        yield server
+
+
+@pytest.fixture
+def host(tmp_path: Path, registry: RegistryServer) -> Iterator[Host]:
+    h = Host(tmp_path, registry.host)
+    yield h
+    h.close()
+
+
+def push_driver(tmp_path: Path, registry: str, kernel: str, *, tag_kernel: str | None = None,
+                fmt: str = "oci", repo: str = REPO) -> str:
+    tree = make_driver_tree(tmp_path / f"tree-{kernel}-{tag_kernel}-{fmt}", driver=DRIVER, kernel=kernel)
+    return build_image(tree, f"{registry}/{repo}:{tag(tag_kernel or kernel)}", driver=DRIVER, os_id="ubuntu",
+                       os_version="22.04", kernel=kernel, fmt=fmt)
+
+
+def status_json(host: Host) -> dict[str, object]:
+    """Run the daemon, ask `status --json` over the socket, stop it with SIGTERM."""
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    daemon = subprocess.Popen(host.argv("daemon"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env, cwd=Path(__file__).parent.parent, start_new_session=True)
+    try:
+        out = subprocess.run([sys.executable, "-m", "agent", "--root", str(host.root), "status", "--json",
+                              "--wait", "60"], capture_output=True, text=True, timeout=90, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+        text = subprocess.run([sys.executable, "-m", "agent", "--root", str(host.root), "status"],
+                              capture_output=True, text=True, timeout=30, check=True).stdout
+        assert "phase:       ready" in text
+        status = dict(json.loads(out.stdout))
+        os.kill(int(status["pid"]), signal.SIGTERM)  # type: ignore[call-overload]
+        log, _ = daemon.communicate(timeout=30)
+        assert "stopped phase=ready" in log, log
+        return status
+    finally:
+        if daemon.poll() is None:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.communicate(timeout=30)
+
+
+def test_first_run_installs_mounts_and_reports_then_runs_offline(tmp_path: Path, registry: RegistryServer,
+                                                                 host: Host) -> None:
+    """First run pulls, installs, points current, overlays lib64; an unchanged rerun needs no registry."""
+    digest = push_driver(tmp_path, registry.host, K1)
+    first = host.once()
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert host.current() == f"{DRIVER}/ubuntu-22.04-{K1}"
+    tree = host.root / tree_path(K1).lstrip("/")
+    assert (tree / "manifest.json").is_file()
+    assert (tree / f"lib/modules/{K1}/nvidia.ko").is_file()
+    for phase in ("resolving", "pulling", "verifying", "installing", "mounting", "ready"):
+        assert f" {phase}" in first.stdout, phase
+    # The overlay: the driver's libraries and the host's own, both under /usr/lib64, only in our namespace.
+    libs = host.in_ns("ls", str(host.root / "usr/lib64")).split()
+    assert f"libcuda.so.{DRIVER}" in libs
+    assert "libhost.so.1" in libs
+    assert "libcuda.so.1" in libs
+    assert f"libcuda.so.{DRIVER}" not in os.listdir(host.root / "usr/lib64")
+    assert len(host.our_mounts()) == 1
+    assert (host.root / "etc/ld.so.cache").is_file()
+
+    status = status_json(host)
+    assert status["phase"] == "ready"
+    assert status["digest"] == digest
+    assert status["install_path"] == tree_path(K1)
+    assert status["current"] == tree_path(K1)
+    assert status["kernel"] == K1
+    assert status["mount"] == f"{tree_path(K1)}/lib64 over /usr/lib64"
+    assert len(status["gpus"]) == 2  # type: ignore[arg-type]
+
+    registry.stop()
+    again = host.once()
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "pulling" not in again.stdout
+    assert len(host.our_mounts()) == 1, "an unchanged run must not stack another overlay"
+
+
+def test_kernel_change_installs_the_matching_image_and_keeps_the_old_tree(tmp_path: Path, registry: RegistryServer,
+                                                                          host: Host) -> None:
+    """After the host boots another kernel, the agent installs that kernel's image and switches current."""
+    push_driver(tmp_path, registry.host, K1)
+    assert host.once().returncode == 0
+    new_digest = push_driver(tmp_path, registry.host, K2)
+    host.set_kernel(K2)
+    run = host.once()
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "kernel_changed" in run.stdout and f"previous={K1}" in run.stdout
+    assert host.current() == f"{DRIVER}/ubuntu-22.04-{K2}"
+    assert (host.root / tree_path(K1).lstrip("/") / "manifest.json").is_file(), "old tree kept"
+    mounts = host.our_mounts()
+    assert len(mounts) == 1
+    assert f"lowerdir={host.root}{tree_path(K2)}/lib64:" in mounts[0]
+    marker = json.loads((host.root / tree_path(K2).lstrip("/") / ".nvidia-agent.json").read_text())
+    assert marker["digest"] == new_digest
+
+
+@pytest.mark.parametrize("kind", ["docker-v2", "oci-index", "docker-manifest-list"])
+def test_other_image_formats_install(tmp_path: Path, registry: RegistryServer, host: Host, kind: str) -> None:
+    """Docker v2 images, and multi-platform indexes (OCI and Docker lists) pick linux/amd64."""
+    if kind == "docker-v2":
+        digest = push_driver(tmp_path, registry.host, K1, fmt="v2s2")
+    else:
+        fmt = "v2s2" if kind == "docker-manifest-list" else "oci"
+        digest = push_driver(tmp_path, registry.host, K1, fmt=fmt, repo=REPO)
+        # An arm64 entry (another real image) in front of the amd64 one.
+        other = push_driver(tmp_path, registry.host, K2, fmt=fmt, repo=REPO)
+        push_index(registry.host, REPO, tag(K1), {"linux/arm64": other, "linux/amd64": digest},
+                   docker_manifest_list=kind == "docker-manifest-list")
+    run = host.once()
+    assert run.returncode == 0, run.stdout + run.stderr
+    marker = json.loads((host.root / tree_path(K1).lstrip("/") / ".nvidia-agent.json").read_text())
+    assert marker["digest"] == digest
+
+
+def corrupt_blobs(registry: RegistryServer) -> None:
+    """Replace the stored bytes of every gzip layer, as a failing disk or a bad mirror would."""
+    corrupted = 0
+    for data in (registry.root / "data").rglob("blobs/sha256/*/*/data"):
+        if data.read_bytes()[:2] == b"\x1f\x8b":
+            data.write_bytes(b"\x1f\x8b" + os.urandom(data.stat().st_size - 2))
+            corrupted += 1
+    assert corrupted, "no layer blob found to corrupt"
+
+
+FAILURES = ["tag-missing", "digest-mismatch", "other-kernel", "dotdot", "escaping-symlink"]
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+def test_failures_leave_current_untouched_and_say_what_to_do(tmp_path: Path, registry: RegistryServer, host: Host,
+                                                            failure: str) -> None:
+    """Each broken or missing image for the new kernel is refused; the working driver stays current."""
+    push_driver(tmp_path, registry.host, K1)
+    assert host.once().returncode == 0
+    before = host.current()
+    if failure == "digest-mismatch":
+        push_driver(tmp_path, registry.host, K2)
+        corrupt_blobs(registry)
+    elif failure == "other-kernel":
+        push_driver(tmp_path, registry.host, K1, tag_kernel=K2)  # built for K1, tagged for K2
+    elif failure == "dotdot":
+        push_hostile_image(registry.host, REPO, tag(K2), kind="dotdot", kernel=K2, os_id="ubuntu",
+                           os_version="22.04")
+    elif failure == "escaping-symlink":
+        push_hostile_image(registry.host, REPO, tag(K2), kind="escaping_symlink", kernel=K2, os_id="ubuntu",
+                           os_version="22.04")
+    host.set_kernel(K2)
+    run = host.once()
+    assert run.returncode == 2, run.stdout + run.stderr
+    expected = {
+        "tag-missing": "push one built for this host",
+        "digest-mismatch": "digest",
+        "other-kernel": f"built for kernel {K1}, this host runs {K2}",
+        "dotdot": "'..' in layer path",
+        "escaping-symlink": "escapes the tree",
+    }[failure]
+    assert expected in run.stdout, run.stdout
+    assert "error   degraded" in run.stdout, run.stdout
+    assert host.current() == before
+    assert not (host.root / tree_path(K2).lstrip("/")).exists()
+    assert host.debris() == []
+    assert not (host.root.parent / "etc").exists()
+
+
+def test_registry_500s_are_retried_until_it_recovers(tmp_path: Path, registry: RegistryServer, host: Host) -> None:
+    """Transient 5xx answers are retried with backoff; the install then succeeds."""
+    push_driver(tmp_path, registry.host, K1)
+    with FlakyProxy(registry.host, fail_first=3, fail_when=lambda m, p: manifests(m, p) or blobs(m, p)) as proxy:
+        host.configure(proxy.host)
+        run = host.once()
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert sum(1 for s in proxy.seen if s.status == 500) == 3
+    assert host.current() == f"{DRIVER}/ubuntu-22.04-{K1}"
+
+
+def test_bad_config_exits_78_naming_file_and_key(host: Host) -> None:
+    """A configuration error is its own exit status, with file, key and the valid form."""
+    write(host.root / "etc/nvidia-agent/config.d/90-bad.toml", '[image]\nattempts = "many"\n')
+    run = host.once()
+    assert run.returncode == 78
+    assert "/etc/nvidia-agent/config.d/90-bad.toml: image.attempts" in run.stderr
+    assert "an integer from 1 to 100" in run.stderr
+    assert host.current() is None
+
+
+def test_second_daemon_refuses_to_start(host: Host, tmp_path: Path, registry: RegistryServer) -> None:
+    """One agent per host root: a second one exits 75 naming the first one's PID."""
+    import fcntl  # noqa: PLC0415
+
+    lock = host.root / "run/nvidia-agent/agent.lock"
+    lock.parent.mkdir(parents=True)
+    with lock.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write("4242\n")
+        f.flush()
+        run = host.once()
+    assert run.returncode == 75
+    assert "pid 4242" in run.stderr
