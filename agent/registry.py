@@ -24,7 +24,7 @@ import tenacity
 import urllib3
 
 from agent.credentials import Credentials
-from agent.errors import AgentError, DigestMismatch, RegistryError, RegistryUnavailable
+from agent.errors import AgentError, DigestMismatch, HostError, RegistryError, RegistryUnavailable
 from agent.reference import DIGEST_RE, TAG_RE, Reference
 
 log = structlog.get_logger(__name__)
@@ -436,7 +436,8 @@ class RegistryClient:
         """Download a blob to `dest`, verified: streamed into `dest.partial`, renamed only if it matches.
 
         Raises DigestMismatch when the content is not what `desc` names, PullCancelled
-        when `cancelled()` turns true; no partial file is left behind either way.
+        when `cancelled()` turns true, HostError when the disk refuses; no partial file is
+        left behind in any case.
         """
         what = f"pull {ref}: blob {desc.digest}"
         self._check_descriptor(desc, what)
@@ -452,6 +453,9 @@ class RegistryClient:
                     self._stream_to_file(resp, desc, partial, what, cancelled)
                 partial.replace(dest)
                 _fsync_dir(dest.parent)
+            except OSError as exc:  # network errors arrive as AgentErrors; this is the local disk
+                partial.unlink(missing_ok=True)
+                raise HostError(f"{what}: cannot write {dest}: {exc.strerror or exc}") from exc
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
@@ -821,8 +825,10 @@ def _reason(exc: BaseException) -> str:
         if not isinstance(nxt, BaseException) or nxt is inner:
             break
         inner = nxt
-    text = re.sub(r"^<[^>]*>:\s*", "", str(inner)) or type(inner).__name__
-    return text[:300]
+    first = inner.args[0] if inner.args else None
+    text = first if isinstance(first, str) and len(inner.args) > 1 else str(inner)
+    text = re.sub(r"^(?:<[^>]*>|\w+\([^)]*\)):\s*", "", text)  # "HTTPConnection(host=..): ", "<obj at 0x..>: "
+    return (text or type(inner).__name__)[:300]
 
 
 def _fsync_dir(path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 from support.flaky_proxy import BlobStore, FlakyProxy, blobs, manifests
 from support.registry import (
     DOCKER_LIST,
@@ -33,7 +34,7 @@ from support.registry import (
 
 from agent import subp
 from agent.credentials import Credentials
-from agent.errors import DigestMismatch, RegistryError, RegistryUnavailable
+from agent.errors import DigestMismatch, HostError, RegistryError, RegistryUnavailable
 from agent.reference import Reference
 from agent.registry import Descriptor, Platform, PullCancelled, RegistryClient, ResolvedImage
 
@@ -231,9 +232,12 @@ def test_plain_http_needs_listing(registry: RegistryServer) -> None:
 def test_two_500s_then_recovery(registry: RegistryServer) -> None:
     """Two 500s are retried with backoff and the third attempt succeeds."""
     image = simple_image(registry, "t/flaky", "v1")
-    with FlakyProxy(registry.host, fail_first=2, fail_when=manifests) as proxy:
+    with FlakyProxy(registry.host, fail_first=2, fail_when=manifests) as proxy, capture_logs() as logs:
         client, sleeps = client_for(proxy.host, backoff_max_s=4.0)
         resolved = client.resolve(ref(proxy.host, "t/flaky", "v1"), AMD64)
+    retries = [e for e in logs if e["event"] == "registry_retry"]
+    assert [(e["log_level"], e["attempt"]) for e in retries] == [("warning", 1), ("warning", 2)]
+    assert retries[0]["what"] == f"resolve {proxy.host}/t/flaky:v1"
     assert resolved.reference.digest == image.digest
     assert [s.status for s in proxy.seen if "/manifests/" in s.path] == [500, 500, 200]
     assert len(sleeps) == 2
@@ -355,6 +359,17 @@ def test_cancel_stops_download_and_cleans_up(registry: RegistryServer, tmp_path:
             ref(registry.host, "t/cancel", "v1"), desc, tmp_path / "layer", cancelled=lambda: next(calls) >= 2
         )
     assert leftovers(tmp_path) == []
+
+
+def test_unwritable_destination_is_a_host_error(registry: RegistryServer, tmp_path: Path) -> None:
+    """A destination directory that does not exist is a HostError naming the path, not retried."""
+    data = b"abc"
+    digest = registry.pusher.push_blob("t/nodir", data)
+    client, sleeps = client_for(registry.host)
+    dest = tmp_path / "missing" / "blob"
+    with pytest.raises(HostError, match=f"cannot write {dest}: No such file or directory"):
+        client.fetch_blob(ref(registry.host, "t/nodir", "v1"), Descriptor("x", digest, 3), dest)
+    assert sleeps == []
 
 
 def test_missing_blob_is_not_retried(registry: RegistryServer, tmp_path: Path) -> None:

@@ -355,7 +355,7 @@ def test_index_with_wrong_types() -> None:
 class NoNetwork(requests.Session):
     """A session that fails the test if anything is sent."""
 
-    def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:
         raise AssertionError(f"unexpected request {args} {kwargs}")
 
 

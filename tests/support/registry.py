@@ -164,16 +164,16 @@ class TokenServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 query = parse_qs(urlsplit(self.path).query)
-                user = _basic_user(self.headers.get("Authorization"), server.users)
+                ok, user = _basic_user(self.headers.get("Authorization"), server.users)
                 scopes = query.get("scope", [])
-                server.requests.append((user if user else None, " ".join(scopes)))
-                if user is False or (user is None and not server.anonymous_pull):
+                server.requests.append((user, " ".join(scopes)))
+                if not ok or (user is None and not server.anonymous_pull):
                     self._answer(401, {"details": "bad or missing credentials"}, challenge=True)
                     return
                 if query.get("service") != [TOKEN_SERVICE]:
                     self._answer(400, {"details": "unknown service"})
                     return
-                token = server.issue(user or "", server._grant(user or None, scopes))
+                token = server.issue(user or "", server._grant(user, scopes))
                 self._answer(200, {"token": token, "access_token": token, "expires_in": TOKEN_TTL_S})
 
             def _answer(self, status: int, body: dict[str, Any], *, challenge: bool = False) -> None:
@@ -192,20 +192,20 @@ class TokenServer:
         return Handler
 
 
-def _basic_user(header: str | None, users: Mapping[str, str]) -> str | bool | None:
-    """The user a Basic header logs in as; None without a header, False for a wrong login."""
+def _basic_user(header: str | None, users: Mapping[str, str]) -> tuple[bool, str | None]:
+    """(login ok, user) for a Basic header: (True, None) without one, (False, None) for a wrong one."""
     if not header:
-        return None
+        return True, None
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "basic":
-        return False
+        return False, None
     try:
         user, _, password = base64.b64decode(value).decode().partition(":")
     except ValueError:
-        return False
+        return False, None
     if user in users and secrets.compare_digest(users[user], password):
-        return user
-    return False
+        return True, user
+    return False, None
 
 
 # --- the registry -------------------------------------------------------------------------------
@@ -349,7 +349,7 @@ class Pusher:
         query = urlencode({"service": params.get("service", ""), "scope": params.get("scope", "")})
         resp = requests.get(f"{params['realm']}?{query}", headers={"Authorization": basic}, timeout=HTTP_TIMEOUT_S)
         resp.raise_for_status()
-        return f"Bearer {resp.json()['token']}"
+        return f"Bearer {resp.json()['token']!s}"
 
     def _start_upload(self, repo: str) -> str:
         resp = self._send("POST", f"{self.url}/v2/{repo}/blobs/uploads/", repo)

@@ -1,0 +1,155 @@
+"""Status protocol and socket, logging lines for journald, backoff, lock, atomic current switch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from agent import log
+from agent.daemon import LockHeld, acquire_lock, next_delay_s
+from agent.errors import ExitCode, TransientError, cause_chain
+from agent.install import current_target, remove_debris, switch_current
+from agent.status import Phase, Snapshot, StatusServer, handle_request, query, render_text
+
+
+@pytest.mark.parametrize(("request_bytes", "ok", "error"), [
+    (b'{"command": "status"}\n', True, None),
+    (b'{"command": "reload"}\n', False, "unknown command"),
+    (b"not json\n", False, "not JSON"),
+    (b"[1, 2]\n", False, "unknown command"),
+    (b"x" * 5000, False, "larger than"),
+    (b"", False, "unknown command"),
+])
+def test_socket_protocol_refuses_anything_but_status(request_bytes: bytes, ok: bool, error: str | None) -> None:
+    """Hostile or unknown requests get an error reply, never an exception."""
+    reply = handle_request(request_bytes, Snapshot())
+    assert reply["ok"] is ok
+    if error:
+        assert error in reply["error"]
+
+
+@pytest.mark.parametrize(("phase", "code"), [
+    (Phase.READY, ExitCode.OK), (Phase.NO_GPU, ExitCode.OK), (Phase.DEGRADED, ExitCode.DEGRADED),
+    (Phase.PULLING, ExitCode.DEGRADED), (Phase.FAILED, ExitCode.FAILED),
+])
+def test_exit_codes_scripts_can_rely_on(phase: Phase, code: ExitCode) -> None:
+    """0 ready (or no GPU), 2 degraded or not yet ready, 1 failed."""
+    assert phase.exit_code == code
+
+
+def test_server_replaces_a_stale_socket_and_answers(tmp_path: Path) -> None:
+    """A socket file left by a crashed daemon is replaced; the reply is the current snapshot."""
+    path = tmp_path / "run/status.sock"
+    path.parent.mkdir()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    snap = Snapshot(phase=Phase.READY, kernel="6.1.0-28-amd64", version="t")
+    server = StatusServer(path, lambda: snap)
+    server.start()
+    try:
+        assert oct(path.stat().st_mode & 0o777) == oct(0o660)
+        status = query(path)
+        assert status["phase"] == "ready"
+        assert status["kernel"] == "6.1.0-28-amd64"
+        with socket.socket(socket.AF_UNIX) as raw:  # a client that sends garbage gets an error line
+            raw.connect(str(path))
+            raw.sendall(b"hello\n")
+            assert json.loads(raw.makefile().readline())["ok"] is False
+    finally:
+        server.stop()
+    assert not path.exists()
+
+
+def test_text_status_shows_error_chain_and_hint() -> None:
+    """The human view names the phase, the error, its causes and what to do."""
+    try:
+        try:
+            raise ConnectionError("connection refused")
+        except ConnectionError as inner:
+            raise TransientError("resolve reg/x:1: registry unreachable", hint="check image.registry") from inner
+    except TransientError as exc:
+        causes = cause_chain(exc)
+    snap = Snapshot(phase=Phase.DEGRADED, detail="x").to_json()
+    snap["last_error"] = {"message": causes[0], "hint": "check image.registry", "causes": causes, "at": 0}
+    text = render_text(snap)
+    assert "phase:       degraded" in text
+    assert "caused by: connection refused" in text
+    assert "to fix:    check image.registry" in text
+
+
+def test_journal_lines_carry_the_syslog_priority(capsys: pytest.CaptureFixture[str]) -> None:
+    """Under journald each event is one line starting <N> so `journalctl -p warning` filters it."""
+    log.configure(journal=True)
+    logger = structlog.get_logger()
+    logger.info("ready", tree="/opt/nvidia/535/x")
+    logger.warning("degraded", error="tag missing", hint="push it")
+    logger.error("degraded", error="a b")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["<6>ready tree=/opt/nvidia/535/x", '<4>degraded error="tag missing" hint="push it"',
+                     '<3>degraded error="a b"']
+
+
+def test_repeat_limiter_logs_once_per_period() -> None:
+    """A failure repeating every retry is logged once per period, with the count suppressed."""
+    now = [0.0]
+    limiter = log.RepeatLimiter(60, clock=lambda: now[0])
+    assert limiter.should_log("e") == (True, 0)
+    now[0] = 10
+    assert limiter.should_log("e") == (False, 1)
+    assert limiter.should_log("e") == (False, 2)
+    now[0] = 61
+    assert limiter.should_log("e") == (True, 2)
+
+
+def test_phase_events_are_captured_as_structlog_events() -> None:
+    """capture_logs sees the event name and context fields an operator greps for."""
+    with capture_logs() as logs:
+        structlog.get_logger().info("pulling", digest="sha256:x", layers=2)
+    assert logs == [{"event": "pulling", "digest": "sha256:x", "layers": 2, "log_level": "info"}]
+
+
+@pytest.mark.parametrize(("failures", "delay"), [(0, 0), (1, 10), (2, 20), (3, 40), (7, 600), (100, 600)])
+def test_backoff_doubles_and_caps(failures: int, delay: float) -> None:
+    """Retries back off exponentially from retry_initial_s up to retry_max_s."""
+    assert next_delay_s(failures, 10, 600) == delay
+
+
+def test_lock_refuses_a_second_holder(tmp_path: Path) -> None:
+    """The second acquire fails naming the first holder's PID."""
+    first = acquire_lock(tmp_path / "lock")
+    try:
+        with pytest.raises(LockHeld, match=f"pid {os.getpid()}"):
+            acquire_lock(tmp_path / "lock")
+    finally:
+        first.close()
+    acquire_lock(tmp_path / "lock").close()  # free again once the holder is gone
+
+
+def test_switch_current_is_a_relative_symlink_replaced_atomically(tmp_path: Path) -> None:
+    """current always exists during a switch and points relative, so /host mounts see the same."""
+    a, b = tmp_path / "535/a", tmp_path / "535/b"
+    a.mkdir(parents=True)
+    b.mkdir()
+    switch_current(tmp_path, a)
+    assert os.readlink(tmp_path / "current") == "535/a"
+    switch_current(tmp_path, b)
+    assert os.readlink(tmp_path / "current") == "535/b"
+    assert current_target(tmp_path) == b
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["535", "current"]
+
+
+def test_debris_of_interrupted_installs_is_removed(tmp_path: Path) -> None:
+    """Staging and trash directories never block the next try; trees and current are left alone."""
+    for name in (".staging-535-x-1", ".trash-535-x-2", "535"):
+        (tmp_path / name / "sub").mkdir(parents=True)
+    (tmp_path / "current").symlink_to("535")
+    removed = remove_debris(tmp_path)
+    assert sorted(p.name for p in removed) == [".staging-535-x-1", ".trash-535-x-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["535", "current"]
