@@ -17,7 +17,7 @@ from agent.driverimage import VerifiedTree, verify_tree
 from agent.errors import HostError
 from agent.reference import Reference
 from agent.registry import Platform, RegistryClient, ResolvedImage
-from agent.state import TreeMarker, fsync_dir, marker_bytes
+from agent.state import TreeMarker, fsync_dir, marker_bytes, read_marker
 from agent.unpack import Staging
 
 STAGING_PREFIX = ".staging-"
@@ -131,6 +131,47 @@ def _renameat2_exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS):
         return False  # the filesystem cannot exchange: fall back to two renames
     raise HostError(f"exchange {a} with {b}: {os.strerror(err)}")
+
+
+def trees_to_prune(trees: list[tuple[Path, float]], keep: int, protected: set[Path]) -> list[Path]:
+    """The oldest installed trees beyond `keep`; protected trees (current, mounted) always stay."""
+    newest_first = sorted(trees, key=lambda t: t[1], reverse=True)
+    kept = [p for p, _ in newest_first if p in protected]
+    pruned = []
+    for path, _ in newest_first:
+        if path in protected:
+            continue
+        if len(kept) < keep:
+            kept.append(path)
+        else:
+            pruned.append(path)
+    return pruned
+
+
+def installed_trees(install_root: Path) -> list[tuple[Path, float]]:
+    """Every complete tree (one with a marker) under <install_root>/<driver>/<os>."""
+    found = []
+    if install_root.is_dir():
+        for driver_dir in install_root.iterdir():
+            if driver_dir.name.startswith(".") or driver_dir.is_symlink() or not driver_dir.is_dir():
+                continue
+            for tree in driver_dir.iterdir():
+                marker = read_marker(tree) if tree.is_dir() and not tree.is_symlink() else None
+                if marker is not None:
+                    found.append((tree, marker.installed_at))
+    return found
+
+
+def prune_trees(install_root: Path, keep: int, protected: set[Path]) -> list[Path]:
+    """Remove old trees (renamed to trash first, so a crash mid-delete leaves only debris)."""
+    pruned = trees_to_prune(installed_trees(install_root), keep, protected)
+    for tree in pruned:
+        trash = install_root / f"{TRASH_PREFIX}{tree.parent.name}-{tree.name}-{os.getpid()}"
+        tree.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            tree.parent.rmdir()  # the driver directory, once empty
+    return pruned
 
 
 def current_target(install_root: Path) -> Path | None:

@@ -15,7 +15,7 @@ from agent.config import Settings
 from agent.errors import AgentError, HostError, cause_chain
 from agent.hostfacts import HostFacts, HostProbe, top_mount
 from agent.hostroot import HostRoot
-from agent.install import current_target, install_image, remove_debris, switch_current
+from agent.install import current_target, install_image, prune_trees, remove_debris, switch_current
 from agent.log import RepeatLimiter
 from agent.modules import load_modules
 from agent.plan import (
@@ -110,6 +110,8 @@ class Agent:
                 raise AgentError("stopping: reconcile interrupted")
             self._execute(action, the_plan, facts, cancelled)
         self._check_result(the_plan)
+        for old in prune_trees(install_root, self.settings.install.keep_trees, {self.host(target.tree)}):
+            self.log.info("pruned", tree=self.host.host_view(old))
         save_state(state_path, State(last_kernel=facts.kernel, last_os_key=target.os_key, last_ready_at=time.time()))
         now = time.time()
         self.snapshot = self.snapshot.evolve(last_error=None, kernel_changed_from=None,

@@ -205,6 +205,14 @@ def test_kernel_change_installs_the_matching_image_and_keeps_the_old_tree(tmp_pa
     marker = json.loads((host.root / tree_path(K2).lstrip("/") / ".nvidia-agent.json").read_text())
     assert marker["digest"] == new_digest
 
+    host.configure(registry.host, "[install]\nkeep_trees = 1\n")
+    pruned = host.once()
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    assert f"pruned tree={tree_path(K1)}" in pruned.stdout
+    assert not (host.root / tree_path(K1).lstrip("/")).exists()
+    assert (host.root / tree_path(K2).lstrip("/") / "manifest.json").is_file()
+    assert host.debris() == []
+
 
 @pytest.mark.parametrize("kind", ["docker-v2", "oci-index", "docker-manifest-list"])
 def test_other_image_formats_install(tmp_path: Path, registry: RegistryServer, host: Host, kind: str) -> None:

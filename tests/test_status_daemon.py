@@ -153,3 +153,18 @@ def test_debris_of_interrupted_installs_is_removed(tmp_path: Path) -> None:
     removed = remove_debris(tmp_path)
     assert sorted(p.name for p in removed) == [".staging-535-x-1", ".trash-535-x-2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["535", "current"]
+
+
+@pytest.mark.parametrize(("ages", "keep", "protected", "pruned"), [
+    ({"a": 1, "b": 2, "c": 3}, 3, set(), []),
+    ({"a": 1, "b": 2, "c": 3, "d": 4}, 3, set(), ["a"]),
+    ({"a": 1, "b": 2, "c": 3, "d": 4}, 1, {"a"}, ["d", "c", "b"]),  # the active tree stays even if oldest
+    ({"a": 1, "b": 2}, 1, {"a", "b"}, []),
+])
+def test_trees_to_prune_keeps_the_newest_and_the_protected(ages: dict[str, float], keep: int, protected: set[str],
+                                                          pruned: list[str]) -> None:
+    """keep_trees counts the protected (active) tree; the oldest others go first."""
+    from agent.install import trees_to_prune  # noqa: PLC0415
+
+    trees = [(Path(n), t) for n, t in ages.items()]
+    assert trees_to_prune(trees, keep, {Path(p) for p in protected}) == [Path(p) for p in pruned]
