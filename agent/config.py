@@ -213,19 +213,24 @@ def fragment_paths(host: HostRoot, dirs: tuple[str, ...] = CONFIG_DIRS) -> list[
     return [chosen[name] for name in sorted(chosen)]
 
 
-def merge_fragments(fragments: list[tuple[str, Mapping[str, Any]]]) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], str]]:
+Values = dict[str, dict[str, Any]]
+Origins = dict[tuple[str, str], str]
+
+
+def merge_fragments(fragments: list[tuple[str, Mapping[str, Any]]]) -> tuple[Values, Origins]:
     """Merge parsed fragments (later wins, per key); returns values and the file each came from.
 
     Unknown sections or keys are errors naming the file and what is valid.
     """
-    values: dict[str, dict[str, Any]] = {}
-    origin: dict[tuple[str, str], str] = {}
+    values: Values = {}
+    origin: Origins = {}
     for name, data in fragments:
         for section, table in data.items():
             if section not in SCHEMA:
                 raise ConfigError(name, f"[{section}]", "unknown section", ", ".join(f"[{s}]" for s in SCHEMA))
             if not isinstance(table, dict):
-                raise ConfigError(name, section, "must be a table", f"[{section}] with keys " + ", ".join(SCHEMA[section]))
+                raise ConfigError(name, section, "must be a table",
+                                  f"[{section}] with keys " + ", ".join(SCHEMA[section]))
             for key, value in table.items():
                 if key not in SCHEMA[section]:
                     raise ConfigError(name, f"{section}.{key}", "unknown key",
@@ -273,7 +278,8 @@ def load_settings(host: HostRoot, dirs: tuple[str, ...] = CONFIG_DIRS) -> Settin
             with local.open("rb") as f:
                 fragments.append((name, tomllib.load(f)))
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(name, None, f"not valid TOML: {exc}", "TOML, see /usr/lib/nvidia-agent/config.d/00-defaults.toml") from None
+            raise ConfigError(name, None, f"not valid TOML: {exc}",
+                              "TOML, see /usr/lib/nvidia-agent/config.d/00-defaults.toml") from None
         except OSError as exc:
             raise ConfigError(name, None, f"cannot read: {exc.strerror}") from None
     values, origin = merge_fragments(fragments)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import fcntl
-import time
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path

@@ -93,12 +93,12 @@ def verify_tree(tree: Path, digests: dict[str, str], *, driver_version: str, ker
     missing = sorted(set(manifest.files) - set(written))
     extra = sorted(set(written) - set(manifest.files))
     wrong = sorted(p for p in set(written) & set(manifest.files) if written[p] != manifest.files[p])
-    for what, paths in (("listed in the manifest but missing", missing),
-                        ("present but not listed in the manifest", extra),
-                        ("different from the manifest's digest", wrong)):
-        if paths:
-            more = f" (and {len(paths) - 3} more)" if len(paths) > 3 else ""
-            raise ImageRejected(f"files {what}: {', '.join(paths[:3])}{more}")
+    for what, bad in (("listed in the manifest but missing", missing),
+                      ("present but not listed in the manifest", extra),
+                      ("different from the manifest's digest", wrong)):
+        if bad:
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise ImageRejected(f"files {what}: {', '.join(bad[:3])}{more}")
     if not (tree / "lib64").is_dir() or (tree / "lib64").is_symlink():
         raise ImageRejected("the tree has no lib64/ directory", hint="see docs/driver-image.md")
     infos: dict[str, ModInfo] = {}

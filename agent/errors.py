@@ -74,6 +74,10 @@ class KernelMismatch(ImageRejected):
     """The image was built for another kernel than the one running."""
 
 
+class Cancelled(AgentError):
+    """The agent is stopping: the pull or install in progress is abandoned, nothing is left half-done."""
+
+
 class HostError(AgentError):
     """An action on the host failed (mount, ldconfig, filesystem)."""
 

@@ -74,8 +74,8 @@ def top_mount(mounts: Iterable[Mount], mount_point: str) -> Mount | None:
 def parse_os_release(text: str) -> dict[str, str]:
     """os-release(5): KEY=value lines, shell-style quoting, comments."""
     fields: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
+    for raw_line in text.splitlines():
+        line = raw_line.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, _, raw = line.partition("=")

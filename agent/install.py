@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agent.driverimage import VerifiedTree, verify_tree
 from agent.errors import HostError
@@ -56,7 +57,7 @@ def install_image(
     driver: str,
     os_key: str,
     kernel: str,
-    on_phase: Callable[[str, dict[str, object]], None],
+    on_phase: Callable[[str, dict[str, Any]], None],
     cancelled: Callable[[], bool] = lambda: False,
 ) -> InstallResult:
     """Resolve, pull, verify and install `ref` at `tree` (a directory under `install_root`).

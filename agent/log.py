@@ -25,7 +25,7 @@ def add_priority_prefix(_: Any, method: str, event_dict: MutableMapping[str, Any
 
 
 def _render_journal(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> str:
-    prefix = event_dict.pop("_prefix", "")
+    prefix = str(event_dict.pop("_prefix", ""))
     event_dict.pop("timestamp", None)  # journald stamps every line itself
     event_dict.pop("level", None)  # the <N> prefix carries it
     return prefix + _logfmt(event_dict)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -20,8 +19,8 @@ from agent.log import RepeatLimiter
 from agent.modules import load_modules
 from agent.plan import (
     Action,
-    InstallImage,
     Installed,
+    InstallImage,
     Ldconfig,
     LoadModules,
     MountOverlay,

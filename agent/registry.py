@@ -24,7 +24,7 @@ import tenacity
 import urllib3
 
 from agent.credentials import Credentials
-from agent.errors import AgentError, DigestMismatch, HostError, RegistryError, RegistryUnavailable
+from agent.errors import AgentError, Cancelled, DigestMismatch, HostError, RegistryError, RegistryUnavailable
 from agent.reference import DIGEST_RE, TAG_RE, Reference
 
 log = structlog.get_logger(__name__)
@@ -154,10 +154,6 @@ class ManifestError(ValueError):
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
         self.hint = hint
-
-
-class PullCancelled(AgentError):
-    """A download stopped because the caller cancelled it; nothing was left behind."""
 
 
 class _Busy(RegistryUnavailable):
@@ -435,7 +431,7 @@ class RegistryClient:
     ) -> None:
         """Download a blob to `dest`, verified: streamed into `dest.partial`, renamed only if it matches.
 
-        Raises DigestMismatch when the content is not what `desc` names, PullCancelled
+        Raises DigestMismatch when the content is not what `desc` names, Cancelled
         when `cancelled()` turns true, HostError when the disk refuses; no partial file is
         left behind in any case.
         """
@@ -448,7 +444,7 @@ class RegistryClient:
         def attempt() -> None:
             try:
                 if cancelled():
-                    raise PullCancelled(f"{what}: cancelled")
+                    raise Cancelled(f"{what}: cancelled")
                 with self._open(ref, url, what, {"Accept-Encoding": "identity"}, missing) as resp:
                     self._stream_to_file(resp, desc, partial, what, cancelled)
                 partial.replace(dest)
@@ -550,7 +546,7 @@ class RegistryClient:
         with partial.open("wb") as out:
             for chunk in self._chunks(resp, CHUNK_BYTES, what, decode=False):
                 if cancelled():
-                    raise PullCancelled(f"{what}: cancelled")
+                    raise Cancelled(f"{what}: cancelled")
                 got += len(chunk)
                 if got > desc.size:
                     raise DigestMismatch(

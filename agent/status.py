@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from os import getpid  # the Snapshot field "os" shadows the module inside the class
 import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
+from os import getpid  # the Snapshot field "os" shadows the module inside the class
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +127,8 @@ class StatusServer:
                 continue
             except OSError:
                 return
-            with conn:
-                with contextlib.suppress(OSError):
-                    self._answer(conn)
+            with conn, contextlib.suppress(OSError):
+                self._answer(conn)
 
     def _answer(self, conn: socket.socket) -> None:
         conn.settimeout(REQUEST_TIMEOUT_S)

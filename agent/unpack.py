@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from agent.errors import AgentError, ImageRejected
+from agent.errors import Cancelled, ImageRejected
 
 TREE_PREFIX = "nvidia-driver"
 WHITEOUT = ".wh."
@@ -26,10 +26,6 @@ GZIP_TYPES = frozenset({
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
 })
 TAR_TYPES = frozenset({"application/vnd.oci.image.layer.v1.tar"})
-
-
-class Cancelled(AgentError):
-    """The agent is stopping; the staging tree is discarded."""
 
 
 class Staging:
@@ -102,7 +98,8 @@ class Staging:
                 raise ImageRejected(f"{member.name}: hardlink to {member.linkname!r} outside the tree")
             target = self._dir_for(target_rel) / posixpath.basename(target_rel)
             if not (target.exists() and not target.is_symlink() and target.is_file()):
-                raise ImageRejected(f"{member.name}: hardlink to {member.linkname!r}, which is not a file extracted before it")
+                raise ImageRejected(f"{member.name}: hardlink to {member.linkname!r}, "
+                                    "which is not a file extracted before it")
             self._remove(rel)
             os.link(target, dest)
             self.digests[rel] = self.digests[target_rel]
@@ -190,7 +187,8 @@ class Staging:
                     resolved = os.path.realpath(p)
                     if os.path.commonpath([root, resolved]) != root:
                         rel = os.path.relpath(p, self.path)
-                        raise ImageRejected(f"{TREE_PREFIX}/{rel}: symlink -> {os.readlink(p)!r} resolves outside the tree")
+                        raise ImageRejected(f"{TREE_PREFIX}/{rel}: symlink -> {os.readlink(p)!r} "
+                                            "resolves outside the tree")
 
 
 def tree_relative(name: str) -> str | None:

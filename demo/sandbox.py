@@ -47,8 +47,9 @@ def main() -> int:
                 "etc/os-release": OS_RELEASE,
                 "proc/sys/kernel/osrelease": KERNEL + "\n",
                 "etc/ld.so.conf": "/usr/lib64\n",
-                "etc/nvidia-agent/config.d/50-demo.toml":
-                    f'[image]\nregistry = "{registry.host}"\nplain_http = ["{registry.host}"]\n[modules]\nload = false\n',
+                "etc/nvidia-agent/config.d/50-demo.toml": (
+                    f'[image]\nregistry = "{registry.host}"\nplain_http = ["{registry.host}"]\n'
+                    "[modules]\nload = false\n"),
             }.items():
                 (root / path).parent.mkdir(parents=True, exist_ok=True)
                 (root / path).write_text(text)

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+pytest_plugins = ["support.registry"]  # the session-scoped `registry_server` fixture
 
 
-class UnexpectedSubprocess(BaseException):  # noqa: N818 - a BaseException so a broad `except Exception` cannot hide it
+class UnexpectedSubprocess(BaseException):
     """A unit test started a program it did not declare (cloud-init's guard)."""
 
 

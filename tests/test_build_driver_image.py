@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+
 from support import images
 
 pytestmark = pytest.mark.integration

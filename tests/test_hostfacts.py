@@ -83,7 +83,8 @@ def test_top_mount_is_the_last_stacked_one() -> None:
 def test_mounts_are_seen_as_host_paths_under_a_host_root(tmp_path: Path) -> None:
     """Under /host, mount points and overlay lowerdirs are renamed to the host's own paths."""
     root = tmp_path / "host"
-    text = (f"1 0 0:1 / {root}/usr/lib64 ro - overlay nvidia-agent ro,lowerdir={root}/opt/nvidia/x/lib64:{root}/usr/lib64\n"
+    lower = f"{root}/opt/nvidia/x/lib64:{root}/usr/lib64"
+    text = (f"1 0 0:1 / {root}/usr/lib64 ro - overlay nvidia-agent ro,lowerdir={lower}\n"
             "2 0 0:2 / /proc rw - proc proc rw\n")
     mounts = host_view_mounts(parse_mountinfo(text), HostRoot(root))
     assert [m.mount_point for m in mounts] == ["/usr/lib64"]

@@ -9,8 +9,8 @@ import pytest
 from agent.config import ModuleSettings, MountSettings, Settings
 from agent.hostfacts import GPU, HostFacts, Mount, OSInfo
 from agent.plan import (
-    InstallImage,
     Installed,
+    InstallImage,
     Ldconfig,
     LoadModules,
     MountOverlay,

@@ -32,7 +32,7 @@ def test_parse_round_trips(text: str, ref: Reference) -> None:
 ])
 def test_invalid_references_are_refused(text: str) -> None:
     """Malformed references never reach the registry API."""
-    with pytest.raises(ValueError):  # noqa: PT011 - each case fails for its own reason
+    with pytest.raises(ValueError):
         Reference.parse(text)
 
 

@@ -15,6 +15,12 @@ from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
+
+from agent import subp
+from agent.credentials import Credentials
+from agent.errors import Cancelled, DigestMismatch, HostError, RegistryError, RegistryUnavailable
+from agent.reference import Reference
+from agent.registry import Descriptor, Platform, RegistryClient, ResolvedImage
 from support.flaky_proxy import BlobStore, FlakyProxy, blobs, manifests
 from support.registry import (
     DOCKER_LIST,
@@ -27,16 +33,9 @@ from support.registry import (
     free_port,
     push_image,
     push_index,
-    registry_server_fixture,  # noqa: F401 - the `registry_server` fixture, until tests/conftest.py loads it
     sha256_digest,
     tar_layer,
 )
-
-from agent import subp
-from agent.credentials import Credentials
-from agent.errors import DigestMismatch, HostError, RegistryError, RegistryUnavailable
-from agent.reference import Reference
-from agent.registry import Descriptor, Platform, PullCancelled, RegistryClient, ResolvedImage
 
 pytestmark = pytest.mark.integration
 
@@ -348,13 +347,13 @@ def test_broken_download_restarts_from_scratch(registry: RegistryServer, tmp_pat
 
 
 def test_cancel_stops_download_and_cleans_up(registry: RegistryServer, tmp_path: Path) -> None:
-    """cancelled() turning true between chunks raises PullCancelled and removes the partial file."""
+    """cancelled() turning true between chunks raises Cancelled and removes the partial file."""
     layer = tar_layer({"a": os.urandom(3 * 1024 * 1024)})
     image = push_image(registry.pusher, "t/cancel", "v1", [layer])
     calls = iter(range(100))
     client, _ = client_for(registry.host)
     desc = Descriptor(image.layers[0]["mediaType"], image.layers[0]["digest"], len(layer))
-    with pytest.raises(PullCancelled, match="cancelled"):
+    with pytest.raises(Cancelled, match="cancelled"):
         client.fetch_blob(
             ref(registry.host, "t/cancel", "v1"), desc, tmp_path / "layer", cancelled=lambda: next(calls) >= 2
         )
