@@ -15,6 +15,7 @@ from agent import __version__, log
 from agent.config import CONFIG_DIRS, Settings, load_settings
 from agent.credentials import Credentials
 from agent.daemon import LOCK_FILE, LockHeld, Triggers, acquire_lock, run_daemon
+from agent.devices import pci_monitor
 from agent.errors import ConfigError, ExitCode
 from agent.hostfacts import HostProbe
 from agent.hostroot import HostRoot
@@ -104,7 +105,8 @@ def cmd_daemon(host: HostRoot, settings: Settings, *, once: bool) -> int:
                            file=settings.image.auth_file)
         registry = RegistryClient(plain_http=settings.image.plain_http, credentials=credentials,
                                   timeout_s=settings.image.timeout_s, attempts=settings.image.attempts)
-        agent = Agent(host, settings, probe=HostProbe(host), registry=registry)
+        agent = Agent(host, settings, probe=HostProbe(host), registry=registry,
+                      udev_monitor=pci_monitor if host.root == Path("/") else None)
         return run_daemon(agent, socket_path=host(SOCKET_FILE), once=once, triggers=Triggers.install())
 
 

@@ -1,6 +1,6 @@
 """Load: insert the tree's kernel modules in dependency order, idempotently, with configured parameters.
 
-Proven on a real kernel in the QEMU guest (issue 3); this machine's kernel cannot load modules.
+Proven on a real kernel in the QEMU guest (tests/vm); this machine's kernel cannot load modules.
 """
 
 from __future__ import annotations
@@ -10,63 +10,112 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import subp
+from agent.devices import holders_of_nodes
 from agent.driverimage import load_order, parse_manifest
 from agent.errors import HostError
 from agent.hostfacts import read_modules
-from agent.modinfo import read_modinfo
+from agent.modinfo import ModInfo, read_modinfo
+
+Run = Callable[..., subp.Completed]
 
 
 @dataclass(frozen=True)
-class LoadStep:
-    name: str
-    path: Path | None  # None: already loaded at the right version
-    parameters: tuple[str, ...]
-    host_deps: tuple[str, ...]  # dependencies not in the image, loaded from the host's tree
+class LoadPlan:
+    unload: tuple[str, ...]  # loaded at another version, dependents first
+    load: tuple[tuple[str, Path, tuple[str, ...]], ...]  # (name, .ko, parameters), dependencies first
+    host_deps: tuple[str, ...]  # dependencies outside the image, from the host's module tree
+    expected: dict[str, str]  # name -> version the tree carries
 
 
-def plan_loads(tree: Path, loaded: Mapping[str, str], parameters: Mapping[str, tuple[str, ...]]) -> list[LoadStep]:
-    """Pure given the files: which modules to insert, in order, and which already run."""
+def tree_modules(tree: Path) -> tuple[list[ModInfo], dict[str, Path]]:
+    """The tree's modules in load order, and where each file is."""
     manifest = parse_manifest((tree / "manifest.json").read_bytes())
-    infos = {}
-    paths = {}
+    infos, paths = {}, {}
     for rel in manifest.modules:
         info = read_modinfo(tree / rel)
         infos[info.name] = info
         paths[info.name] = tree / rel
-    steps = []
-    for info in load_order(infos):
-        have = loaded.get(info.name)
-        if have is not None and have != info.version:
-            holders = _holders(info.name)
-            raise HostError(f"module {info.name} {have} is loaded but the tree has {info.version}",
-                            hint=f"unload it first (held by {holders})")
-        params = parameters.get(info.name, parameters.get(info.name.replace("_", "-"), ()))
-        deps = tuple(d for d in info.depends if d not in infos)
-        steps.append(LoadStep(info.name, None if have is not None else paths[info.name], params, deps))
-    return steps
+    return list(load_order(infos)), paths
 
 
-def _holders(name: str) -> str:
-    base = Path("/sys/module") / name
-    try:
-        refcnt = (base / "refcnt").read_text().strip()
-        users = sorted(p.name for p in (base / "holders").iterdir())
-    except OSError:
-        return "unknown users"
-    return f"refcount {refcnt}" + (f", modules {', '.join(users)}" if users else "")
+def plan_loads(order: list[ModInfo], paths: Mapping[str, Path], loaded: Mapping[str, str],
+               parameters: Mapping[str, tuple[str, ...]]) -> LoadPlan:
+    """Pure: what to unload, what to insert, which host modules to pull in first."""
+    names = {m.name for m in order}
+    stale = any(m.name in loaded and loaded[m.name] != m.version for m in order)
+    # Another version of any of our modules: unload all of ours that are loaded (dependents
+    # first) and load the tree's whole set; otherwise insert only what is missing.
+    unload = tuple(m.name for m in reversed(order) if m.name in loaded) if stale else ()
+    present = set() if stale else {m.name for m in order if m.name in loaded}
+    load = tuple((m.name, paths[m.name], parameters.get(m.name, parameters.get(m.name.replace("_", "-"), ())))
+                 for m in order if m.name not in present)
+    host_deps = tuple(sorted({d for m in order for d in m.depends if d not in names}))
+    return LoadPlan(unload, load, host_deps, {m.name: m.version for m in order})
 
 
-def load_modules(tree: Path, sys_module: Path, parameters: Mapping[str, tuple[str, ...]],
-                 run: Callable[..., subp.Completed] = subp.run) -> dict[str, str]:
-    """Insert what is missing; returns the loaded versions of the tree's modules."""
-    steps = plan_loads(tree, read_modules(sys_module), parameters)
-    for step in steps:
-        for dep in step.host_deps:
-            run(["modprobe", dep])
-        if step.path is not None:
-            try:
-                run(["insmod", str(step.path), *step.parameters])
-            except subp.SubpError as exc:
-                raise HostError(f"loading {step.name} failed: {exc.stderr.strip() or exc}") from exc
+def module_holders(sys_module: Path, proc: Path, names: tuple[str, ...]) -> list[str]:
+    """Who keeps modules busy: refcounts, holder modules outside the set, processes with /dev/nvidia* open."""
+    found = []
+    for name in names:
+        base = sys_module / name
+        try:
+            refcnt = int((base / "refcnt").read_text().strip() or 0)
+            holders = sorted(p.name for p in (base / "holders").iterdir())
+        except (OSError, ValueError):
+            continue
+        outside = [h for h in holders if h not in names]
+        if outside:
+            found.append(f"{name} used by module(s) {', '.join(outside)}")
+        # Each holder module takes one reference; references beyond ours are open files or other users.
+        if refcnt > len(holders) - len(outside):
+            found.append(f"{name} refcount {refcnt}")
+    if found:
+        found += [f"pid {p}" for p in holders_of_nodes(proc)]
+    return found
+
+
+def load_modules(tree: Path, host_root: Path, parameters: Mapping[str, tuple[str, ...]],
+                 run: Run = subp.run) -> dict[str, str]:
+    """Bring the loaded modules to the tree's versions; returns name -> loaded version."""
+    sys_module = host_root / "sys/module"
+    order, paths = tree_modules(tree)
+    plan = plan_loads(order, paths, read_modules(sys_module), parameters)
+    if plan.unload:
+        busy = module_holders(sys_module, host_root / "proc", plan.unload)
+        if busy:
+            raise HostError(f"loaded nvidia modules are another version and in use: {'; '.join(busy)}",
+                            hint="stop the GPU workloads (or drain the node), then: systemctl reload nvidia-agent")
+        for name in plan.unload:
+            _kernel_call(run, ["rmmod", name], name, "unloading")
+    modprobe = ["modprobe"] if host_root == Path("/") else ["modprobe", "-d", str(host_root)]
+    for dep in plan.host_deps:
+        _kernel_call(run, [*modprobe, dep], dep, "loading host dependency")
+    for name, path, params in plan.load:
+        _kernel_call(run, ["insmod", str(path), *params], name, "loading")
     now = read_modules(sys_module)
-    return {s.name: now.get(s.name, "") for s in steps}
+    wrong = {n: now.get(n) for n, v in plan.expected.items() if now.get(n) != v}
+    if wrong:
+        raise HostError("modules not at the tree's version after loading: "
+                        + ", ".join(f"{n} {v or 'missing'} (want {plan.expected[n]})" for n, v in wrong.items()))
+    return {n: now[n] for n in plan.expected}
+
+
+def _kernel_call(run: Run, argv: list[str], name: str, what: str) -> None:
+    """Run insmod/rmmod/modprobe; on failure the kernel's own words (and its log) reach the error."""
+    try:
+        run(argv)
+    except subp.SubpError as exc:
+        reason = (exc.stderr or exc.stdout).strip() or str(exc)
+        kernel_log = _recent_kernel_lines(run, name)
+        detail = f"; kernel log: {kernel_log}" if kernel_log else ""
+        raise HostError(f"{what} {name} failed: {reason}{detail}") from exc
+
+
+def _recent_kernel_lines(run: Run, name: str, count: int = 3) -> str:
+    try:
+        out = run(["dmesg", "--notime"], check=False).stdout
+    except subp.SubpError:
+        return ""
+    keys = (name, name.replace("_", "-"), "NVRM")
+    lines = [line.strip() for line in out.splitlines() if any(k in line for k in keys)]
+    return " | ".join(lines[-count:])

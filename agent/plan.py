@@ -67,7 +67,18 @@ class LoadModules:
     parameters: dict[str, tuple[str, ...]]
 
 
-Action = InstallImage | SwitchCurrent | Unmount | MountOverlay | Ldconfig | LoadModules
+@dataclass(frozen=True)
+class CreateDeviceNodes:
+    gpu_slots: tuple[str, ...]  # PCI slots in bus order: /dev/nvidia<N> is the N-th
+
+
+@dataclass(frozen=True)
+class StartPersistenced:
+    tree: str
+
+
+Action = (InstallImage | SwitchCurrent | Unmount | MountOverlay | Ldconfig | LoadModules | CreateDeviceNodes
+          | StartPersistenced)
 
 
 @dataclass(frozen=True)
@@ -118,5 +129,7 @@ def plan(settings: Settings, facts: HostFacts, installed: Installed, state: Stat
             if settings.mount.ldconfig:
                 actions.append(Ldconfig())
     if settings.modules.load:
-        actions.append(LoadModules(target.tree, dict(settings.modules.parameters)))
+        actions += [LoadModules(target.tree, dict(settings.modules.parameters)),
+                    CreateDeviceNodes(tuple(g.pci_slot for g in facts.gpus)),
+                    StartPersistenced(target.tree)]
     return Plan(target, tuple(actions), no_gpu=False, kernel_changed_from=changed)

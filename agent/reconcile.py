@@ -11,20 +11,24 @@ import structlog
 from agent import __version__
 from agent import mount as mounts
 from agent.config import Settings
+from agent.devices import Monitor, ensure_nodes, plan_nodes, wait_gpus_bound
 from agent.errors import AgentError, HostError, cause_chain
 from agent.hostfacts import HostFacts, HostProbe, top_mount
 from agent.hostroot import HostRoot
 from agent.install import current_target, install_image, prune_trees, remove_debris, switch_current
 from agent.log import RepeatLimiter
 from agent.modules import load_modules
+from agent.persistenced import ensure_persistenced
 from agent.plan import (
     Action,
+    CreateDeviceNodes,
     Installed,
     InstallImage,
     Ldconfig,
     LoadModules,
     MountOverlay,
     Plan,
+    StartPersistenced,
     SwitchCurrent,
     Unmount,
     plan,
@@ -35,6 +39,7 @@ from agent.state import STATE_FILE, State, load_state, read_marker, save_state
 from agent.status import LastError, Phase, Snapshot
 
 CACHE_DIR = "/var/cache/nvidia-agent"
+GPU_BIND_TIMEOUT_S = 30.0
 ERROR_LOG_PERIOD_S = 3600.0
 
 Notify = Callable[[str], None]
@@ -44,13 +49,15 @@ class Agent:
     """Owns the snapshot and runs reconciles; every collaborator is injected."""
 
     def __init__(self, host: HostRoot, settings: Settings, *, probe: HostProbe, registry: RegistryClient,
-                 notify: Notify = lambda _status: None, platform: Platform | None = None) -> None:
+                 notify: Notify = lambda _status: None, platform: Platform | None = None,
+                 udev_monitor: Callable[[], Monitor] | None = None) -> None:
         self.host = host
         self.settings = settings
         self.probe = probe
         self.registry = registry
         self.notify = notify
         self.platform = platform or Platform.host()
+        self.udev_monitor = udev_monitor  # a started pyudev monitor of kernel PCI events, or None
         self.snapshot = Snapshot(version=__version__, driver=settings.driver.version)
         self.log = structlog.get_logger("nvidia-agent")
         self._errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
@@ -147,9 +154,27 @@ class Agent:
             case Ldconfig():
                 mounts.ldconfig(self.host.root)
             case LoadModules(tree=tree, parameters=params):
-                self._phase(Phase.LOADING)
-                loaded = load_modules(self.host(tree), self.host("/sys/module"), params)
+                self._phase(Phase.LOADING, f"modules from {tree}")
+                monitor = self.udev_monitor() if self.udev_monitor else None  # listening before the load
+                loaded = load_modules(self.host(tree), self.host.root, params)
                 self.snapshot = self.snapshot.evolve(modules=loaded)
+                self.log.info("modules_loaded", modules=",".join(f"{k}={v}" for k, v in loaded.items()))
+                pci = self.host("/sys/bus/pci/devices")
+                if monitor is not None and self.host("/sys/bus/pci/drivers/nvidia").is_dir():
+                    left = wait_gpus_bound(pci, tuple(g.pci_slot for g in facts.gpus), monitor, GPU_BIND_TIMEOUT_S)
+                    if left:
+                        self.log.warning("gpus_not_bound", gpus=",".join(left), timeout_s=GPU_BIND_TIMEOUT_S)
+            case CreateDeviceNodes(gpu_slots=slots):
+                self._phase(Phase.LOADING, "device nodes")
+                nodes = plan_nodes(self.host("/proc/devices").read_text(), len(slots), set(self.snapshot.modules))
+                changed = ensure_nodes(self.host("/dev"), nodes)
+                self.snapshot = self.snapshot.evolve(devices=tuple(f"/dev/{n.path}" for n in nodes))
+                if changed:
+                    self.log.info("device_nodes", created=",".join(changed))
+            case StartPersistenced(tree=tree):
+                started = ensure_persistenced(self.host(tree), self.host.root)
+                outcome = {"pid": started} if isinstance(started, int) else {"skipped": started}
+                self.log.info("persistenced", **outcome)
 
     def _check_result(self, the_plan: Plan) -> None:
         """Ready only if the host now shows what the plan promised."""

@@ -74,6 +74,7 @@ class Snapshot:
     current: str | None = None
     mount: str | None = None
     modules: dict[str, str] = field(default_factory=dict)
+    devices: tuple[str, ...] = ()
     last_error: LastError | None = None
     started_at: float = field(default_factory=time.time)
     last_reconcile_at: float | None = None
@@ -207,6 +208,8 @@ def render_text(status: dict[str, Any]) -> str:
     ]
     if status.get("modules"):
         lines.append("modules:     " + ", ".join(f"{k} {v}" for k, v in sorted(status["modules"].items())))
+    if status.get("devices"):
+        lines.append("devices:     " + " ".join(status["devices"]))
     err = status.get("last_error")
     if err:
         lines.append(f"last error:  {err['message']} ({ago(err['at'])})")

@@ -68,6 +68,17 @@ def run(
     return done
 
 
+def spawn(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> int:
+    """Start a daemon detached (own session, no inherited stdio) and return its PID without waiting."""
+    try:
+        proc = subprocess.Popen(
+            tuple(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, env=dict(env) if env is not None else None, close_fds=True)
+    except OSError as exc:
+        raise SubpError(tuple(argv), 127, "", str(exc)) from exc
+    return proc.pid
+
+
 def _text(data: bytes | str | None) -> str:
     if data is None:
         return ""

@@ -9,11 +9,13 @@ import pytest
 from agent.config import ModuleSettings, MountSettings, Settings
 from agent.hostfacts import GPU, HostFacts, Mount, OSInfo
 from agent.plan import (
+    CreateDeviceNodes,
     Installed,
     InstallImage,
     Ldconfig,
     LoadModules,
     MountOverlay,
+    StartPersistenced,
     SwitchCurrent,
     Unmount,
     plan,
@@ -82,7 +84,8 @@ def test_module_loading_when_configured_and_blocked_when_kernel_cannot() -> None
     """Loading is the last step; a kernel without module support blocks with a reason."""
     s = Settings(modules=ModuleSettings(load=True, parameters={"nvidia": ("NVreg_X=1",)}))
     p = plan(s, facts(lower=f"{TREE}/lib64"), Installed(marker(), TREE), State())
-    assert p.actions == (LoadModules(TREE, {"nvidia": ("NVreg_X=1",)}),)
+    assert p.actions == (LoadModules(TREE, {"nvidia": ("NVreg_X=1",)}), CreateDeviceNodes(("0000:00:05.0",)),
+                         StartPersistenced(TREE))
     blocked = plan(s, facts(modules_supported=False), Installed(None, None), State())
     assert blocked.actions == ()
     assert blocked.blocked is not None

@@ -1,0 +1,157 @@
+"""Device nodes: /dev/nvidiactl, /dev/nvidia<N>, -modeset, -uvm, -uvm-tools, with majors from /proc/devices."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from agent.errors import HostError
+
+NVIDIA_MAJOR_NAMES = ("nvidia", "nvidia-frontend")  # the name the driver registers major 195 under
+NVIDIA_CTL_MINOR = 255
+NVIDIA_MODESET_MINOR = 254
+DEVICE_MODE = 0o666  # the driver's default NVreg_DeviceFileMode
+
+
+@dataclass(frozen=True)
+class Node:
+    path: str  # relative to /dev
+    major: int
+    minor: int
+    mode: int = DEVICE_MODE
+
+
+def char_majors(proc_devices: str) -> dict[str, int]:
+    """The character-device section of /proc/devices: name -> major."""
+    majors: dict[str, int] = {}
+    in_char = False
+    for line in proc_devices.splitlines():
+        if line.strip() == "Character devices:":
+            in_char = True
+            continue
+        if line.strip().endswith("devices:"):
+            in_char = False
+            continue
+        parts = line.split()
+        if in_char and len(parts) == 2 and parts[0].isdigit():
+            majors.setdefault(parts[1], int(parts[0]))
+    return majors
+
+
+def plan_nodes(proc_devices: str, gpu_count: int, loaded: set[str]) -> list[Node]:
+    """The nodes the loaded driver needs. Pure: from /proc/devices text, GPU count and loaded modules."""
+    majors = char_majors(proc_devices)
+    nvidia = next((majors[n] for n in NVIDIA_MAJOR_NAMES if n in majors), None)
+    if nvidia is None:
+        raise HostError("the nvidia module registered no character device (no 'nvidia' in /proc/devices)")
+    nodes = [Node("nvidiactl", nvidia, NVIDIA_CTL_MINOR)]
+    nodes += [Node(f"nvidia{i}", nvidia, i) for i in range(gpu_count)]
+    if "nvidia_modeset" in loaded:
+        nodes.append(Node("nvidia-modeset", nvidia, NVIDIA_MODESET_MINOR))
+    if "nvidia_uvm" in loaded:
+        uvm = majors.get("nvidia-uvm")
+        if uvm is None:
+            raise HostError("nvidia_uvm is loaded but registered no 'nvidia-uvm' character device")
+        nodes += [Node("nvidia-uvm", uvm, 0), Node("nvidia-uvm-tools", uvm, 1)]
+    return nodes
+
+
+def ensure_nodes(dev: Path, nodes: list[Node]) -> list[str]:
+    """Create or fix each node (mknod to a temp name, then rename); returns the ones changed."""
+    changed = []
+    for node in nodes:
+        path = dev / node.path
+        want = os.makedev(node.major, node.minor)
+        try:
+            st = path.lstat()
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == want and stat.S_IMODE(st.st_mode) == node.mode:
+                continue
+        except FileNotFoundError:
+            pass
+        tmp = dev / f".{node.path}.nvidia-agent"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        try:
+            os.mknod(tmp, stat.S_IFCHR | node.mode, want)
+            tmp.chmod(node.mode)  # mknod applies the umask
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise HostError(f"cannot create {path} (char {node.major}:{node.minor}): {exc.strerror}") from exc
+        changed.append(node.path)
+    return changed
+
+
+def holders_of_nodes(proc: Path, prefix: str = "/dev/nvidia") -> list[str]:
+    """Processes with a /dev/nvidia* node open, as 'pid (comm) /dev/...', from /proc/*/fd."""
+    found = []
+    for pid_dir in proc.iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            fds = list((pid_dir / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith(prefix):
+                try:
+                    comm = (pid_dir / "comm").read_text().strip()
+                except OSError:
+                    comm = "?"
+                found.append(f"{pid_dir.name} ({comm}) {target}")
+                break
+    return sorted(found, key=lambda s: int(s.split()[0]))
+
+
+class Monitor(Protocol):
+    def poll(self, timeout: float | None = None) -> object: ...
+
+
+def pci_monitor() -> Monitor:
+    """A started pyudev monitor of PCI events: udev's (rules applied) where udevd runs, else the kernel's."""
+    import pyudev  # noqa: PLC0415 - libudev is only needed on a real host
+
+    source = "udev" if Path("/run/udev/control").exists() else "kernel"
+    monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source=source)
+    monitor.filter_by("pci")
+    monitor.start()
+    return monitor  # type: ignore[no-any-return]
+
+
+def unbound_gpus(sys_pci_devices: Path, slots: tuple[str, ...], driver: str = "nvidia") -> list[str]:
+    """GPUs whose sysfs `driver` link does not (yet) point at `driver`."""
+    out = []
+    for slot in slots:
+        try:
+            bound = os.readlink(sys_pci_devices / slot / "driver").rsplit("/", 1)[-1]
+        except OSError:
+            bound = ""
+        if bound != driver:
+            out.append(slot)
+    return out
+
+
+def wait_gpus_bound(sys_pci_devices: Path, slots: tuple[str, ...], monitor: Monitor, timeout_s: float,
+                    clock: Callable[[], float] = time.monotonic) -> list[str]:
+    """Wait for the driver to bind every GPU, woken by udev's kernel events rather than sleeping.
+
+    `monitor` must already be listening (started before the module load), so a bind that
+    happens between a check and the next poll is still an event. Returns the GPUs still unbound.
+    """
+    deadline = clock() + timeout_s
+    while True:
+        left = unbound_gpus(sys_pci_devices, slots)
+        remaining = deadline - clock()
+        if not left or remaining <= 0:
+            return left
+        monitor.poll(timeout=remaining)

@@ -1,0 +1,136 @@
+"""Module loading: the plan (unload, host deps, insert order, parameters) and its execution against a fake kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent import subp
+from agent.errors import HostError
+from agent.modinfo import ModInfo
+from agent.modules import load_modules, module_holders, plan_loads
+from support.images import make_driver_tree
+from tests.conftest import write
+
+ORDER = [ModInfo("nvidia", "", "535.1", (), {}), ModInfo("nvidia_modeset", "", "535.1", ("nvidia",), {}),
+         ModInfo("nvidia_drm", "", "535.1", ("drm", "nvidia_modeset"), {}),
+         ModInfo("nvidia_uvm", "", "535.1", ("nvidia",), {})]
+PATHS = {m.name: Path(f"/t/{m.name}.ko") for m in ORDER}
+
+
+@pytest.mark.parametrize(("loaded", "unload", "load"), [
+    ({}, (), ("nvidia", "nvidia_modeset", "nvidia_drm", "nvidia_uvm")),
+    ({"nvidia": "535.1", "nvidia_uvm": "535.1"}, (), ("nvidia_modeset", "nvidia_drm")),
+    ({m.name: "535.1" for m in ORDER}, (), ()),
+    ({"nvidia": "470.9", "nvidia_uvm": "470.9"}, ("nvidia_uvm", "nvidia"),
+     ("nvidia", "nvidia_modeset", "nvidia_drm", "nvidia_uvm")),
+    ({"nvidia": "535.1", "nvidia_drm": "470.9"}, ("nvidia_drm", "nvidia"),
+     ("nvidia", "nvidia_modeset", "nvidia_drm", "nvidia_uvm")),
+])
+def test_load_plan(loaded: dict[str, str], unload: tuple[str, ...], load: tuple[str, ...]) -> None:
+    """Right versions are left alone; any other version means unloading ours dependents-first and reloading all."""
+    plan = plan_loads(ORDER, PATHS, loaded, {"nvidia": ("NVreg_X=1",), "nvidia-uvm": ("uvm_p=2",)})
+    assert plan.unload == unload
+    assert tuple(name for name, _, _ in plan.load) == load
+    assert plan.host_deps == ("drm",)
+    params = {name: p for name, _, p in plan.load}
+    if "nvidia" in params:
+        assert params["nvidia"] == ("NVreg_X=1",)
+    if "nvidia_uvm" in params:
+        assert params["nvidia_uvm"] == ("uvm_p=2",)  # configured under the file name with a dash
+
+
+class FakeKernel:
+    """Records module commands and keeps /sys/module in a temp root in step, like the kernel would."""
+
+    def __init__(self, root: Path, fail: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.calls: list[list[str]] = []
+        self.fail = fail or {}
+
+    def __call__(self, argv: list[str], check: bool = True, **_: object) -> subp.Completed:
+        self.calls.append(list(argv))
+        if argv[0] == "dmesg":
+            return subp.Completed(tuple(argv), 0, "[x] NVRM: No NVIDIA GPU found.\n[y] unrelated\n", "")
+        name = Path(argv[1]).name.removesuffix(".ko").replace("-", "_") if argv[0] in ("insmod", "rmmod") else argv[-1]
+        if name in self.fail:
+            raise subp.SubpError(argv, 1, "", self.fail[name])
+        if argv[0] == "insmod":
+            write(self.root / f"sys/module/{name}/initstate", "live\n")
+            write(self.root / f"sys/module/{name}/version", "535.261.03\n")
+        elif argv[0] == "rmmod":
+            for f in (self.root / f"sys/module/{name}").iterdir():
+                f.unlink()
+            (self.root / f"sys/module/{name}").rmdir()
+        return subp.Completed(tuple(argv), 0, "", "")
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    from support.images import run_build_script  # noqa: PLC0415
+
+    t = make_driver_tree(tmp_path / "tree", driver="535.261.03", kernel="6.1.0-28-amd64")
+    run_build_script("--manifest-only", "--driver-version", "535.261.03", "--os-id", "debian", "--os-version", "12",
+                     "--kernel-release", "6.1.0-28-amd64", t)
+    return t
+
+
+@pytest.mark.subprocess
+def test_load_inserts_in_order_after_host_deps(tmp_path: Path, tree: Path) -> None:
+    """modprobe for host dependencies (from the host root's tree), then insmod each module with its parameters."""
+    root = tmp_path / "host"
+    (root / "sys/module").mkdir(parents=True)
+    kernel = FakeKernel(root)
+    versions = load_modules(tree, root, {"nvidia": ("NVreg_X=1",)}, run=kernel)
+    assert kernel.calls[0] == ["modprobe", "-d", str(root), "drm"]
+    inserted = [Path(c[1]).name for c in kernel.calls if c[0] == "insmod"]
+    assert inserted == ["nvidia.ko", "nvidia-modeset.ko", "nvidia-drm.ko", "nvidia-uvm.ko"]
+    assert kernel.calls[1][2:] == ["NVreg_X=1"]
+    assert versions == dict.fromkeys(("nvidia", "nvidia_modeset", "nvidia_drm", "nvidia_uvm"), "535.261.03")
+    kernel.calls.clear()
+    load_modules(tree, root, {}, run=kernel)
+    assert [c[0] for c in kernel.calls] == ["modprobe"], "already loaded at the right version: nothing inserted"
+
+
+@pytest.mark.subprocess
+def test_kernel_refusal_is_reported_verbatim_with_the_module(tmp_path: Path, tree: Path) -> None:
+    """insmod's own words and the kernel's NVRM lines reach the error."""
+    root = tmp_path / "host"
+    (root / "sys/module").mkdir(parents=True)
+    kernel = FakeKernel(root, fail={"nvidia": "insmod: ERROR: could not insert module nvidia.ko: No such device"})
+    with pytest.raises(HostError) as err:
+        load_modules(tree, root, {}, run=kernel)
+    assert "loading nvidia failed: insmod: ERROR: could not insert module nvidia.ko: No such device" in str(err.value)
+    assert "NVRM: No NVIDIA GPU found." in str(err.value)
+
+
+@pytest.mark.subprocess
+def test_busy_modules_of_another_version_are_not_unloaded(tmp_path: Path, tree: Path) -> None:
+    """A held module is never removed: the error names the refcount and the process holding /dev/nvidia0."""
+    root = tmp_path / "host"
+    for name, refcnt in (("nvidia", "2"), ("nvidia_uvm", "0")):
+        write(root / f"sys/module/{name}/initstate", "live\n")
+        write(root / f"sys/module/{name}/version", "470.1\n")
+        write(root / f"sys/module/{name}/refcnt", refcnt + "\n")
+        (root / f"sys/module/{name}/holders").mkdir()
+    (root / "sys/module/nvidia/holders/nvidia_uvm").mkdir()
+    (root / "proc/4242/fd").mkdir(parents=True)
+    (root / "proc/4242/fd/5").symlink_to("/dev/nvidia0")
+    write(root / "proc/4242/comm", "cuda-app\n")
+    kernel = FakeKernel(root)
+    with pytest.raises(HostError) as err:
+        load_modules(tree, root, {}, run=kernel)
+    assert "nvidia refcount 2" in str(err.value)
+    assert "pid 4242 (cuda-app) /dev/nvidia0" in str(err.value)
+    assert not [c for c in kernel.calls if c[0] == "rmmod"]
+
+
+def test_holders_ignore_our_own_dependents(tmp_path: Path) -> None:
+    """nvidia held only by nvidia_uvm (which goes too) is not busy."""
+    for name, refcnt in (("nvidia", "1"), ("nvidia_uvm", "0")):
+        write(tmp_path / f"sys/module/{name}/refcnt", refcnt + "\n")
+        (tmp_path / f"sys/module/{name}/holders").mkdir(parents=True)
+    (tmp_path / "sys/module/nvidia/holders/nvidia_uvm").mkdir()
+    (tmp_path / "proc").mkdir()
+    assert module_holders(tmp_path / "sys/module", tmp_path / "proc", ("nvidia_uvm", "nvidia")) == []
