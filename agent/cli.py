@@ -19,6 +19,7 @@ from agent.devices import pci_monitor
 from agent.errors import ConfigError, ExitCode
 from agent.hostfacts import HostProbe
 from agent.hostroot import HostRoot
+from agent.notify import Notifier
 from agent.reconcile import Agent
 from agent.registry import RegistryClient
 from agent.status import SOCKET_FILE, Phase, query, render_text
@@ -107,7 +108,8 @@ def cmd_daemon(host: HostRoot, settings: Settings, *, once: bool) -> int:
                                   timeout_s=settings.image.timeout_s, attempts=settings.image.attempts)
         agent = Agent(host, settings, probe=HostProbe(host), registry=registry,
                       udev_monitor=pci_monitor if host.root == Path("/") else None)
-        return run_daemon(agent, socket_path=host(SOCKET_FILE), once=once, triggers=Triggers.install())
+        return run_daemon(agent, socket_path=host(SOCKET_FILE), once=once, triggers=Triggers.install(),
+                          notifier=Notifier.from_env())
 
 
 def cmd_status(host: HostRoot, args: argparse.Namespace) -> int:

@@ -70,6 +70,7 @@ class UnitSettings:
 
 @dataclass(frozen=True)
 class DaemonSettings:
+    ready_timeout_s: float = 300.0
     check_interval_s: float = 300.0
     retry_initial_s: float = 10.0
     retry_max_s: float = 600.0
@@ -179,6 +180,7 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
     "modules": {"load": _boolean, "parameters": _parameters},
     "units": {"before": _string_list(UNIT_NAME_RE, "unit names such as \"kubelet.service\"")},
     "daemon": {
+        "ready_timeout_s": _number(0, 86400),
         "check_interval_s": _number(1, 86400),
         "retry_initial_s": _number(0.1, 3600),
         "retry_max_s": _number(1, 86400),

@@ -16,13 +16,18 @@ from typing import IO
 import structlog
 
 from agent.errors import AgentError, ExitCode
+from agent.notify import Notifier
 from agent.reconcile import Agent
 from agent.status import Phase, StatusServer
 
 LOCK_FILE = "/run/nvidia-agent/agent.lock"
+# Fault injection for the watchdog test: after READY, the main loop stops for this long without pinging.
+WEDGE_ENV = "NVIDIA_AGENT_TEST_WEDGE_S"
+
 
 class LockHeld(AgentError):
     """Another nvidia-agent daemon runs on this host root."""
+
 
 def acquire_lock(path: Path) -> IO[str]:
     """An exclusive flock held for the process's life; the file names the holder's PID."""
@@ -42,11 +47,13 @@ def acquire_lock(path: Path) -> IO[str]:
     f.flush()
     return f
 
+
 def next_delay_s(failures: int, initial_s: float, max_s: float) -> float:
     """Exponential backoff: initial, 2x, 4x, ... capped at max."""
     if failures <= 0:
         return 0.0
     return float(min(max_s, initial_s * (2 ** min(failures - 1, 30))))
+
 
 @dataclass
 class Triggers:
@@ -71,19 +78,62 @@ class Triggers:
         signal.signal(signal.SIGHUP, on_hup)
         return t
 
-def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Triggers,
-               clock: Callable[[], float] | None = None) -> ExitCode:
-    """Serve status and reconcile until stopped (or once). Returns the exit status."""
 
-    now = clock or time.time
+class Readiness:
+    """READY=1 goes out once: when the driver works (or there is no GPU), or at the deadline, degraded."""
+
+    def __init__(self, notifier: Notifier, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.notifier = notifier
+        self.deadline = clock() + timeout_s
+        self.timeout_s = timeout_s
+        self.sent = False
+        self._clock = clock
+
+    def update(self, phase: Phase, status: str) -> str | None:
+        """Send READY=1 if it is time; returns 'ready' or 'degraded' when it was sent now."""
+        if self.sent:
+            return None
+        if phase in (Phase.READY, Phase.NO_GPU):
+            self.sent = True
+            self.notifier.send(READY="1", STATUS=status)
+            return "ready"
+        if self._clock() >= self.deadline:
+            self.sent = True
+            self.notifier.send(READY="1", STATUS=f"degraded: {status}")
+            return "degraded"
+        return None
+
+    def wait_cap_s(self) -> float | None:
+        """How long the loop may sleep before the deadline needs a look."""
+        return None if self.sent else max(0.0, self.deadline - self._clock())
+
+
+def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Triggers,
+               notifier: Notifier | None = None) -> ExitCode:
+    """Serve status and reconcile until stopped (or once). Returns the exit status."""
     log = structlog.get_logger("nvidia-agent")
+    notifier = notifier or Notifier(None)
+    agent.notify = notifier.status
+    readiness = Readiness(notifier, agent.settings.daemon.ready_timeout_s)
     server = StatusServer(socket_path, lambda: agent.snapshot)
     server.start()
-    log.info("started", socket=str(socket_path), once=once, pid=os.getpid())
+    log.info("started", socket=str(socket_path), once=once, pid=os.getpid(),
+             watchdog_s=notifier.watchdog_s, ready_timeout_s=readiness.timeout_s)
+
+    def still_going() -> bool:
+        """Polled between chunks of long work: keeps the watchdog fed from the main loop."""
+        notifier.ping_if_due()
+        return triggers.stop.is_set()
+
     failures = 0
     try:
         while True:
-            phase = agent.reconcile(cancelled=triggers.stop.is_set)
+            phase = agent.reconcile(cancelled=still_going)
+            sent = readiness.update(phase, agent.snapshot.detail or phase.value)
+            if sent == "degraded":
+                log.warning("ready_degraded", waited_s=readiness.timeout_s, phase=phase.value,
+                            reason=agent.snapshot.detail, detail="units ordered after nvidia-agent start now; "
+                            "retrying in the background")
             if once or triggers.stop.is_set():
                 return phase.exit_code
             if phase in (Phase.READY, Phase.NO_GPU):
@@ -92,12 +142,31 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
             else:
                 failures += 1
                 delay = next_delay_s(failures, agent.settings.daemon.retry_initial_s, agent.settings.daemon.retry_max_s)
-                agent.snapshot = agent.snapshot.evolve(next_attempt_at=now() + delay)
-            triggers.wake.wait(delay)
-            triggers.wake.clear()
+                agent.snapshot = agent.snapshot.evolve(next_attempt_at=time.time() + delay)
+            cap = readiness.wait_cap_s()
+            if cap is not None:
+                delay = min(delay, cap)
+            if readiness.sent and os.environ.get(WEDGE_ENV):
+                log.warning("test_wedge", seconds=os.environ[WEDGE_ENV])
+                time.sleep(float(os.environ[WEDGE_ENV]))  # deliberately starves the watchdog
+            _wait(triggers, notifier, delay)
             if triggers.stop.is_set():
                 return ExitCode.OK
     finally:
+        notifier.send(STOPPING="1")
         server.stop()
         # Modules and the mount stay: a stopping agent must not take GPUs from running workloads.
         log.info("stopped", phase=agent.snapshot.phase.value)
+
+
+def _wait(triggers: Triggers, notifier: Notifier, delay_s: float) -> None:
+    """Sleep until woken or `delay_s` passes, pinging the watchdog on time."""
+    end = time.monotonic() + delay_s
+    while not triggers.wake.is_set():
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        step = min(left, notifier.ping_interval_s or left)
+        triggers.wake.wait(step)
+        notifier.ping_if_due()
+    triggers.wake.clear()

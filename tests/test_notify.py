@@ -1,0 +1,131 @@
+"""The systemd contract from the agent's side: READY only when the driver works, or degraded at the deadline."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import DaemonSettings, Settings
+from agent.daemon import Readiness, Triggers, run_daemon
+from agent.notify import Notifier
+from agent.status import Phase, Snapshot
+
+
+class SystemdSocket:
+    """A real AF_UNIX datagram socket standing in for systemd's notify socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+        self.path = path
+
+    def messages(self) -> list[dict[str, str]]:
+        out = []
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                return out
+            out.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+
+
+@pytest.fixture
+def systemd(tmp_path: Path) -> SystemdSocket:
+    return SystemdSocket(tmp_path / "notify")
+
+
+def test_notifier_sends_datagrams_and_handles_no_socket(systemd: SystemdSocket) -> None:
+    """KEY=value lines in one datagram; without NOTIFY_SOCKET nothing is sent and nothing fails."""
+    n = Notifier.from_env({"NOTIFY_SOCKET": str(systemd.path), "WATCHDOG_USEC": "2000000"})
+    assert n.send(READY="1", STATUS="ready: line\nbreak")
+    assert systemd.messages() == [{"READY": "1", "STATUS": "ready: line break"}]
+    assert n.ping_interval_s == 1.0
+    assert Notifier.from_env({}).send(READY="1") is False
+
+
+def test_watchdog_only_for_our_pid() -> None:
+    """WATCHDOG_PID naming another process means the watchdog is not ours to feed."""
+    assert Notifier.from_env({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}).watchdog_s is None
+
+
+def test_ping_if_due_respects_half_the_period(systemd: SystemdSocket) -> None:
+    """Pings go out at half the watchdog period, not on every call."""
+    now = [0.0]
+    n = Notifier(str(systemd.path), 10_000_000, clock=lambda: now[0])
+    n.ping_if_due()
+    now[0] = 4.9
+    n.ping_if_due()
+    assert systemd.messages() == []
+    now[0] = 5.0
+    n.ping_if_due()
+    assert systemd.messages() == [{"WATCHDOG": "1"}]
+
+
+@pytest.mark.parametrize(("phases", "at", "expect"), [
+    ([Phase.READY], 0, ["ready"]),
+    ([Phase.NO_GPU], 0, ["ready"]),
+    ([Phase.DEGRADED, Phase.DEGRADED], 5, [None, None]),
+    ([Phase.DEGRADED, Phase.DEGRADED, Phase.READY], 22, [None, "degraded", None]),
+])
+def test_readiness_table(systemd: SystemdSocket, phases: list[Phase], at: float, expect: list[str | None]) -> None:
+    """READY=1 once: at the first working driver, or degraded when ready_timeout_s has passed."""
+    now = [0.0]
+    r = Readiness(Notifier(str(systemd.path)), 10, clock=lambda: now[0])
+    got = []
+    for i, phase in enumerate(phases):
+        now[0] = at * i / max(1, len(phases) - 1)
+        got.append(r.update(phase, "x"))
+    assert got == expect
+    sent = systemd.messages()
+    assert len([m for m in sent if m.get("READY") == "1"]) == (1 if any(expect) else 0)
+
+
+@dataclass
+class FakeAgent:
+    """Fails `fail_times` reconciles, then works; records the STATUS texts it was given."""
+
+    fail_times: int
+    settings: Settings
+    snapshot: Snapshot = field(default_factory=Snapshot)
+    notify: Any = None
+    calls: int = 0
+
+    def reconcile(self, cancelled: Any) -> Phase:
+        self.calls += 1
+        cancelled()
+        phase = Phase.DEGRADED if self.calls <= self.fail_times else Phase.READY
+        self.snapshot = self.snapshot.evolve(phase=phase, detail="no image for this kernel" if phase is
+                                             Phase.DEGRADED else "driver 1.0")
+        self.notify(f"{phase.value}: {self.snapshot.detail}")
+        return phase
+
+
+def test_daemon_reports_degraded_ready_then_recovers_without_restart(tmp_path: Path, systemd: SystemdSocket) -> None:
+    """No driver by the deadline: READY=1 with a degraded STATUS; later the driver works and STATUS says ready."""
+    settings = Settings(daemon=DaemonSettings(ready_timeout_s=0.3, retry_initial_s=0.1, retry_max_s=0.1))
+    agent = FakeAgent(fail_times=5, settings=settings)
+    triggers = Triggers(threading.Event(), threading.Event())
+
+    def stop_when_ready() -> None:
+        while agent.snapshot.phase is not Phase.READY:
+            triggers.stop.wait(0.02)
+        triggers.stop.set()
+        triggers.wake.set()
+
+    threading.Thread(target=stop_when_ready, daemon=True).start()
+    code = run_daemon(agent, socket_path=tmp_path / "s.sock", once=False, triggers=triggers,  # type: ignore[arg-type]
+                      notifier=Notifier(str(systemd.path)))
+    assert code == 0
+    messages = systemd.messages()
+    ready = [m for m in messages if m.get("READY") == "1"]
+    assert ready == [{"READY": "1", "STATUS": "degraded: no image for this kernel"}]
+    statuses = [m["STATUS"] for m in messages if "STATUS" in m]
+    assert statuses.index("degraded: no image for this kernel") < statuses.index("ready: driver 1.0")
+    assert messages[-1] == {"STOPPING": "1"}
+    assert agent.calls == 6
