@@ -77,8 +77,13 @@ class StartPersistenced:
     tree: str
 
 
-Action = (InstallImage | SwitchCurrent | Unmount | MountOverlay | Ldconfig | LoadModules | CreateDeviceNodes
-          | StartPersistenced)
+@dataclass(frozen=True)
+class WriteUnits:
+    before: tuple[str, ...]  # units that must wait for the agent's READY
+
+
+Action = (WriteUnits | InstallImage | SwitchCurrent | Unmount | MountOverlay | Ldconfig | LoadModules
+          | CreateDeviceNodes | StartPersistenced)
 
 
 @dataclass(frozen=True)
@@ -104,14 +109,16 @@ def plan(settings: Settings, facts: HostFacts, installed: Installed, state: Stat
     """The actions, in order. Pure: the same inputs always give the same plan."""
     target = target_for(settings, facts)
     changed = state.last_kernel if state.last_kernel and state.last_kernel != facts.kernel else None
+    # Ordering first: it must be in place for the next boot even if this install fails.
+    units = (WriteUnits(settings.units.before),)
     if not facts.gpus:
-        return Plan(target, (), no_gpu=True, kernel_changed_from=changed)
+        return Plan(target, units, no_gpu=True, kernel_changed_from=changed)
     if settings.modules.load and not facts.modules_supported:
-        return Plan(target, (), no_gpu=False, kernel_changed_from=changed,
+        return Plan(target, units, no_gpu=False, kernel_changed_from=changed,
                     blocked="this kernel cannot load modules (no /proc/modules); set modules.load = false "
                             "if another tool loads the driver")
 
-    actions: list[Action] = []
+    actions: list[Action] = list(units)
     fresh = installed.marker is None or (installed.marker.driver, installed.marker.os_key) != (
         target.driver, target.os_key)
     if fresh:

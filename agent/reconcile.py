@@ -10,6 +10,7 @@ import structlog
 
 from agent import __version__
 from agent import mount as mounts
+from agent.bus import Systemd
 from agent.config import Settings
 from agent.devices import Monitor, ensure_nodes, plan_nodes, wait_gpus_bound
 from agent.errors import AgentError, HostError, cause_chain
@@ -31,12 +32,14 @@ from agent.plan import (
     StartPersistenced,
     SwitchCurrent,
     Unmount,
+    WriteUnits,
     plan,
     target_for,
 )
 from agent.registry import Platform, RegistryClient
 from agent.state import STATE_FILE, State, load_state, read_marker, save_state
 from agent.status import LastError, Phase, Snapshot
+from agent.units import UNIT_DIR, apply_dropins
 
 CACHE_DIR = "/var/cache/nvidia-agent"
 GPU_BIND_TIMEOUT_S = 30.0
@@ -50,7 +53,7 @@ class Agent:
 
     def __init__(self, host: HostRoot, settings: Settings, *, probe: HostProbe, registry: RegistryClient,
                  notify: Notify = lambda _status: None, platform: Platform | None = None,
-                 udev_monitor: Callable[[], Monitor] | None = None) -> None:
+                 udev_monitor: Callable[[], Monitor] | None = None, systemd: Systemd | None = None) -> None:
         self.host = host
         self.settings = settings
         self.probe = probe
@@ -58,6 +61,7 @@ class Agent:
         self.notify = notify
         self.platform = platform or Platform.host()
         self.udev_monitor = udev_monitor  # a started pyudev monitor of kernel PCI events, or None
+        self.systemd = systemd or Systemd()
         self.snapshot = Snapshot(version=__version__, driver=settings.driver.version)
         self.log = structlog.get_logger("nvidia-agent")
         self._errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
@@ -104,17 +108,17 @@ class Agent:
             next_attempt_at=None)
         if the_plan.kernel_changed_from:
             self.log.info("kernel_changed", previous=the_plan.kernel_changed_from, tree=target.tree)
-        if the_plan.no_gpu:
-            self._phase(Phase.NO_GPU, "no NVIDIA GPU (PCI vendor 0x10de, class 0x0300/0x0302) on this host")
-            return Phase.NO_GPU
-        if the_plan.blocked:
-            raise HostError(the_plan.blocked)
         if installed.marker is not None:
             self.snapshot = self.snapshot.evolve(image=installed.marker.reference, digest=installed.marker.digest)
         for action in the_plan.actions:
             if cancelled():
                 raise AgentError("stopping: reconcile interrupted")
             self._execute(action, the_plan, facts, cancelled)
+        if the_plan.no_gpu:
+            self._phase(Phase.NO_GPU, "no NVIDIA GPU (PCI vendor 0x10de, class 0x0300/0x0302) on this host")
+            return Phase.NO_GPU
+        if the_plan.blocked:
+            raise HostError(the_plan.blocked)
         self._check_result(the_plan)
         for old in prune_trees(install_root, self.settings.install.keep_trees, {self.host(target.tree)}):
             self.log.info("pruned", tree=self.host.host_view(old))
@@ -171,6 +175,16 @@ class Agent:
                 self.snapshot = self.snapshot.evolve(devices=tuple(f"/dev/{n.path}" for n in nodes))
                 if changed:
                     self.log.info("device_nodes", created=",".join(changed))
+            case WriteUnits(before=units):
+                changes = apply_dropins(self.host(UNIT_DIR), units)
+                if changes.write or changes.remove:
+                    self._phase(Phase.UNITS, f"ordering before {', '.join(units) or 'no units'}",
+                                written=",".join(changes.write) or None, removed=",".join(changes.remove) or None)
+                    try:
+                        self.systemd.reload()
+                    except HostError as exc:
+                        self.log.warning("units_not_reloaded", error=str(exc),
+                                         hint="run systemctl daemon-reload; the drop-ins apply from the next boot")
             case StartPersistenced(tree=tree):
                 started = ensure_persistenced(self.host(tree), self.host.root)
                 outcome = {"pid": started} if isinstance(started, int) else {"skipped": started}

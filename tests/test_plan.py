@@ -18,6 +18,7 @@ from agent.plan import (
     StartPersistenced,
     SwitchCurrent,
     Unmount,
+    WriteUnits,
     plan,
     target_for,
 )
@@ -43,6 +44,7 @@ def marker(tree: str = TREE) -> TreeMarker:
 
 
 INSTALL = InstallImage(target_for(S, facts()))
+UNITS = WriteUnits(("kubelet.service", "dcos-mesos-slave.service"))
 SWITCH = SwitchCurrent(TREE)
 MOUNT = MountOverlay(f"{TREE}/lib64", "/usr/lib64")
 
@@ -64,7 +66,7 @@ CASES = [
 @pytest.mark.parametrize(("name", "host", "installed", "actions"), CASES, ids=[c[0] for c in CASES])
 def test_plan_table(name: str, host: HostFacts, installed: Installed, actions: tuple[object, ...]) -> None:
     """Each situation gets exactly the actions that bring the host to the target, in order."""
-    assert plan(S, host, installed, State()).actions == actions
+    assert plan(S, host, installed, State()).actions == (UNITS, *actions)
 
 
 def test_target_names_tree_and_tag() -> None:
@@ -77,17 +79,17 @@ def test_target_names_tree_and_tag() -> None:
 def test_no_gpu_plans_nothing() -> None:
     """A host without NVIDIA GPUs is left alone and says so."""
     p = plan(S, facts(gpus=()), Installed(None, None), State())
-    assert (p.no_gpu, p.actions) == (True, ())
+    assert (p.no_gpu, p.actions) == (True, (UNITS,))
 
 
 def test_module_loading_when_configured_and_blocked_when_kernel_cannot() -> None:
     """Loading is the last step; a kernel without module support blocks with a reason."""
     s = Settings(modules=ModuleSettings(load=True, parameters={"nvidia": ("NVreg_X=1",)}))
     p = plan(s, facts(lower=f"{TREE}/lib64"), Installed(marker(), TREE), State())
-    assert p.actions == (LoadModules(TREE, {"nvidia": ("NVreg_X=1",)}), CreateDeviceNodes(("0000:00:05.0",)),
+    assert p.actions == (UNITS, LoadModules(TREE, {"nvidia": ("NVreg_X=1",)}), CreateDeviceNodes(("0000:00:05.0",)),
                          StartPersistenced(TREE))
     blocked = plan(s, facts(modules_supported=False), Installed(None, None), State())
-    assert blocked.actions == ()
+    assert blocked.actions == (UNITS,)
     assert blocked.blocked is not None
     assert "modules.load = false" in blocked.blocked
 
@@ -95,7 +97,7 @@ def test_module_loading_when_configured_and_blocked_when_kernel_cannot() -> None
 def test_mount_disabled_plans_no_mount() -> None:
     """With mount.enabled = false the overlay is not touched."""
     s = replace(S, mount=MountSettings(enabled=False))
-    assert plan(s, facts(), Installed(None, None), State()).actions == (INSTALL, SWITCH)
+    assert plan(s, facts(), Installed(None, None), State()).actions == (UNITS, INSTALL, SWITCH)
 
 
 @pytest.mark.parametrize(("last", "changed"), [(None, None), (KERNEL, None), ("6.1.0-27-amd64", "6.1.0-27-amd64")])

@@ -1,0 +1,98 @@
+"""Ordering drop-ins on disk and systemd reached over a real (private) D-Bus with dbusmock's systemd template."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.bus import MANAGER, SYSTEMD, Systemd
+from agent.errors import HostError
+from agent.units import DROPIN, apply_dropins, dropin_text, plan_dropins
+
+KUBELET, MESOS = "kubelet.service", "dcos-mesos-slave.service"
+
+
+@pytest.mark.parametrize(("configured", "existing", "write", "remove"), [
+    ((KUBELET, MESOS), {}, (KUBELET, MESOS), ()),
+    ((KUBELET, MESOS), {KUBELET: dropin_text(), MESOS: dropin_text()}, (), ()),
+    ((KUBELET,), {KUBELET: dropin_text(), MESOS: dropin_text()}, (), (MESOS,)),
+    ((KUBELET,), {KUBELET: "# an older text\n"}, (KUBELET,), ()),
+    ((), {"x.service": "[Unit]\nAfter=y\n"}, (), ()),  # a file of ours by name but not by content: not touched
+])
+def test_dropin_plan(configured: tuple[str, ...], existing: dict[str, str], write: tuple[str, ...],
+                     remove: tuple[str, ...]) -> None:
+    """Missing or stale drop-ins are written; ours for units no longer configured are removed."""
+    plan = plan_dropins(configured, existing)
+    assert (plan.write, plan.remove) == (write, remove)
+
+
+def test_dropins_on_disk_have_literal_ordering(tmp_path: Path) -> None:
+    """The files carry literal Wants=/After= lines, and removal leaves other drop-ins alone."""
+    apply_dropins(tmp_path, (KUBELET, MESOS))
+    text = (tmp_path / f"{KUBELET}.d" / DROPIN).read_text()
+    assert "After=nvidia-agent.service\n" in text
+    assert "Wants=nvidia-agent.service\n" in text
+    assert "$" not in text and "%" not in text
+    (tmp_path / f"{MESOS}.d" / "10-admin.conf").write_text("[Service]\nNice=5\n")
+    plan = apply_dropins(tmp_path, (KUBELET,))
+    assert plan.remove == (MESOS,)
+    assert sorted(p.name for p in (tmp_path / f"{MESOS}.d").iterdir()) == ["10-admin.conf"]
+    assert apply_dropins(tmp_path, (KUBELET,)).write == ()
+
+
+@pytest.fixture
+def systemd_bus(tmp_path: Path) -> Iterator[object]:
+    """A private dbus-daemon as the system bus, with python-dbusmock's systemd template on it."""
+    dbusmock = pytest.importorskip("dbusmock")
+    config = tmp_path / "bus.conf"
+    config.write_text(f"""<busconfig><type>system</type><listen>unix:path={tmp_path}/bus</listen>
+<policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/>
+<allow own="*"/></policy></busconfig>""")
+    daemon = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address"],
+                              stdout=subprocess.PIPE, text=True)
+    address = daemon.stdout.readline().strip()  # type: ignore[union-attr]
+    old = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
+    os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = address
+    mock, obj = dbusmock.DBusTestCase.spawn_server_template("systemd", {}, stdout=subprocess.DEVNULL)
+    obj.AddMethod(MANAGER, "Reload", "", "", "")
+    try:
+        yield obj
+    finally:
+        mock.terminate()
+        mock.wait()
+        daemon.terminate()
+        daemon.wait()
+        if old is None:
+            os.environ.pop("DBUS_SYSTEM_BUS_ADDRESS", None)
+        else:
+            os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = old
+
+
+@pytest.mark.integration
+def test_reload_and_units_over_dbus(systemd_bus: object) -> None:
+    """Reload, StartUnit and unit state go over the bus with pydbus; the mock records the calls."""
+    pytest.importorskip("pydbus")
+    obj = systemd_bus
+    obj.AddMockUnit("kubelet.service")  # type: ignore[attr-defined]
+    systemd = Systemd()
+    systemd.reload()
+    systemd.start_unit("kubelet.service")
+    assert systemd.active_state("kubelet.service") == "active"
+    assert systemd.active_state("nope.service") == "unknown"
+    methods = [c[1] for c in obj.GetCalls()]  # type: ignore[attr-defined]
+    assert "Reload" in methods
+    assert "StartUnit" in methods
+    assert SYSTEMD == "org.freedesktop.systemd1"
+
+
+def test_no_bus_is_a_host_error_not_a_crash() -> None:
+    """Without a reachable systemd the error says so; callers decide what it means."""
+    def broken() -> object:
+        raise RuntimeError("no bus")
+
+    with pytest.raises(HostError, match="systemd daemon-reload: no bus"):
+        Systemd(bus_factory=broken).reload()
