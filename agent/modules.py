@@ -53,9 +53,14 @@ def plan_loads(order: list[ModInfo], paths: Mapping[str, Path], loaded: Mapping[
     return LoadPlan(unload, load, host_deps, {m.name: m.version for m in order})
 
 
-def module_holders(sys_module: Path, proc: Path, names: tuple[str, ...]) -> list[str]:
-    """Who keeps modules busy: refcounts, holder modules outside the set, processes with /dev/nvidia* open."""
-    found = []
+def module_holders(sys_module: Path, proc: Path, names: tuple[str, ...],
+                   ours: frozenset[int] = frozenset()) -> list[str]:
+    """Who keeps modules busy: holder modules outside the set, processes with /dev/nvidia* open.
+
+    Processes in `ours` (the agent's own nvidia-persistenced) do not count: the agent stops them
+    before unloading. References no visible process explains count only if none of ours could.
+    """
+    found, refs = [], []
     for name in names:
         base = sys_module / name
         try:
@@ -66,25 +71,32 @@ def module_holders(sys_module: Path, proc: Path, names: tuple[str, ...]) -> list
         outside = [h for h in holders if h not in names]
         if outside:
             found.append(f"{name} used by module(s) {', '.join(outside)}")
-        # Each holder module takes one reference; references beyond ours are open files or other users.
-        if refcnt > len(holders) - len(outside):
-            found.append(f"{name} refcount {refcnt}")
-    if found:
-        found += [f"pid {p}" for p in holders_of_nodes(proc)]
-    return found
+        # Each holder module takes one reference; the rest are open files.
+        if refcnt > len(holders):
+            refs.append(f"{name} refcount {refcnt}")
+    users = [p for p in holders_of_nodes(proc) if int(p.split()[0]) not in ours]
+    if users:
+        return found + refs + [f"pid {u}" for u in users]
+    return found + (refs if not ours else [])
 
 
 def load_modules(tree: Path, host_root: Path, parameters: Mapping[str, tuple[str, ...]],
-                 run: Run = subp.run) -> dict[str, str]:
-    """Bring the loaded modules to the tree's versions; returns name -> loaded version."""
+                 run: Run = subp.run, *, ours: frozenset[int] = frozenset(),
+                 before_unload: Callable[[], object] = lambda: None) -> dict[str, str]:
+    """Bring the loaded modules to the tree's versions; returns name -> loaded version.
+
+    `ours` are PIDs the agent itself runs against the driver (nvidia-persistenced), stopped by
+    `before_unload` once it is clear nothing else holds the modules.
+    """
     sys_module = host_root / "sys/module"
     order, paths = tree_modules(tree)
     plan = plan_loads(order, paths, read_modules(sys_module), parameters)
     if plan.unload:
-        busy = module_holders(sys_module, host_root / "proc", plan.unload)
+        busy = module_holders(sys_module, host_root / "proc", plan.unload, ours)
         if busy:
             raise HostError(f"loaded nvidia modules are another version and in use: {'; '.join(busy)}",
                             hint="stop the GPU workloads (or drain the node), then: systemctl reload nvidia-agent")
+        before_unload()
         for name in plan.unload:
             _kernel_call(run, ["rmmod", name], name, "unloading")
     modprobe = ["modprobe"] if host_root == Path("/") else ["modprobe", "-d", str(host_root)]

@@ -19,7 +19,8 @@ from agent.hostroot import HostRoot
 from agent.install import current_target, install_image, prune_trees, remove_debris, switch_current
 from agent.log import RepeatLimiter
 from agent.modules import load_modules
-from agent.persistenced import ensure_persistenced
+from agent.persistenced import PID_FILE as PERSISTENCED_PID_FILE
+from agent.persistenced import ensure_persistenced, running, stop_persistenced
 from agent.plan import (
     Action,
     CreateDeviceNodes,
@@ -160,7 +161,11 @@ class Agent:
             case LoadModules(tree=tree, parameters=params):
                 self._phase(Phase.LOADING, f"modules from {tree}")
                 monitor = self.udev_monitor() if self.udev_monitor else None  # listening before the load
-                loaded = load_modules(self.host(tree), self.host.root, params)
+                persisted = running(self.host(PERSISTENCED_PID_FILE), self.host("/proc"))
+                loaded = load_modules(
+                    self.host(tree), self.host.root, params,
+                    ours=frozenset({persisted} if persisted else ()),
+                    before_unload=lambda: stop_persistenced(self.host.root, self.systemd))
                 self.snapshot = self.snapshot.evolve(modules=loaded)
                 self.log.info("modules_loaded", modules=",".join(f"{k}={v}" for k, v in loaded.items()))
                 pci = self.host("/sys/bus/pci/devices")
@@ -186,7 +191,7 @@ class Agent:
                         self.log.warning("units_not_reloaded", error=str(exc),
                                          hint="run systemctl daemon-reload; the drop-ins apply from the next boot")
             case StartPersistenced(tree=tree):
-                started = ensure_persistenced(self.host(tree), self.host.root)
+                started = ensure_persistenced(self.host(tree), self.host.root, self.systemd)
                 outcome = {"pid": started} if isinstance(started, int) else {"skipped": started}
                 self.log.info("persistenced", **outcome)
 

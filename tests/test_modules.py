@@ -134,3 +134,22 @@ def test_holders_ignore_our_own_dependents(tmp_path: Path) -> None:
     (tmp_path / "sys/module/nvidia/holders/nvidia_uvm").mkdir()
     (tmp_path / "proc").mkdir()
     assert module_holders(tmp_path / "sys/module", tmp_path / "proc", ("nvidia_uvm", "nvidia")) == []
+
+
+@pytest.mark.parametrize(("users", "ours", "busy"), [
+    ({}, frozenset(), ["nvidia refcount 1"]),                       # a reference nobody visible explains
+    ({77: "nvidia-persistenced"}, frozenset({77}), []),             # only our persistenced: we stop it
+    ({77: "nvidia-persistenced", 42: "cuda-app"}, frozenset({77}),
+     ["nvidia refcount 1", "pid 42 (cuda-app) /dev/nvidia0"]),
+])
+def test_holders_leave_out_our_own_persistenced(tmp_path: Path, users: dict[int, str], ours: frozenset[int],
+                                                busy: list[str]) -> None:
+    """The agent's nvidia-persistenced holds /dev/nvidiactl by design; it does not make the driver busy."""
+    write(tmp_path / "sys/module/nvidia/refcnt", "1\n")
+    (tmp_path / "sys/module/nvidia/holders").mkdir(parents=True)
+    (tmp_path / "proc").mkdir()
+    for pid, comm in users.items():
+        (tmp_path / f"proc/{pid}/fd").mkdir(parents=True)
+        (tmp_path / f"proc/{pid}/fd/3").symlink_to("/dev/nvidiactl" if comm.startswith("nvidia") else "/dev/nvidia0")
+        write(tmp_path / f"proc/{pid}/comm", comm + "\n")
+    assert module_holders(tmp_path / "sys/module", tmp_path / "proc", ("nvidia",), ours) == busy

@@ -252,6 +252,10 @@ def build_loadable_tree(kver: str, out: Path, driver: str = DEFAULT_DRIVER, *,
     with _locked(cache_root):
         if not (entry / "complete").is_file():
             _assemble_loadable(kver, driver, entry)
+            # Entries for older sources of the same kernel and driver are dead weight.
+            for stale in cache_root.glob(f"{kver}-{driver}-*"):
+                if stale != entry and stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     tree = out / loadable_tree_name(kver, driver)
     _copy_tree(entry / "tree", tree)
@@ -424,13 +428,15 @@ def build_real_tree(kver: str, out: Path | None = None, *, cache_dir: Path | Non
             return tree
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        dest = out / real_tree_name(kver, key["driver"])
+        dest = out / real_tree_name(kver, str(key["driver"]))
         _copy_tree(tree, dest, hardlink=True)
         return dest
 
 
 def _build_real(kver: str, cache: Path, apt: _Apt, pins: dict[str, str], jobs: int) -> dict[str, object]:
     started = time.monotonic()
+    for stale in cache.glob("vm-real-*"):  # left by an interrupted build (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     debs_dir = cache / "debs"
     if debs_dir.exists():
         shutil.rmtree(debs_dir)
