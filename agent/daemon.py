@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import select
 import signal
-import threading
+import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import IO
@@ -55,28 +56,59 @@ def next_delay_s(failures: int, initial_s: float, max_s: float) -> float:
     return float(min(max_s, initial_s * (2 ** min(failures - 1, 30))))
 
 
-@dataclass
 class Triggers:
-    """What wakes the main loop: stop (SIGTERM/SIGINT) or reconcile now (SIGHUP)."""
+    """What wakes the main loop: stop (SIGTERM/SIGINT) or reconcile now (SIGHUP).
 
-    stop: threading.Event
-    wake: threading.Event
+    Signal handlers only set flags: a handler that took a lock (threading.Event.set) could
+    deadlock against the very wait it interrupts. The wake-up goes through a socketpair that
+    signal.set_wakeup_fd writes to from C, and the loop waits on it with select.
+    """
+
+    def __init__(self) -> None:
+        self.stop_requested = False
+        self.reconcile_requested = False
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
 
     @classmethod
     def install(cls) -> Triggers:
-        t = cls(threading.Event(), threading.Event())
+        t = cls()
 
         def on_stop(signum: int, _: FrameType | None) -> None:
-            t.stop.set()
-            t.wake.set()
+            t.stop_requested = True
 
         def on_hup(signum: int, _: FrameType | None) -> None:
-            t.wake.set()
+            t.reconcile_requested = True
 
+        signal.set_wakeup_fd(t._w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
         return t
+
+    def request_stop(self) -> None:
+        """From another thread (tests): stop as a SIGTERM would."""
+        self.stop_requested = True
+        self._poke()
+
+    def request_reconcile(self) -> None:
+        self.reconcile_requested = True
+        self._poke()
+
+    def _poke(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._w.send(b"\0")
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep up to `timeout_s`, or until a signal or a request arrives."""
+        if self.stop_requested or self.reconcile_requested:
+            return
+        ready, _, _ = select.select([self._r], [], [], max(0.0, timeout_s))
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                while self._r.recv(4096):
+                    pass
 
 
 class Readiness:
@@ -123,7 +155,7 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
     def still_going() -> bool:
         """Polled between chunks of long work: keeps the watchdog fed from the main loop."""
         notifier.ping_if_due()
-        return triggers.stop.is_set()
+        return triggers.stop_requested
 
     failures = 0
     try:
@@ -134,7 +166,7 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
                 log.warning("ready_degraded", waited_s=readiness.timeout_s, phase=phase.value,
                             reason=agent.snapshot.detail, detail="units ordered after nvidia-agent start now; "
                             "retrying in the background")
-            if once or triggers.stop.is_set():
+            if once or triggers.stop_requested:
                 return phase.exit_code
             if phase in (Phase.READY, Phase.NO_GPU):
                 failures = 0
@@ -150,7 +182,7 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
                 log.warning("test_wedge", seconds=os.environ[WEDGE_ENV])
                 time.sleep(float(os.environ[WEDGE_ENV]))  # deliberately starves the watchdog
             _wait(triggers, notifier, delay)
-            if triggers.stop.is_set():
+            if triggers.stop_requested:
                 return ExitCode.OK
     finally:
         notifier.send(STOPPING="1")
@@ -160,13 +192,12 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
 
 
 def _wait(triggers: Triggers, notifier: Notifier, delay_s: float) -> None:
-    """Sleep until woken or `delay_s` passes, pinging the watchdog on time."""
+    """Sleep until a trigger or `delay_s` passes, pinging the watchdog on time."""
     end = time.monotonic() + delay_s
-    while not triggers.wake.is_set():
+    while not (triggers.stop_requested or triggers.reconcile_requested):
         left = end - time.monotonic()
         if left <= 0:
             break
-        step = min(left, notifier.ping_interval_s or left)
-        triggers.wake.wait(step)
+        triggers.wait(min(left, notifier.ping_interval_s or left))
         notifier.ping_if_due()
-    triggers.wake.clear()
+    triggers.reconcile_requested = False

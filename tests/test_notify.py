@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,13 +111,12 @@ def test_daemon_reports_degraded_ready_then_recovers_without_restart(tmp_path: P
     """No driver by the deadline: READY=1 with a degraded STATUS; later the driver works and STATUS says ready."""
     settings = Settings(daemon=DaemonSettings(ready_timeout_s=0.3, retry_initial_s=0.1, retry_max_s=0.1))
     agent = FakeAgent(fail_times=5, settings=settings)
-    triggers = Triggers(threading.Event(), threading.Event())
+    triggers = Triggers()
 
     def stop_when_ready() -> None:
         while agent.snapshot.phase is not Phase.READY:
-            triggers.stop.wait(0.02)
-        triggers.stop.set()
-        triggers.wake.set()
+            time.sleep(0.02)
+        triggers.request_stop()
 
     threading.Thread(target=stop_when_ready, daemon=True).start()
     code = run_daemon(agent, socket_path=tmp_path / "s.sock", once=False, triggers=triggers,  # type: ignore[arg-type]
@@ -129,3 +129,43 @@ def test_daemon_reports_degraded_ready_then_recovers_without_restart(tmp_path: P
     assert statuses.index("degraded: no image for this kernel") < statuses.index("ready: driver 1.0")
     assert messages[-1] == {"STOPPING": "1"}
     assert agent.calls == 6
+
+
+@pytest.mark.timeout(60)
+def test_signal_storm_never_deadlocks_the_wait() -> None:
+    """Thousands of SIGHUPs during short waits, then SIGTERM: the loop always wakes and stops.
+
+    Handlers that took a lock (threading.Event.set) could deadlock against an interrupted wait;
+    these only set flags and the wake-up goes through set_wakeup_fd.
+    """
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    from agent.daemon import _wait  # noqa: PLC0415
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    triggers = Triggers.install()
+    notifier = Notifier(None)
+    done = threading.Event()
+    looping = threading.Event()
+
+    def storm() -> None:
+        looping.wait(10)
+        for _ in range(3000):
+            os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGTERM)
+        done.set()
+
+    try:
+        threading.Thread(target=storm, daemon=True).start()
+        rounds = 0
+        while not triggers.stop_requested:
+            _wait(triggers, notifier, 0.01)
+            rounds += 1
+            looping.set()
+        assert done.wait(10)
+        assert rounds > 0
+    finally:
+        signal.set_wakeup_fd(-1)
+        for s, h in saved.items():
+            signal.signal(s, h)
