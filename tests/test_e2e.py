@@ -4,6 +4,7 @@ the agent as a real process in its own mount namespace with a real overlay, GPUs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -145,7 +146,10 @@ def status_json(host: Host) -> dict[str, object]:
         assert "stopped phase=ready" in log, log
         return status
     finally:
-        if daemon.poll() is None:
+        if daemon.poll() is None:  # the agent may sit outside umockdev-run's group: kill it by its lock's PID
+            lock = host.root / "run/nvidia-agent/agent.lock"
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(lock.read_text()), signal.SIGKILL)
             os.killpg(daemon.pid, signal.SIGKILL)
             daemon.communicate(timeout=30)
 
