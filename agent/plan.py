@@ -65,6 +65,7 @@ class Ldconfig:
 class LoadModules:
     tree: str
     parameters: dict[str, tuple[str, ...]]
+    fallback: str | None = None  # the tree to reload if this one's modules fail after the old were unloaded
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,11 @@ def plan(settings: Settings, facts: HostFacts, installed: Installed, state: Stat
         target.driver, target.os_key)
     if fresh:
         actions.append(InstallImage(target))
+    if settings.modules.load:
+        # Load before switching: if the new driver does not load, `current` and the overlay stay
+        # on the previous one, and its modules are put back.
+        fallback = installed.current if installed.current not in (None, target.tree) else None
+        actions.append(LoadModules(target.tree, dict(settings.modules.parameters), fallback))
     if fresh or installed.current != target.tree:
         actions.append(SwitchCurrent(target.tree))
     if settings.mount.enabled:
@@ -136,7 +142,5 @@ def plan(settings: Settings, facts: HostFacts, installed: Installed, state: Stat
             if settings.mount.ldconfig:
                 actions.append(Ldconfig())
     if settings.modules.load:
-        actions += [LoadModules(target.tree, dict(settings.modules.parameters)),
-                    CreateDeviceNodes(tuple(g.pci_slot for g in facts.gpus)),
-                    StartPersistenced(target.tree)]
+        actions += [CreateDeviceNodes(tuple(g.pci_slot for g in facts.gpus)), StartPersistenced(target.tree)]
     return Plan(target, tuple(actions), no_gpu=False, kernel_changed_from=changed)

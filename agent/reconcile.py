@@ -158,21 +158,8 @@ class Agent:
                 mounts.mount_overlay(self.host(lower), self.host(path))
             case Ldconfig():
                 mounts.ldconfig(self.host.root)
-            case LoadModules(tree=tree, parameters=params):
-                self._phase(Phase.LOADING, f"modules from {tree}")
-                monitor = self.udev_monitor() if self.udev_monitor else None  # listening before the load
-                persisted = running(self.host(PERSISTENCED_PID_FILE), self.host("/proc"))
-                loaded = load_modules(
-                    self.host(tree), self.host.root, params,
-                    ours=frozenset({persisted} if persisted else ()),
-                    before_unload=lambda: stop_persistenced(self.host.root, self.systemd))
-                self.snapshot = self.snapshot.evolve(modules=loaded)
-                self.log.info("modules_loaded", modules=",".join(f"{k}={v}" for k, v in loaded.items()))
-                pci = self.host("/sys/bus/pci/devices")
-                if monitor is not None and self.host("/sys/bus/pci/drivers/nvidia").is_dir():
-                    left = wait_gpus_bound(pci, tuple(g.pci_slot for g in facts.gpus), monitor, GPU_BIND_TIMEOUT_S)
-                    if left:
-                        self.log.warning("gpus_not_bound", gpus=",".join(left), timeout_s=GPU_BIND_TIMEOUT_S)
+            case LoadModules():
+                self._load(action, facts)
             case CreateDeviceNodes(gpu_slots=slots):
                 self._phase(Phase.LOADING, "device nodes")
                 nodes = plan_nodes(self.host("/proc/devices").read_text(), len(slots), set(self.snapshot.modules))
@@ -181,19 +168,55 @@ class Agent:
                 if changed:
                     self.log.info("device_nodes", created=",".join(changed))
             case WriteUnits(before=units):
-                changes = apply_dropins(self.host(UNIT_DIR), units)
-                if changes.write or changes.remove:
-                    self._phase(Phase.UNITS, f"ordering before {', '.join(units) or 'no units'}",
-                                written=",".join(changes.write) or None, removed=",".join(changes.remove) or None)
-                    try:
-                        self.systemd.reload()
-                    except HostError as exc:
-                        self.log.warning("units_not_reloaded", error=str(exc),
-                                         hint="run systemctl daemon-reload; the drop-ins apply from the next boot")
+                self._write_units(units)
             case StartPersistenced(tree=tree):
                 started = ensure_persistenced(self.host(tree), self.host.root, self.systemd)
                 outcome = {"pid": started} if isinstance(started, int) else {"skipped": started}
                 self.log.info("persistenced", **outcome)
+
+    def _load(self, action: LoadModules, facts: HostFacts) -> None:
+        self._phase(Phase.LOADING, f"modules from {action.tree}")
+        monitor = self.udev_monitor() if self.udev_monitor else None  # listening before the load
+        persisted = running(self.host(PERSISTENCED_PID_FILE), self.host("/proc"))
+        try:
+            loaded = load_modules(
+                self.host(action.tree), self.host.root, action.parameters,
+                ours=frozenset({persisted} if persisted else ()),
+                before_unload=lambda: stop_persistenced(self.host.root, self.systemd))
+        except AgentError:
+            if action.fallback:
+                self._roll_back(action.fallback, action.parameters)
+            raise
+        self.snapshot = self.snapshot.evolve(modules=loaded)
+        self.log.info("modules_loaded", modules=",".join(f"{k}={v}" for k, v in loaded.items()))
+        if monitor is not None and self.host("/sys/bus/pci/drivers/nvidia").is_dir():
+            slots = tuple(g.pci_slot for g in facts.gpus)
+            left = wait_gpus_bound(self.host("/sys/bus/pci/devices"), slots, monitor, GPU_BIND_TIMEOUT_S)
+            if left:
+                self.log.warning("gpus_not_bound", gpus=",".join(left), timeout_s=GPU_BIND_TIMEOUT_S)
+
+    def _write_units(self, units: tuple[str, ...]) -> None:
+        changes = apply_dropins(self.host(UNIT_DIR), units)
+        if not (changes.write or changes.remove):
+            return
+        self._phase(Phase.UNITS, f"ordering before {', '.join(units) or 'no units'}",
+                    written=",".join(changes.write) or None, removed=",".join(changes.remove) or None)
+        try:
+            self.systemd.reload()
+        except HostError as exc:
+            self.log.warning("units_not_reloaded", error=str(exc),
+                             hint="run systemctl daemon-reload; the drop-ins apply from the next boot")
+
+    def _roll_back(self, tree: str, params: dict[str, tuple[str, ...]]) -> None:
+        """Put the previous tree's modules (and persistenced) back after the new ones failed to load."""
+        try:
+            loaded = load_modules(self.host(tree), self.host.root, params)
+            ensure_persistenced(self.host(tree), self.host.root, self.systemd)
+        except AgentError as exc:
+            self.log.error("rollback_failed", tree=tree, error=str(exc))
+            return
+        self.snapshot = self.snapshot.evolve(modules=loaded)
+        self.log.warning("rolled_back", tree=tree, modules=",".join(f"{k}={v}" for k, v in loaded.items()))
 
     def _check_result(self, the_plan: Plan) -> None:
         """Ready only if the host now shows what the plan promised."""

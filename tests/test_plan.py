@@ -88,6 +88,10 @@ def test_module_loading_when_configured_and_blocked_when_kernel_cannot() -> None
     p = plan(s, facts(lower=f"{TREE}/lib64"), Installed(marker(), TREE), State())
     assert p.actions == (UNITS, LoadModules(TREE, {"nvidia": ("NVreg_X=1",)}), CreateDeviceNodes(("0000:00:05.0",)),
                          StartPersistenced(TREE))
+    update = plan(s, facts(lower=f"{OLD_TREE}/lib64"), Installed(None, OLD_TREE), State())
+    assert update.actions[:3] == (UNITS, INSTALL, LoadModules(TREE, {"nvidia": ("NVreg_X=1",)}, OLD_TREE)), \
+        "a new driver loads before current switches, with the old tree to fall back to"
+    assert isinstance(update.actions[3], SwitchCurrent)
     blocked = plan(s, facts(modules_supported=False), Installed(None, None), State())
     assert blocked.actions == (UNITS,)
     assert blocked.blocked is not None
