@@ -89,7 +89,7 @@ def cause_chain(exc: BaseException) -> list[str]:
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        text = str(cur) or type(cur).__name__
+        text = (cur.message if isinstance(cur, AgentError) else str(cur)) or type(cur).__name__
         if not chain or chain[-1] != text:
             chain.append(text)
         cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)

@@ -241,11 +241,10 @@ class Agent:
         log_now, suppressed = self._errors.should_log(key)
         phase = Phase.DEGRADED
         detail = causes[0] if not hint else f"{causes[0]} ({hint})"
-        if log_now:
-            self._phase(phase, detail, level="error", error=causes[0], causes=" <- ".join(causes[1:]) or None,
-                        hint=hint, transient=transient_default, repeated=suppressed or None)
-        else:
-            self.snapshot = self.snapshot.evolve(phase=phase, detail=detail)
-            self.notify(f"{phase.value}: {detail}")
+        self.snapshot = self.snapshot.evolve(phase=phase, detail=detail)
+        self.notify(f"{phase.value}: {detail}")
+        if log_now:  # one line per failure per period: error, its causes and what to do, as fields
+            self.log.error(phase.value, error=causes[0], causes=" <- ".join(causes[1:]) or None, hint=hint,
+                           transient=transient_default, repeated=suppressed or None)
         return phase
 

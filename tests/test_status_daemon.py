@@ -168,3 +168,14 @@ def test_trees_to_prune_keeps_the_newest_and_the_protected(ages: dict[str, float
 
     trees = [(Path(n), t) for n, t in ages.items()]
     assert trees_to_prune(trees, keep, {Path(p) for p in protected}) == [Path(p) for p in pruned]
+
+
+def test_cause_chain_keeps_hints_out_of_messages() -> None:
+    """Each cause appears once, as its message; the hint travels separately."""
+    try:
+        try:
+            raise OSError("connection refused")
+        except OSError as inner:
+            raise TransientError("pull x: registry unreachable", hint="check image.registry") from inner
+    except TransientError as exc:
+        assert cause_chain(exc) == ["pull x: registry unreachable", "connection refused"]
