@@ -103,7 +103,8 @@ class Agent:
                               self.host.host_view(current) if current else None)
         the_plan = plan(self.settings, facts, installed, state)
         self.snapshot = self.snapshot.evolve(
-            os=facts.os.pretty_name, kernel=facts.kernel, kernel_changed_from=the_plan.kernel_changed_from,
+            os=facts.os.pretty_name, kernel=facts.kernel,
+            kernel_changed_from=the_plan.kernel_changed_from or state.previous_kernel,
             gpus=tuple(f"{g.pci_slot} {g.device_id:04x} ({g.kind})" for g in facts.gpus),
             os_key=target.os_key, install_path=target.tree, image=str(target.reference),
             next_attempt_at=None)
@@ -123,9 +124,13 @@ class Agent:
         self._check_result(the_plan)
         for old in prune_trees(install_root, self.settings.install.keep_trees, {self.host(target.tree)}):
             self.log.info("pruned", tree=self.host.host_view(old))
-        save_state(state_path, State(last_kernel=facts.kernel, last_os_key=target.os_key, last_ready_at=time.time()))
         now = time.time()
-        self.snapshot = self.snapshot.evolve(last_error=None, kernel_changed_from=None,
+        changed = the_plan.kernel_changed_from
+        save_state(state_path, State(
+            last_kernel=facts.kernel, last_os_key=target.os_key, last_ready_at=now,
+            previous_kernel=changed or state.previous_kernel,
+            kernel_changed_at=now if changed else state.kernel_changed_at))
+        self.snapshot = self.snapshot.evolve(last_error=None, kernel_changed_from=changed or state.previous_kernel,
                                              ready_since=self.snapshot.ready_since or now)
         self._errors.forget()
         self._phase(Phase.READY, f"driver {target.driver} for {target.os_key}", tree=target.tree,

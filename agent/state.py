@@ -68,6 +68,8 @@ class State:
     last_kernel: str | None = None
     last_os_key: str | None = None
     last_ready_at: float | None = None
+    previous_kernel: str | None = None  # the kernel before the last change the agent handled
+    kernel_changed_at: float | None = None
 
 
 def load_state(path: Path) -> State:

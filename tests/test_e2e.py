@@ -209,6 +209,10 @@ def test_kernel_change_installs_the_matching_image_and_keeps_the_old_tree(tmp_pa
     marker = json.loads((host.root / tree_path(K2).lstrip("/") / ".nvidia-agent.json").read_text())
     assert marker["digest"] == new_digest
 
+    status = status_json(host)
+    assert status["kernel"] == K2
+    assert status["kernel_changed_from"] == K1, "status keeps saying what the kernel changed from once ready"
+
     host.configure(registry.host, "[install]\nkeep_trees = 1\n")
     pruned = host.once()
     assert pruned.returncode == 0, pruned.stdout + pruned.stderr
