@@ -134,9 +134,11 @@ def _renameat2_exchange(a: Path, b: Path) -> bool:
     raise HostError(f"exchange {a} with {b}: {os.strerror(err)}")
 
 
-def trees_to_prune(trees: list[tuple[Path, float]], keep: int, protected: set[Path]) -> list[Path]:
-    """The oldest installed trees beyond `keep`; protected trees (current, mounted) always stay."""
-    newest_first = sorted(trees, key=lambda t: t[1], reverse=True)
+def trees_to_prune(trees: list[tuple[Path, float]], keep: int, protected: set[Path], driver: str) -> list[Path]:
+    """Trees beyond `keep`: protected ones (the active tree) always stay, then the configured
+    driver's trees newest first (the previous kernel's tree is what an OS rollback boots back
+    into), then other drivers' trees newest first."""
+    newest_first = sorted(trees, key=lambda t: (t[0].parent.name == driver, t[1]), reverse=True)
     kept = [p for p, _ in newest_first if p in protected]
     pruned = []
     for path, _ in newest_first:
@@ -163,9 +165,9 @@ def installed_trees(install_root: Path) -> list[tuple[Path, float]]:
     return found
 
 
-def prune_trees(install_root: Path, keep: int, protected: set[Path]) -> list[Path]:
+def prune_trees(install_root: Path, keep: int, protected: set[Path], driver: str) -> list[Path]:
     """Remove old trees (renamed to trash first, so a crash mid-delete leaves only debris)."""
-    pruned = trees_to_prune(installed_trees(install_root), keep, protected)
+    pruned = trees_to_prune(installed_trees(install_root), keep, protected, driver)
     for tree in pruned:
         trash = install_root / f"{TRASH_PREFIX}{tree.parent.name}-{tree.name}-{os.getpid()}"
         tree.rename(trash)

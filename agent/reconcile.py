@@ -14,7 +14,7 @@ from agent.bus import Systemd
 from agent.config import Settings
 from agent.devices import Monitor, ensure_nodes, plan_nodes, wait_gpus_bound
 from agent.errors import AgentError, HostError, cause_chain
-from agent.hostfacts import HostFacts, HostProbe, top_mount
+from agent.hostfacts import HostFacts, HostProbe, read_modules, top_mount
 from agent.hostroot import HostRoot
 from agent.install import current_target, install_image, prune_trees, remove_debris, switch_current
 from agent.log import RepeatLimiter
@@ -122,7 +122,7 @@ class Agent:
         if the_plan.blocked:
             raise HostError(the_plan.blocked)
         self._check_result(the_plan)
-        for old in prune_trees(install_root, self.settings.install.keep_trees, {self.host(target.tree)}):
+        for old in prune_trees(install_root, self.settings.install.keep_trees, {self.host(target.tree)}, target.driver):
             self.log.info("pruned", tree=self.host.host_view(old))
         now = time.time()
         changed = the_plan.kernel_changed_from
@@ -214,6 +214,7 @@ class Agent:
 
     def _roll_back(self, tree: str, params: dict[str, tuple[str, ...]]) -> None:
         """Put the previous tree's modules (and persistenced) back after the new ones failed to load."""
+        before = read_modules(self.host("/sys/module"))
         try:
             loaded = load_modules(self.host(tree), self.host.root, params)
             ensure_persistenced(self.host(tree), self.host.root, self.systemd)
@@ -221,7 +222,8 @@ class Agent:
             self.log.error("rollback_failed", tree=tree, error=str(exc))
             return
         self.snapshot = self.snapshot.evolve(modules=loaded)
-        self.log.warning("rolled_back", tree=tree, modules=",".join(f"{k}={v}" for k, v in loaded.items()))
+        if any(before.get(name) != version for name, version in loaded.items()):  # nothing unloaded: no rollback
+            self.log.warning("rolled_back", tree=tree, modules=",".join(f"{k}={v}" for k, v in loaded.items()))
 
     def _check_result(self, the_plan: Plan) -> None:
         """Ready only if the host now shows what the plan promised."""

@@ -156,18 +156,22 @@ def test_debris_of_interrupted_installs_is_removed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("ages", "keep", "protected", "pruned"), [
-    ({"a": 1, "b": 2, "c": 3}, 3, set(), []),
-    ({"a": 1, "b": 2, "c": 3, "d": 4}, 3, set(), ["a"]),
-    ({"a": 1, "b": 2, "c": 3, "d": 4}, 1, {"a"}, ["d", "c", "b"]),  # the active tree stays even if oldest
-    ({"a": 1, "b": 2}, 1, {"a", "b"}, []),
+    ({"535/a": 1, "535/b": 2, "535/c": 3}, 3, set(), []),
+    ({"535/a": 1, "535/b": 2, "535/c": 3, "535/d": 4}, 3, set(), ["535/a"]),
+    ({"535/a": 1, "535/b": 2, "535/c": 3, "535/d": 4}, 1, {"535/a"}, ["535/d", "535/c", "535/b"]),
+    ({"535/a": 1, "535/b": 2}, 1, {"535/a", "535/b"}, []),
+    # Other drivers' trees go before the configured driver's older kernels (an OS rollback needs those).
+    ({"535/old-kernel": 1, "470/x": 2, "550/y": 3, "535/new-kernel": 4}, 3, {"535/new-kernel"}, ["470/x"]),
+    ({"535/old-kernel": 1, "470/x": 2, "550/y": 3, "535/new-kernel": 4}, 2, {"535/new-kernel"},
+     ["550/y", "470/x"]),
 ])
-def test_trees_to_prune_keeps_the_newest_and_the_protected(ages: dict[str, float], keep: int, protected: set[str],
-                                                          pruned: list[str]) -> None:
-    """keep_trees counts the protected (active) tree; the oldest others go first."""
+def test_trees_to_prune_keeps_the_active_then_the_driver_then_the_newest(
+        ages: dict[str, float], keep: int, protected: set[str], pruned: list[str]) -> None:
+    """keep_trees counts the active tree; the configured driver's trees outrank other drivers'."""
     from agent.install import trees_to_prune  # noqa: PLC0415
 
     trees = [(Path(n), t) for n, t in ages.items()]
-    assert trees_to_prune(trees, keep, {Path(p) for p in protected}) == [Path(p) for p in pruned]
+    assert trees_to_prune(trees, keep, {Path(p) for p in protected}, "535") == [Path(p) for p in pruned]
 
 
 def test_cause_chain_keeps_hints_out_of_messages() -> None:

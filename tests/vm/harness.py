@@ -972,6 +972,32 @@ def print_timings(out: Any = sys.stderr) -> None:
 
 # --------------------------------------------------------------------------- CLI
 
+DEMO_COMMANDS = (
+    "systemctl show -p ActiveState -p StatusText -p ActiveEnterTimestampMonotonic nvidia-agent",
+    "nvidia-agent status",
+    "journalctl -u nvidia-agent -b --no-pager -o cat",
+    "ls -l /dev/nvidia* /opt/nvidia",
+    "grep nvidia /proc/modules",
+    "grep ' /usr/lib64 ' /proc/self/mountinfo",
+    "nvidia-smi",
+    "systemctl cat kubelet.service | tail -4",
+)
+
+
+def demo(kernel: str) -> int:
+    """Boot the guest; the agent (a systemd service) pulls, installs, loads; print what an operator sees."""
+    build_image()
+    with Guest(kernel=kernel, name="demo") as g:
+        g.wait_agent_active()
+        failed = 0
+        for cmd in DEMO_COMMANDS:
+            rc, out = g.run(cmd, timeout=120, quiet=True)
+            print(f"\n$ {cmd}\n{out.rstrip()}" + (f"\n[exit {rc}]" if rc else ""))
+            failed += cmd == "nvidia-agent status" and rc != 0
+    print_timings()
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.vm.harness", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -981,6 +1007,9 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run scenarios (test names of tests/vm/test_vm.py, without test_)")
     r.add_argument("scenarios", nargs="*")
     r.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    d = sub.add_parser("demo", help="the agent's main job on a VM host: boot, let the agent install and load the "
+                                    "driver from the guest's own registry, show what an operator sees, power off")
+    d.add_argument("--kernel", default="amd64", help="amd64 (default), cloud, or an exact release")
     h = sub.add_parser("shell", help="boot a guest on a fresh disk and run commands typed on stdin")
     h.add_argument("--kernel", default="amd64", help="amd64 (default), cloud, or an exact release")
     a = ap.parse_args(argv)
@@ -998,6 +1027,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.scenarios:
             cmd += ["-k", " or ".join(a.scenarios)]
         return subprocess.run(cmd + a.pytest_args, cwd=REPO, check=False).returncode
+    if a.cmd == "demo":
+        return demo(a.kernel)
     with Guest(kernel=a.kernel, name="shell") as g:
         print(f"guest up ({g.kernel}); workdir {g.dir}; type commands, EOF or 'exit' to power off",
               file=sys.stderr)
