@@ -18,16 +18,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: boots a QEMU guest (tests/vm/run); minutes, root, skipped unless -m vm")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The VM tier runs only when selected (`-m vm`, tests/vm/run) or NVIDIA_AGENT_VM=1."""
-    if "vm" in (config.option.markexpr or "") or os.environ.get("NVIDIA_AGENT_VM") == "1":
-        return
-    skip = pytest.mark.skip(reason="VM tier: run tests/vm/run (or pytest -m vm)")
-    for item in items:
-        if item.get_closest_marker("vm"):
-            item.add_marker(skip)
-
-
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     harness = sys.modules.get("tests.vm.harness")
     if harness is None or not harness.TIMINGS:
