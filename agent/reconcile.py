@@ -13,7 +13,7 @@ from agent import mount as mounts
 from agent.bus import Systemd
 from agent.config import Settings
 from agent.devices import Monitor, ensure_nodes, plan_nodes, wait_gpus_bound
-from agent.errors import AgentError, HostError, cause_chain
+from agent.errors import AgentError, Cancelled, HostError, cause_chain
 from agent.hostfacts import HostFacts, HostProbe, read_modules, top_mount
 from agent.hostroot import HostRoot
 from agent.install import current_target, install_image, prune_trees, remove_debris, switch_current
@@ -66,10 +66,21 @@ class Agent:
         self.snapshot = Snapshot(version=__version__, driver=settings.driver.version)
         self.log = structlog.get_logger("nvidia-agent")
         self._errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
+        self._last_outcome: tuple[Phase, str] | None = None
 
     # --- reporting: one place that updates the log, the snapshot and systemd's STATUS=
 
     def _phase(self, phase: Phase, detail: str = "", *, level: str = "info", **ctx: Any) -> None:
+        """One phase change: the snapshot, systemd's STATUS= and one log event.
+
+        A periodic re-check of a settled host (detecting, then the same outcome again) logs at
+        debug, so the journal holds changes, not a heartbeat.
+        """
+        settled = phase in (Phase.READY, Phase.NO_GPU)
+        if phase is Phase.DETECTING or (settled and self._last_outcome == (phase, detail)):
+            level = "debug"
+        if settled:
+            self._last_outcome = (phase, detail)
         self.snapshot = self.snapshot.evolve(phase=phase, detail=detail)
         getattr(self.log, level)(phase.value, **({"detail": detail} if detail else {}), **ctx)
         self.notify(f"{phase.value}: {detail}" if detail else phase.value)
@@ -81,6 +92,9 @@ class Agent:
         structlog.contextvars.bind_contextvars(driver=self.settings.driver.version)
         try:
             outcome = self._reconcile(cancelled)
+        except Cancelled as exc:  # stopping: nothing failed, nothing half-done (staging is removed)
+            self.log.info("interrupted", reason=exc.message)
+            outcome = Phase.DEGRADED
         except AgentError as exc:
             outcome = self._failed(exc, transient_default=exc.transient)
         except Exception as exc:  # a bug: report it, keep the daemon alive, retry later
@@ -114,8 +128,8 @@ class Agent:
             self.snapshot = self.snapshot.evolve(image=installed.marker.reference, digest=installed.marker.digest)
         for action in the_plan.actions:
             if cancelled():
-                raise AgentError("stopping: reconcile interrupted")
-            self._execute(action, the_plan, facts, cancelled)
+                raise Cancelled("stopping: reconcile interrupted")
+            self._execute(action, facts, cancelled)
         if the_plan.no_gpu:
             self._phase(Phase.NO_GPU, "no NVIDIA GPU (PCI vendor 0x10de, class 0x0300/0x0302) on this host")
             return Phase.NO_GPU
@@ -137,7 +151,7 @@ class Agent:
                     digest=self.snapshot.digest)
         return Phase.READY
 
-    def _execute(self, action: Action, the_plan: Plan, facts: HostFacts, cancelled: Callable[[], bool]) -> None:
+    def _execute(self, action: Action, facts: HostFacts, cancelled: Callable[[], bool]) -> None:
         install_root = self.host(self.settings.install.root)
         match action:
             case InstallImage(target=t):
@@ -250,6 +264,7 @@ class Agent:
         detail = causes[0] if not hint else f"{causes[0]} ({hint})"
         self.snapshot = self.snapshot.evolve(phase=phase, detail=detail)
         self.notify(f"{phase.value}: {detail}")
+        self._last_outcome = None  # the next ready is news again
         if log_now:  # one line per failure per period: error, its causes and what to do, as fields
             self.log.error(phase.value, error=causes[0], causes=" <- ".join(causes[1:]) or None, hint=hint,
                            transient=transient_default, repeated=suppressed or None)

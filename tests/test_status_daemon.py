@@ -67,15 +67,21 @@ def test_server_replaces_a_stale_socket_and_answers(tmp_path: Path) -> None:
     assert not path.exists()
 
 
-def test_text_status_shows_error_chain_and_hint() -> None:
-    """The human view names the phase, the error, its causes and what to do."""
+def chained_error() -> TransientError:
+    """A registry error caused by a refused connection, raised for real so it has a cause chain."""
     try:
         try:
-            raise ConnectionError("connection refused")
-        except ConnectionError as inner:
+            raise OSError("connection refused")
+        except OSError as inner:
             raise TransientError("resolve reg/x:1: registry unreachable", hint="check image.registry") from inner
     except TransientError as exc:
-        causes = cause_chain(exc)
+        return exc
+    raise AssertionError("unreachable")
+
+
+def test_text_status_shows_error_chain_and_hint() -> None:
+    """The human view names the phase, the error, its causes and what to do."""
+    causes = cause_chain(chained_error())
     snap = Snapshot(phase=Phase.DEGRADED, detail="x").to_json()
     snap["last_error"] = {"message": causes[0], "hint": "check image.registry", "causes": causes, "at": 0}
     text = render_text(snap)
@@ -176,10 +182,33 @@ def test_trees_to_prune_keeps_the_active_then_the_driver_then_the_newest(
 
 def test_cause_chain_keeps_hints_out_of_messages() -> None:
     """Each cause appears once, as its message; the hint travels separately."""
-    try:
-        try:
-            raise OSError("connection refused")
-        except OSError as inner:
-            raise TransientError("pull x: registry unreachable", hint="check image.registry") from inner
-    except TransientError as exc:
-        assert cause_chain(exc) == ["pull x: registry unreachable", "connection refused"]
+    assert cause_chain(chained_error()) == ["resolve reg/x:1: registry unreachable", "connection refused"]
+
+
+def test_a_settled_host_is_rechecked_quietly(tmp_path: Path) -> None:
+    """A no-GPU host: the first reconcile logs no-gpu at info; re-checks that find the same log at debug only."""
+    from agent.bus import Systemd  # noqa: PLC0415
+    from agent.config import Settings  # noqa: PLC0415
+    from agent.hostfacts import HostProbe  # noqa: PLC0415
+    from agent.hostroot import HostRoot  # noqa: PLC0415
+    from agent.reconcile import Agent  # noqa: PLC0415
+    from agent.registry import RegistryClient  # noqa: PLC0415
+    from tests.conftest import write  # noqa: PLC0415
+    from tests.test_hostfacts import FakeUdev  # noqa: PLC0415
+
+    write(tmp_path / "etc/os-release", "ID=flatcar\nVERSION_ID=3815.2.0\n")
+    write(tmp_path / "proc/sys/kernel/osrelease", "6.1.0-28-amd64\n")
+
+    def no_bus() -> object:
+        raise RuntimeError("no system bus here")
+
+    agent = Agent(HostRoot(tmp_path), Settings(), probe=HostProbe(HostRoot(tmp_path), udev=FakeUdev([])),
+                  registry=RegistryClient(), systemd=Systemd(bus_factory=no_bus))
+    with capture_logs() as first:
+        assert agent.reconcile() is Phase.NO_GPU
+    with capture_logs() as again:
+        assert agent.reconcile() is Phase.NO_GPU
+    info = lambda logs: [e["event"] for e in logs if e["log_level"] != "debug"]  # noqa: E731
+    assert info(first) == ["units", "units_not_reloaded", "no-gpu"]
+    assert info(again) == []
+    assert (tmp_path / "etc/systemd/system/kubelet.service.d/50-nvidia-agent.conf").is_file()
