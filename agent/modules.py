@@ -112,15 +112,31 @@ def load_modules(tree: Path, host_root: Path, parameters: Mapping[str, tuple[str
     return {n: now[n] for n in plan.expected}
 
 
+# What the kernel's refusals usually mean, keyed by the strerror insmod prints.
+KERNEL_HINTS = (
+    ("Key was rejected by service", "Secure Boot / lockdown refuses unsigned modules: sign the image's modules with "
+                                    "a key enrolled in the MOK database (mokutil --import), or disable Secure Boot"),
+    ("Required key not available", "Secure Boot / lockdown refuses unsigned modules: sign the image's modules with "
+                                   "a key enrolled in the MOK database (mokutil --import), or disable Secure Boot"),
+    ("Invalid module format", "the module was built for another kernel (vermagic or symbol versions differ): "
+                              "rebuild the image for this kernel"),
+    ("Unknown symbol", "a dependency is missing or was built for another kernel; the kernel log names the symbol"),
+    ("No such device", "the driver found no GPU it can drive: check `lspci -d 10de:` and the kernel log"),
+)
+
+
 def _kernel_call(run: Run, argv: list[str], name: str, what: str) -> None:
     """Run insmod/rmmod/modprobe; on failure the kernel's own words (and its log) reach the error."""
     try:
         run(argv)
     except subp.SubpError as exc:
         reason = (exc.stderr or exc.stdout).strip() or str(exc)
+        if argv[0] == "insmod" and "File exists" in reason:
+            return  # loaded meanwhile (udev autoload): the version check after loading decides
         kernel_log = _recent_kernel_lines(run, name)
         detail = f"; kernel log: {kernel_log}" if kernel_log else ""
-        raise HostError(f"{what} {name} failed: {reason}{detail}") from exc
+        hint = next((h for key, h in KERNEL_HINTS if key in reason), None)
+        raise HostError(f"{what} {name} failed: {reason}{detail}", hint=hint) from exc
 
 
 def _recent_kernel_lines(run: Run, name: str, count: int = 3) -> str:

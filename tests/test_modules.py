@@ -153,3 +153,37 @@ def test_holders_leave_out_our_own_persistenced(tmp_path: Path, users: dict[int,
         (tmp_path / f"proc/{pid}/fd/3").symlink_to("/dev/nvidiactl" if comm.startswith("nvidia") else "/dev/nvidia0")
         write(tmp_path / f"proc/{pid}/comm", comm + "\n")
     assert module_holders(tmp_path / "sys/module", tmp_path / "proc", ("nvidia",), ours) == busy
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize(("stderr", "hint"), [
+    ("insmod: ERROR: could not insert module nvidia.ko: Key was rejected by service", "Secure Boot"),
+    ("insmod: ERROR: could not insert module nvidia.ko: Invalid module format", "built for another kernel"),
+    ("insmod: ERROR: could not insert module nvidia.ko: Unknown symbol in module", "dependency is missing"),
+])
+def test_known_kernel_refusals_carry_a_hint(tmp_path: Path, tree: Path, stderr: str, hint: str) -> None:
+    """The kernel's words stay verbatim; a hint says what they usually mean (secure boot, wrong kernel)."""
+    root = tmp_path / "host"
+    (root / "sys/module").mkdir(parents=True)
+    with pytest.raises(HostError) as err:
+        load_modules(tree, root, {}, run=FakeKernel(root, fail={"nvidia": stderr}))
+    assert stderr in err.value.message
+    assert err.value.hint is not None
+    assert hint in err.value.hint
+
+
+@pytest.mark.subprocess
+def test_file_exists_is_a_race_not_a_failure(tmp_path: Path, tree: Path) -> None:
+    """insmod racing udev's autoload ('File exists') is fine when the loaded version is the tree's."""
+    root = tmp_path / "host"
+    (root / "sys/module").mkdir(parents=True)
+    kernel = FakeKernel(root)
+
+    def racing(argv: list[str], check: bool = True, **kw: object) -> subp.Completed:
+        if argv[0] == "insmod" and argv[1].endswith("/nvidia.ko"):
+            kernel(argv)  # udev got there first ...
+            raise subp.SubpError(argv, 1, "", "insmod: ERROR: could not insert module nvidia.ko: File exists")
+        return kernel(argv, check)
+
+    versions = load_modules(tree, root, {}, run=racing)
+    assert versions["nvidia"] == "535.261.03"
