@@ -49,6 +49,17 @@ def acquire_lock(path: Path) -> IO[str]:
     return f
 
 
+def process_age_s(proc: Path = Path("/proc")) -> float:
+    """Seconds since this process started (/proc/self/stat starttime against /proc/uptime); 0 if unknown."""
+    try:
+        fields = (proc / "self/stat").read_text().rsplit(")", 1)[1].split()
+        started_s = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc_pid_stat(5)
+        uptime_s = float((proc / "uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime_s - started_s)
+
+
 def next_delay_s(failures: int, initial_s: float, max_s: float) -> float:
     """Exponential backoff: initial, 2x, 4x, ... capped at max."""
     if failures <= 0:
@@ -114,9 +125,11 @@ class Triggers:
 class Readiness:
     """READY=1 goes out once: when the driver works (or there is no GPU), or at the deadline, degraded."""
 
-    def __init__(self, notifier: Notifier, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, notifier: Notifier, timeout_s: float, clock: Callable[[], float] = time.monotonic,
+                 started_ago_s: float = 0.0) -> None:
         self.notifier = notifier
-        self.deadline = clock() + timeout_s
+        # Counted from process start: interpreter start-up is part of what units ordered after us wait for.
+        self.deadline = clock() + timeout_s - started_ago_s
         self.timeout_s = timeout_s
         self.sent = False
         self._clock = clock
@@ -127,7 +140,7 @@ class Readiness:
             return None
         if phase in (Phase.READY, Phase.NO_GPU):
             self.sent = True
-            self.notifier.send(READY="1", STATUS=status)
+            self.notifier.send(READY="1", STATUS=f"{phase.value}: {status}")
             return "ready"
         if self._clock() >= self.deadline:
             self.sent = True
@@ -146,7 +159,7 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
     log = structlog.get_logger("nvidia-agent")
     notifier = notifier or Notifier(None)
     agent.notify = notifier.status
-    readiness = Readiness(notifier, agent.settings.daemon.ready_timeout_s)
+    readiness = Readiness(notifier, agent.settings.daemon.ready_timeout_s, started_ago_s=process_age_s())
     server = StatusServer(socket_path, lambda: agent.snapshot)
     server.start()
     log.info("started", socket=str(socket_path), once=once, pid=os.getpid(),

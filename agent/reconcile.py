@@ -121,7 +121,7 @@ class Agent:
             kernel_changed_from=the_plan.kernel_changed_from or state.previous_kernel,
             gpus=tuple(f"{g.pci_slot} {g.device_id:04x} ({g.kind})" for g in facts.gpus),
             os_key=target.os_key, install_path=target.tree, image=str(target.reference),
-            next_attempt_at=None)
+            current=installed.current, next_attempt_at=None)
         if the_plan.kernel_changed_from:
             self.log.info("kernel_changed", previous=the_plan.kernel_changed_from, tree=target.tree)
         if installed.marker is not None:

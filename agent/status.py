@@ -202,7 +202,7 @@ def render_text(status: dict[str, Any]) -> str:
         f"driver:      {status.get('driver') or '?'}",
         f"image:       {status.get('image') or '-'}",
         f"digest:      {status.get('digest') or '-'}",
-        f"installed:   {status.get('install_path') or '-'}",
+        f"target:      {status.get('install_path') or '-'}",
         f"current:     {status.get('current') or '-'}",
         f"mount:       {status.get('mount') or '-'}",
     ]

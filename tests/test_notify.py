@@ -127,6 +127,7 @@ def test_daemon_reports_degraded_ready_then_recovers_without_restart(tmp_path: P
     assert ready == [{"READY": "1", "STATUS": "degraded: no image for this kernel"}]
     statuses = [m["STATUS"] for m in messages if "STATUS" in m]
     assert statuses.index("degraded: no image for this kernel") < statuses.index("ready: driver 1.0")
+    assert all(s.startswith(("ready", "degraded")) for s in statuses), statuses
     assert messages[-1] == {"STOPPING": "1"}
     assert agent.calls == 6
 
@@ -169,3 +170,25 @@ def test_signal_storm_never_deadlocks_the_wait() -> None:
         signal.set_wakeup_fd(-1)
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+def test_ready_status_keeps_the_phase_word(systemd: SystemdSocket) -> None:
+    """StatusText after READY=1 starts with the phase (seen in the guest: it lost 'ready: ')."""
+    r = Readiness(Notifier(str(systemd.path)), 10)
+    r.update(Phase.READY, "driver 535 for flatcar-1")
+    assert systemd.messages() == [{"READY": "1", "STATUS": "ready: driver 535 for flatcar-1"}]
+
+
+def test_process_age_reads_proc(tmp_path: Path) -> None:
+    """The READY deadline counts from process start: starttime (ticks) against uptime."""
+    import os  # noqa: PLC0415
+
+    from agent.daemon import process_age_s  # noqa: PLC0415
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    (tmp_path / "self").mkdir()
+    fields = ["S"] + ["0"] * 18 + [str(100 * ticks)] + ["0"] * 10
+    (tmp_path / "self/stat").write_text("42 (python3 (x)) " + " ".join(fields) + "\n")
+    (tmp_path / "uptime").write_text("112.5 200.0\n")
+    assert process_age_s(tmp_path) == pytest.approx(12.5)
+    assert process_age_s(tmp_path / "missing") == 0.0

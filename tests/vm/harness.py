@@ -405,7 +405,8 @@ def real_tree_cached(kver: str) -> bool:
 
 
 def want_real(kernels: Kernels) -> bool:
-    return os.environ.get("NVIDIA_AGENT_REAL_DRIVER") == "1" or real_tree_cached(kernels.amd64)
+    """The real 535 scenario runs unless NVIDIA_AGENT_REAL_DRIVER=0 (its first build takes ~4-5 min)."""
+    return os.environ.get("NVIDIA_AGENT_REAL_DRIVER", "1") != "0" or real_tree_cached(kernels.amd64)
 
 
 def _free_port() -> int:
@@ -558,6 +559,37 @@ ExecStart=/sbin/insmod /usr/lib/nvidia-agent-vm/fake_gpu_pci-%v.ko gpus={FAKE_GP
 WantedBy=sysinit.target
 """
 
+# Stand-ins for the agent's default consumers (units.before). Each records, at the moment it
+# starts, whether the driver was there. They carry no After=/Wants= on nvidia-agent themselves:
+# their ordering must come from the agent's own unit (Before=) and the drop-ins it writes.
+STANDINS = ("kubelet", "dcos-mesos-slave")
+STANDIN_SEEN = "/usr/lib/nvidia-agent-vm/standin-seen"
+
+STANDIN_SCRIPT = """\
+#!/bin/sh
+# Usage: standin-seen UNIT. Appends to /var/log/UNIT.seen what UNIT found when it started:
+# "<uptime s> module=yes|no version=<v>|- nvidiactl=yes|no nvidia0=yes|no"
+read up _ < /proc/uptime
+m=no; [ -e /sys/module/nvidia ] && m=yes
+v=$(cat /sys/module/nvidia/version 2>/dev/null || echo -)
+c=no; [ -c /dev/nvidiactl ] && c=yes
+g=no; [ -c /dev/nvidia0 ] && g=yes
+echo "$up module=$m version=$v nvidiactl=$c nvidia0=$g" >> "/var/log/$1.seen"
+"""
+
+STANDIN_UNIT = """\
+[Unit]
+Description=Stand-in for %N (nvidia-agent VM tests): records whether the NVIDIA driver was there when it started
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/lib/nvidia-agent-vm/standin-seen %N
+
+[Install]
+WantedBy=multi-user.target
+"""
+
 
 def put(root: Path, rel: str, text: str | bytes, mode: int = 0o644) -> Path:
     """Write a file in a hard-linked copy of the cached rootfs without touching the cache."""
@@ -599,7 +631,7 @@ def build_image(force: bool = False) -> Path:
     wheels = agent_wheels()
     deps = CACHE / f"wheels-deps-{digest((REPO / 'pyproject.toml').read_bytes())}"
     key = digest(base.name, images.name, wheels.name, deps.name, *GUEST_FILES, Path(__file__),
-                 VM_TOML, REGISTRY_YML, REGISTRY_UNIT, FAKE_GPU_UNIT)
+                 VM_TOML, REGISTRY_YML, REGISTRY_UNIT, FAKE_GPU_UNIT, STANDIN_SCRIPT, STANDIN_UNIT)
     img = CACHE / f"guest-{key}.raw"
     if img.exists() and not force:
         log(f"guest image cache hit: {img.name}")
@@ -650,8 +682,12 @@ def _assemble(base: Path, images: Path, *, wheels: Path, deps: Path, img: Path) 
         put(root, f"usr/lib/nvidia-agent-vm/{ko.name}", ko.read_bytes())
     put(root, "etc/systemd/system/fake-gpu.service", FAKE_GPU_UNIT)
     put(root, "usr/lib/nvidia-agent-vm/images.json", (images / "images.json").read_bytes())
+    # kubelet and dcos-mesos-slave stand-ins (oneshot, enabled), ordered only by the agent's side
+    put(root, STANDIN_SEEN, STANDIN_SCRIPT, mode=0o755)
+    for unit in STANDINS:
+        put(root, f"etc/systemd/system/{unit}.service", STANDIN_UNIT)
     sh("systemctl", f"--root={root}", "enable", "-q", "nvidia-agent.service", "docker-registry.service",
-       "fake-gpu.service")
+       "fake-gpu.service", *(f"{u}.service" for u in STANDINS))
     img.unlink(missing_ok=True)
     tmp = img.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
@@ -915,6 +951,26 @@ class Guest:
     def guest_time(self) -> float:
         return float(self.run("date +%s.%N", quiet=True)[1].strip())
 
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        """`systemctl show -p P1 -p P2 UNIT` as a dict (what systemd itself recorded)."""
+        _, out = self.run(f"systemctl show {' '.join(f'-p {p}' for p in props)} {unit}", quiet=True)
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def put(self, path: str, text: str, mode: str = "644") -> None:
+        """Write a file in the guest (parents created)."""
+        q = shlex.quote(path)
+        self.run(f"mkdir -p $(dirname {q}) && cat > {q} && chmod {mode} {q}", check=True, quiet=True,
+                 input_data=text.encode())
+
+    def tag_image(self, repository: str, src: str, dst: str, registry: str = GUEST_REGISTRY) -> str:
+        """Publish `repository:src` under the new tag `dst` in the guest's registry (manifest GET + PUT,
+        as a pipeline pushing a late image would); returns the pushed manifest's digest."""
+        rc, out = self.run(f"python3 - {registry} {repository} {src} {dst}", input_data=RETAG_PY.encode(),
+                           quiet=True)
+        if rc != 0:
+            raise RuntimeError(f"tagging {repository}:{src} as {dst} failed: {out}")
+        return out.strip()
+
     COLLECT: ClassVar[dict[str, str]] = {
         "systemctl-show.txt": "systemctl show nvidia-agent",
         "systemctl-status.txt": "systemctl status --no-pager -l nvidia-agent docker-registry fake-gpu",
@@ -930,6 +986,10 @@ class Guest:
         "proc-devices.txt": "cat /proc/devices",
         "opt-nvidia.txt": "ls -la /opt/nvidia /opt/nvidia/*/ 2>&1; readlink /opt/nvidia/current",
         "dmesg.txt": "dmesg | tail -200",
+        "standins.txt": "tail -n 5 /var/log/*.seen; systemctl show -p Id -p ActiveState -p StatusText"
+                        " -p InactiveExitTimestampMonotonic -p ActiveEnterTimestampMonotonic -p After"
+                        " -p DropInPaths nvidia-agent "
+                        + " ".join(f"{u}.service" for u in STANDINS),
         "journal-boot.txt": "journalctl -b --no-pager | tail -400",
     }
 
@@ -946,6 +1006,20 @@ class Guest:
             shutil.copy(p, dest / p.name)
         return dest
 
+
+RETAG_PY = """\
+import sys, urllib.request
+registry, repo, src, dst = sys.argv[1:5]
+types = ["application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+         "application/vnd.docker.distribution.manifest.list.v2+json",
+         "application/vnd.docker.distribution.manifest.v2+json"]
+base = f"http://{registry}/v2/{repo}/manifests/"
+with urllib.request.urlopen(urllib.request.Request(base + src, headers={"Accept": ", ".join(types)})) as r:
+    body, media_type = r.read(), r.headers["Content-Type"]
+put = urllib.request.Request(base + dst, data=body, method="PUT", headers={"Content-Type": media_type})
+with urllib.request.urlopen(put) as r:
+    print(r.headers.get("Docker-Content-Digest"))
+"""
 
 _RUNNING: set[subprocess.Popen[bytes]] = set()
 

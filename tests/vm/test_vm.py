@@ -9,7 +9,16 @@ state it starts from):
 3. busy module + different driver requested: the agent refuses to unload and names the holder;
 4. the real 535 driver (when built): installs and verifies, the load fails with the kernel's
    own reason, the previous driver stays current;
-5. reboot into the other kernel flavour: the agent installs the image built for it.
+5. reboot into the other kernel flavour: the agent installs the image built for it;
+
+and issue 4, the systemd contract, with stand-ins for kubelet and dcos-mesos-slave that record
+whether the driver was there when they started (checked after 1 and after 2):
+
+6. restart and stop/start of the agent: the driver stays loaded and mounted throughout; reload
+   reconciles in the same process;
+7. a wedged agent: systemd's watchdog kills and restarts it;
+8. no image for this host yet: kubelet starts after daemon.ready_timeout_s with a degraded
+   status, and the agent becomes ready without a restart once the image is published.
 
 Run: tests/vm/run  (or: python -m tests.vm.harness run first_boot kernel_changed).
 What each scenario leaves behind (status, journal, /proc/modules, /dev/nvidia*, mountinfo, ...)
@@ -22,6 +31,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,13 +40,14 @@ from typing import Any
 import pytest
 
 from tests.vm import harness
-from tests.vm.harness import DRIVER, DRIVER2, Guest
+from tests.vm.harness import DRIVER, DRIVER2, STANDINS, Guest
 
 pytestmark = [pytest.mark.vm, pytest.mark.integration, pytest.mark.timeout(1500)]
 
 LOADABLE_MODULES = ("nvidia", "nvidia_uvm", "nvidia_modeset", "nvidia_drm")
 NVIDIA_MAJOR = 195
 OVERRIDE = "/etc/nvidia-agent/config.d/60-scenario.toml"
+DROPIN_LINES = ["[Unit]", "Wants=nvidia-agent.service", "After=nvidia-agent.service"]
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -215,6 +226,110 @@ def assert_serving(g: Guest, st: dict[str, Any], driver: str, kernel: str) -> No
     assert rc == 0 and driver in smi, smi
 
 
+def seen(g: Guest, unit: str) -> dict[str, str]:
+    """What a stand-in recorded when it last started (its last line in /var/log/<unit>.seen)."""
+    _, out = g.run(f"tail -n 1 /var/log/{unit}.seen", quiet=True)
+    f = out.split()
+    assert f and re.match(r"^\d+\.\d+$", f[0]), f"{unit} left no record: {out!r}"
+    return {"uptime": f[0], **dict(kv.split("=", 1) for kv in f[1:] if "=" in kv)}
+
+
+def warnings(g: Guest, since: str = "-b") -> str:
+    """`journalctl -u nvidia-agent -p warning`: what an operator reads for problems."""
+    return g.run(f"journalctl -u nvidia-agent {since} -p warning --no-pager -o cat", quiet=True)[1].strip()
+
+
+def status_text(g: Guest) -> str:
+    return g.show("nvidia-agent", "StatusText").get("StatusText", "")
+
+
+def assert_ordered(g: Guest, driver_seen: str | None) -> dict[str, float]:
+    """The stand-ins started only after nvidia-agent was active (READY), by systemd's own clock.
+
+    driver_seen: the nvidia version each stand-in must have found loaded (with /dev/nvidiactl and
+    /dev/nvidia0) when it started; None: no expectation. Returns the timestamps (guest monotonic s).
+    """
+    for unit in STANDINS:  # systemd starts them right after READY; give the job a moment
+        g.run(f"for i in $(seq 120); do systemctl is-active -q {unit} && break; sleep 0.5; done", quiet=True,
+              timeout=90)
+    agent = g.show("nvidia-agent", "ActiveState", "ExecMainStartTimestampMonotonic",
+                   "ActiveEnterTimestampMonotonic")
+    assert agent["ActiveState"] == "active", agent
+    times = {"agent start": int(agent["ExecMainStartTimestampMonotonic"]) / 1e6,
+             "agent active": int(agent["ActiveEnterTimestampMonotonic"]) / 1e6}
+    for unit in STANDINS:
+        u = g.show(f"{unit}.service", "ActiveState", "InactiveExitTimestampMonotonic", "ActiveEnterTimestampMonotonic")
+        assert u["ActiveState"] == "active", (unit, u)
+        began, active = int(u["InactiveExitTimestampMonotonic"]) / 1e6, int(u["ActiveEnterTimestampMonotonic"]) / 1e6
+        times[f"{unit} start"], times[f"{unit} active"] = began, active
+        assert began >= times["agent active"], f"{unit} started at {began:.2f}s, before nvidia-agent was " \
+                                               f"active at {times['agent active']:.2f}s"
+        assert active >= times["agent active"], (unit, active, times)
+        rec = seen(g, unit)
+        # its record is from this boot and this start: /proc/uptime when ExecStart ran
+        assert began - 1 <= float(rec["uptime"]) <= active + 1, (unit, rec, began, active)
+        if driver_seen is not None:
+            assert rec == {**rec, "module": "yes", "version": driver_seen, "nvidiactl": "yes", "nvidia0": "yes"}, \
+                f"{unit} started without a working driver: {rec}"
+    harness.log("  ordering (guest monotonic s): " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()))
+    return times
+
+
+def assert_dropins(g: Guest) -> None:
+    """One drop-in per consumer with literal values, and systemd applies it."""
+    for unit in STANDINS:
+        path = f"/etc/systemd/system/{unit}.service.d/50-nvidia-agent.conf"
+        rc, text = g.run(f"cat {path}", quiet=True)
+        assert rc == 0, f"{path} missing: {text}"
+        directives = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        assert directives == DROPIN_LINES, text
+        assert "%" not in text and "$" not in text, f"specifiers or variables in {path}: {text}"
+        u = g.show(f"{unit}.service", "After", "Wants", "DropInPaths")
+        assert "nvidia-agent.service" in u["After"].split(), u
+        assert "nvidia-agent.service" in u["Wants"].split(), u
+        assert path in u["DropInPaths"].split(), u
+        # the ordering is the agent's doing: the stand-in's own unit file has no dependency on it
+        rc, own = g.run(f"grep -E '^(After|Wants|Requires|BindsTo|Requisite)=' /etc/systemd/system/{unit}.service",
+                        quiet=True)
+        assert rc == 1, f"{unit}.service orders itself: {own}"
+
+
+def assert_systemd_contract(g: Guest, driver: str) -> None:
+    """Issue 4 on a boot that reached ready: what an operator checks of the systemd side."""
+    assert_ordered(g, driver_seen=driver)
+    assert warnings(g) == "", f"journalctl -u nvidia-agent -b -p warning:\n{warnings(g)}"
+    assert_dropins(g)
+    rc, out = g.run("systemd-analyze verify /etc/systemd/system/nvidia-agent.service", quiet=True, timeout=60)
+    harness.log(f"  systemd-analyze verify: rc={rc} {out.strip()!r}")
+    assert rc == 0, out
+    assert "nvidia-agent" not in out, out
+    text = status_text(g)
+    assert text.startswith("ready"), f"StatusText of nvidia-agent: {text!r}"
+
+
+@contextlib.contextmanager
+def driver_watch(g: Guest) -> Iterator[dict[str, Any]]:
+    """Sample, every ~50 ms while the body runs, that nvidia is in /proc/modules and our overlay on
+    /usr/lib64; yields a dict that gets `samples` and `gaps` (the failed samples) at the end."""
+    result: dict[str, Any] = {}
+    loop = ("n=0; while [ ! -e /run/vm-watch.stop ]; do n=$((n+1)); "
+            "grep -q '^nvidia ' /proc/modules || echo \"gap $(cut -d' ' -f1 /proc/uptime) nvidia not loaded\"; "
+            "grep -qE ' /usr/lib64 .* - overlay ' /proc/self/mountinfo "
+            "|| echo \"gap $(cut -d' ' -f1 /proc/uptime) no overlay on /usr/lib64\"; "
+            "sleep 0.05; done; echo samples $n")
+    g.run("rm -f /run/vm-watch.stop /run/vm-watch.log", check=True, quiet=True)
+    g.run(f"systemd-run -q --unit=vm-watch --collect -p StandardOutput=file:/run/vm-watch.log "
+          f"/bin/sh -c {shlex.quote(loop)}", check=True, quiet=True)
+    try:
+        yield result
+    finally:
+        g.run("touch /run/vm-watch.stop; while systemctl is-active -q vm-watch; do sleep 0.1; done", quiet=True)
+        _, out = g.run("cat /run/vm-watch.log", quiet=True)
+        result["gaps"] = [ln for ln in out.splitlines() if ln.startswith("gap")]
+        m = re.search(r"samples (\d+)", out)
+        result["samples"] = int(m.group(1)) if m else 0
+
+
 @contextlib.contextmanager
 def holder(g: Guest, device: str = "/dev/nvidia0") -> Iterator[int]:
     """A process keeping `device` open, like a CUDA job."""
@@ -246,6 +361,14 @@ def test_first_boot(vm: Guest) -> None:
     assert st.get("digest", "").startswith("sha256:"), st
 
 
+def test_first_boot_systemd_contract(vm: Guest) -> None:
+    """Issue 4 on the first boot: kubelet and dcos-mesos-slave waited for a working driver; the
+    agent's status line, journal, drop-ins and unit file are what an operator expects."""
+    assert vm.boots == 1, "runs on the guest's first boot (right after test_first_boot, or alone)"
+    settle(vm)
+    assert_systemd_contract(vm, DRIVER)
+
+
 def test_unchanged_reboot(vm: Guest) -> None:
     """Same kernel, same config: nothing pulled; modules loaded again; ready."""
     settle(vm)
@@ -257,6 +380,16 @@ def test_unchanged_reboot(vm: Guest) -> None:
     assert not pulled(journal), f"unchanged reboot pulled: {pulled(journal)}"
     assert current_target(vm) == before
     assert_serving(vm, st, DRIVER, vm.kernels.amd64)
+
+
+def test_unchanged_reboot_systemd_contract(vm: Guest) -> None:
+    """Issue 4 after an unchanged reboot (the drop-ins now exist from the start of the boot)."""
+    if vm.boots == 1:  # alone: make the reboot test_unchanged_reboot made
+        settle(vm)
+        vm.reboot()
+        vm.wait_agent_active()
+    settle(vm)
+    assert_systemd_contract(vm, DRIVER)
 
 
 def test_busy_module_refuses_unload(vm: Guest) -> None:
@@ -336,3 +469,176 @@ def test_kernel_changed(vm: Guest) -> None:
     assert_serving(vm, st, DRIVER, new)
     # the previous kernel's tree stays installed for a boot back into it
     assert vm.run(f"test -d /opt/nvidia/{tree_for(DRIVER, old)}", quiet=True)[0] == 0
+
+
+# --------------------------------------------------------------------------- issue 4: the systemd contract
+
+def test_restart_and_stop_keep_driver(vm: Guest) -> None:
+    """`systemctl restart` and stop/start: the driver stays loaded and mounted; ready again, nothing pulled."""
+    settle(vm)
+    kernel, pid0 = vm.kernel, vm.show("nvidia-agent", "MainPID")["MainPID"]
+    with driver_watch(vm) as watch:
+        t = time.monotonic()
+        rc, out = vm.run("systemctl restart nvidia-agent", timeout=180)  # Type=notify: returns at READY
+        harness.timed("systemctl restart nvidia-agent (until READY)", time.monotonic() - t)
+        assert rc == 0, out
+        assert "nvidia" in proc_modules(vm), "nvidia not loaded right after the restart"
+    harness.log(f"  restart: {watch['samples']} samples of /proc/modules and mountinfo, gaps: {watch['gaps']}")
+    assert watch["samples"] >= 5, watch
+    assert watch["gaps"] == [], f"the driver went away during the restart: {watch['gaps']}"
+    a = vm.show("nvidia-agent", "MainPID", "ActiveState", "StatusText")
+    assert a["ActiveState"] == "active" and a["MainPID"] != pid0, a
+    assert_serving(vm, settle(vm), DRIVER, kernel)
+    restarted_status = a["StatusText"]
+
+    # stop: the agent goes, the driver stays for running workloads; the consumers are not stopped
+    with driver_watch(vm) as watch:
+        rc, out = vm.run("systemctl stop nvidia-agent", timeout=60)
+        assert rc == 0, out
+        assert vm.show("nvidia-agent", "ActiveState")["ActiveState"] == "inactive"
+        assert module_versions(vm).get("nvidia") == DRIVER
+        assert "/dev/nvidiactl" in device_nodes(vm) and "/dev/nvidia0" in device_nodes(vm)
+        rc, smi = vm.run("/opt/nvidia/current/bin/nvidia-smi", quiet=True)
+        assert rc == 0 and DRIVER in smi, smi
+        for unit in STANDINS:
+            assert vm.show(f"{unit}.service", "ActiveState")["ActiveState"] == "active", unit
+        assert vm.run("nvidia-agent status", quiet=True)[0] == 1  # nobody answers: "unreachable"
+        t = time.monotonic()
+        rc, out = vm.run("systemctl start nvidia-agent", timeout=180)
+        harness.timed("systemctl start nvidia-agent (until READY)", time.monotonic() - t)
+        assert rc == 0, out
+    assert watch["gaps"] == [], f"the driver went away while the agent was stopped: {watch['gaps']}"
+    inv = vm.show("nvidia-agent", "InvocationID")["InvocationID"]
+    _, journal = vm.run(f"journalctl _SYSTEMD_INVOCATION_ID={inv} --no-pager -o cat", quiet=True)
+    assert re.search(r"^(<\d>)?ready\b", journal, re.M), f"no ready line from this start:\n{journal}"
+    assert not pulled(journal), f"a start on an installed host pulled: {pulled(journal)}"
+    assert_serving(vm, settle(vm), DRIVER, kernel)
+    assert restarted_status.startswith("ready"), f"StatusText after the restart: {restarted_status!r}"
+    assert status_text(vm).startswith("ready"), f"StatusText after the start: {status_text(vm)!r}"
+
+
+def test_reload_reconciles(vm: Guest) -> None:
+    """`systemctl reload nvidia-agent` (README: SIGHUP, reconcile now): same process, a fresh reconcile."""
+    st0 = settle(vm)
+    pid = vm.show("nvidia-agent", "MainPID")["MainPID"]
+    rc, out = vm.run("systemctl reload nvidia-agent", timeout=60)
+    _, tail = vm.run("journalctl -u nvidia-agent -b --no-pager -o cat | tail -5", quiet=True)
+    assert rc == 0, f"systemctl reload nvidia-agent: {out}\n{tail}"
+    deadline = time.monotonic() + 60
+    st: dict[str, Any] | None = st0
+    while time.monotonic() < deadline:
+        st = vm.status()
+        if st and (st.get("last_reconcile_at") or 0) > (st0.get("last_reconcile_at") or 0):
+            break
+        time.sleep(1)
+    assert st and (st.get("last_reconcile_at") or 0) > (st0.get("last_reconcile_at") or 0), "no reconcile after reload"
+    assert st["phase"] == "ready", st
+    assert vm.show("nvidia-agent", "MainPID")["MainPID"] == pid
+
+
+WEDGE_DROPIN = "/etc/systemd/system/nvidia-agent.service.d/90-vm-wedge.conf"
+
+
+def test_watchdog_kills_wedged_agent(vm: Guest) -> None:
+    """The main loop stops feeding the watchdog (fault injection): systemd kills and restarts the agent."""
+    settle(vm)
+    restarts0 = int(vm.show("nvidia-agent", "NRestarts")["NRestarts"])
+    try:
+        vm.put(WEDGE_DROPIN, "[Service]\nEnvironment=NVIDIA_AGENT_TEST_WEDGE_S=600\nWatchdogSec=10s\n")
+        vm.run("systemctl daemon-reload", check=True)
+        since = vm.guest_time()
+        vm.run("systemctl restart --no-block nvidia-agent", check=True)
+        t = time.monotonic()
+        seen_result = ""
+        journal = ""
+        while time.monotonic() - t < 120:
+            a = vm.show("nvidia-agent", "Result", "NRestarts", "ActiveState", "SubState")
+            if a["Result"] == "watchdog":
+                seen_result = "watchdog"
+            journal = vm.run(f"journalctl -u nvidia-agent --since=@{since:.0f} --no-pager -o cat", quiet=True)[1]
+            if seen_result and "Watchdog timeout" in journal and int(a["NRestarts"]) > restarts0:
+                break
+            time.sleep(1)
+        harness.timed("wedged agent: watchdog kill and restart seen", time.monotonic() - t)
+        harness.log(f"  watchdog: {a}")
+        assert "test_wedge" in journal, f"the agent never wedged:\n{journal}"
+        assert "Watchdog timeout" in journal, f"no watchdog timeout in the journal:\n{journal}"
+        assert seen_result == "watchdog", a
+        assert int(a["NRestarts"]) > restarts0, f"not restarted (Restart=on-failure): {a}"
+        # KillMode=process: the killed agent took nothing with it
+        assert module_versions(vm).get("nvidia") == DRIVER
+    finally:
+        vm.run(f"rm -f {WEDGE_DROPIN}; systemctl daemon-reload; systemctl kill -s KILL nvidia-agent; "
+               "systemctl reset-failed nvidia-agent; true")
+        since = vm.guest_time()
+        vm.run("systemctl restart --no-block nvidia-agent", check=True)
+    assert_serving(vm, settle(vm, since=since), DRIVER, vm.kernel)
+    a = vm.show("nvidia-agent", "WatchdogUSec", "StatusText")
+    assert a["WatchdogUSec"] == "2min" and a["StatusText"].startswith("ready"), a
+
+
+def test_no_image_yet_degraded_then_ready(vm: Guest) -> None:
+    """Boot with no image for this host in the registry: kubelet waits daemon.ready_timeout_s, no more;
+    once the image is published the agent becomes ready on its own, without a restart."""
+    settle(vm)
+    kernel = vm.kernels.amd64
+    timeout_s, retry_max_s = 20, 4
+    late = f"late-{DRIVER2}-debian-12-{kernel}"
+    try:
+        # DRIVER2 is not installed here, and no tag for it matches the template yet
+        if current_target(vm).startswith(f"{DRIVER2}/"):
+            set_driver(vm, None)
+            settle(vm)
+        vm.run(f"rm -rf /opt/nvidia/{DRIVER2} /var/log/*.seen", check=True)
+        vm.put(OVERRIDE, f'[driver]\nversion = "{DRIVER2}"\n\n[image]\ntag_template = "late-{{driver}}-{{os}}"\n\n'
+                         f"[daemon]\nready_timeout_s = {timeout_s}\nretry_initial_s = 2.0\n"
+                         f"retry_max_s = {retry_max_s}\n")
+        vm.reboot(kernel="amd64")
+        vm.wait_agent_active(timeout=180)
+        times = assert_ordered(vm, driver_seen=None)
+        waited = times["agent active"] - times["agent start"]
+        harness.timed("no image: agent READY (degraded) after its start (guest clock)", waited)
+        assert timeout_s <= waited <= timeout_s + 45, f"READY {waited:.1f}s after start, ready_timeout_s={timeout_s}"
+        for unit in STANDINS:
+            assert times[f"{unit} start"] >= times["agent start"] + timeout_s, (unit, times)
+        for unit in STANDINS:
+            assert seen(vm, unit)["module"] == "no", seen(vm, unit)
+        # what an operator sees. Between retries (every retry_max_s here) the phase is degraded;
+        # during one, StatusText and the status show the phase in progress (detecting, resolving)
+        queries, text = 0, ""
+        while queries < 10 and not text.startswith("degraded"):
+            queries, text = queries + 1, status_text(vm)
+            time.sleep(0 if text.startswith("degraded") else 0.5)
+        harness.log(f"  StatusText (query {queries}): {text!r}")
+        assert text.startswith("degraded"), f"StatusText: {text!r}"
+        queries, out, rc = 0, "", -1
+        while queries < 10 and not re.search(r"^phase:\s+degraded", out, re.M):
+            queries += 1
+            rc, out = vm.run("nvidia-agent status", quiet=True)
+            time.sleep(0 if re.search(r"^phase:\s+degraded", out, re.M) else 0.5)
+        harness.log(f"  nvidia-agent status (rc={rc}, query {queries}):\n{out}")
+        assert rc == 2 and re.search(r"^phase:\s+degraded", out, re.M) and late in out, out
+        warn = warnings(vm)
+        harness.log(f"  journalctl -u nvidia-agent -b -p warning:\n{warn}")
+        assert re.search(r"^(<\d>)?ready_degraded\b", warn, re.M), warn
+        assert any(late in ln and "ready_degraded" not in ln for ln in warn.splitlines()), \
+            f"no warning names the missing image {late}:\n{warn}"
+        a0 = vm.show("nvidia-agent", "MainPID", "NRestarts")
+        # the image is published late; the agent's retry finds it
+        published = vm.guest_time()
+        digest = vm.tag_image("nvidia/driver", f"{DRIVER2}-debian-12-{kernel}", late)
+        harness.log(f"  published {late} ({digest})")
+        t = time.monotonic()
+        st = settle(vm, timeout=120, since=published)
+        harness.timed("no image: ready after the image was published (host wait)", time.monotonic() - t)
+        took = st["phase_since"] - published
+        harness.timed("no image: ready after the image was published (guest clock)", took)
+        assert took <= retry_max_s + 20, f"ready {took:.0f}s after the image appeared; retry_max_s={retry_max_s}"
+        assert vm.show("nvidia-agent", "MainPID", "NRestarts") == a0, "the agent was restarted"
+        assert status_text(vm).startswith("ready"), status_text(vm)
+        assert_serving(vm, st, DRIVER2, kernel)
+        _, journal = vm.run(f"journalctl -u nvidia-agent --since=@{int(published)} --no-pager -o cat", quiet=True)
+        assert any(late in ln or DRIVER2 in ln for ln in pulled(journal)), journal[-2000:]
+    finally:
+        since = set_driver(vm, None)
+    assert_serving(vm, settle(vm, since=since), DRIVER, vm.kernel)
