@@ -355,18 +355,17 @@ class Pusher:
         resp = self._send("POST", f"{self.url}/v2/{repo}/blobs/uploads/", repo)
         return urljoin(f"{self.url}/", resp.headers["Location"])
 
+    def _put_blob(self, repo: str, digest: str, data: bytes | Iterable[bytes]) -> None:
+        """A monolithic upload: POST for a location, then PUT the content with its digest."""
+        location = self._start_upload(repo)
+        sep = "&" if "?" in location else "?"
+        self._send("PUT", f"{location}{sep}digest={digest}", repo, data=data,
+                   headers={"Content-Type": "application/octet-stream"})
+
     def push_blob(self, repo: str, data: bytes) -> str:
         """Upload `data` monolithically; returns its digest."""
         digest = sha256_digest(data)
-        location = self._start_upload(repo)
-        sep = "&" if "?" in location else "?"
-        self._send(
-            "PUT",
-            f"{location}{sep}digest={digest}",
-            repo,
-            data=data,
-            headers={"Content-Type": "application/octet-stream"},
-        )
+        self._put_blob(repo, digest, data)
         return digest
 
     def push_blob_stream(self, repo: str, chunks: Callable[[], Iterable[bytes]]) -> tuple[str, int]:
@@ -376,15 +375,7 @@ class Pusher:
             hasher.update(chunk)
             size += len(chunk)
         digest = "sha256:" + hasher.hexdigest()
-        location = self._start_upload(repo)
-        sep = "&" if "?" in location else "?"
-        self._send(
-            "PUT",
-            f"{location}{sep}digest={digest}",
-            repo,
-            data=iter(chunks()),
-            headers={"Content-Type": "application/octet-stream"},
-        )
+        self._put_blob(repo, digest, iter(chunks()))
         return digest, size
 
     def push_manifest(self, repo: str, ref: str, body: bytes, media_type: str) -> str:
