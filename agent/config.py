@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 from agent.hostroot import HostRoot, check_host_path
-from agent.reference import REGISTRY_RE, REPOSITORY_RE, Reference, render_tag
+from agent.reference import REGISTRY_RE, REPOSITORY_RE, render_tag
 
 # Lowest precedence first. A later directory's file of the same name replaces
 # an earlier one; a file that is a symlink to /dev/null masks the name.
@@ -266,10 +266,6 @@ def _cross_check(s: Settings, origin: Mapping[tuple[str, str], str]) -> None:
         raise ConfigError(origin.get(("daemon", "retry_initial_s"), "<defaults>"), "daemon.retry_initial_s",
                           f"{s.daemon.retry_initial_s:g} exceeds daemon.retry_max_s {s.daemon.retry_max_s:g}",
                           "retry_initial_s <= retry_max_s")
-    try:
-        Reference(s.image.registry, s.image.repository, tag="x")
-    except ValueError as exc:  # pragma: no cover - both parts are validated above
-        raise ConfigError("<merged>", "image", str(exc)) from None
 
 
 def load_settings(host: HostRoot, dirs: tuple[str, ...] = CONFIG_DIRS) -> Settings:

@@ -103,10 +103,6 @@ class Triggers:
         self.stop_requested = True
         self._poke()
 
-    def request_reconcile(self) -> None:
-        self.reconcile_requested = True
-        self._poke()
-
     def _poke(self) -> None:
         with contextlib.suppress(BlockingIOError):
             self._w.send(b"\0")

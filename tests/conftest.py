@@ -22,14 +22,11 @@ def _no_unplanned_subprocess(request: pytest.FixtureRequest, monkeypatch: pytest
     if request.node.get_closest_marker("integration") or request.node.get_closest_marker("subprocess"):
         yield
         return
-    real_init = subprocess.Popen.__init__
-
     def refuse(self: subprocess.Popen[bytes], args: object, *a: object, **kw: object) -> None:
         raise UnexpectedSubprocess(f"unit test tried to run {args!r}; mark it integration or subprocess")
 
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)  # undone by monkeypatch after the test
     yield
-    monkeypatch.setattr(subprocess.Popen, "__init__", real_init)
 
 
 def write(path: Path, text: str | bytes) -> Path:
