@@ -1,8 +1,9 @@
-"""A real registry for tests: Debian's docker-registry on 127.0.0.1, optional auth, and hand-pushed images.
+"""A real registry for tests: Debian's docker-registry on 127.0.0.1, optional auth and TLS, and hand-pushed images.
 
 Load it in tests/conftest.py with `pytest_plugins = ["support.registry"]` for the
 session-scoped `registry_server` fixture (plain http, no auth), or start a `RegistryServer`
-yourself for basic (`htpasswd=`) or bearer token (`token=TokenServer(...)`) auth. Pushes go
+yourself for basic (`htpasswd=`) or bearer token (`token=TokenServer(...)`) auth, or for
+https with a throwaway CA (`tls=True`, trust `server.ca_file`). Pushes go
 through `Pusher`, which does its own small auth handshake with the server's admin login, so
 the code under test is never used to build what it is tested against.
 """
@@ -14,6 +15,7 @@ import datetime as dt
 import gzip
 import hashlib
 import io
+import ipaddress
 import json
 import re
 import secrets
@@ -55,6 +57,18 @@ ADMIN = ("admin", "admin-secret")
 TOKEN_SERVICE = "test-registry"
 TOKEN_ISSUER = "test-token-issuer"
 TOKEN_TTL_S = 300
+TLS_VALID_S = 2 * 24 * 3600
+KEY_USAGES = (  # every keyword of cryptography's x509.KeyUsage, in its order
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+    "encipher_only",
+    "decipher_only",
+)
 
 
 def free_port() -> int:
@@ -208,6 +222,79 @@ def _basic_user(header: str | None, users: Mapping[str, str]) -> tuple[bool, str
     return False, None
 
 
+# --- TLS ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a throwaway CA and of a server certificate it signed (unencrypted key)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    """Write ca.pem, server.pem and server-key.pem into `directory`: a fresh CA, and a server
+    certificate it signed for 127.0.0.1 (IP SAN) and localhost (DNS SAN).
+
+    Each call makes a new CA, so two calls give two CAs that do not trust each other. The
+    extensions satisfy strict X.509 checks (key usages, subject and authority key ids).
+    """
+    from cryptography import x509  # noqa: PLC0415 - only TLS and token tests need cryptography
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415 - as above
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 - as above
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, f"nvidia-agent test CA {uuid.uuid4().hex[:8]}")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+
+    def builder(subject: x509.Name, key: ec.EllipticCurvePrivateKey) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(seconds=TLS_VALID_S))
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        )
+
+    def key_usage(*allowed: str) -> x509.KeyUsage:
+        return x509.KeyUsage(**{usage: usage in allowed for usage in KEY_USAGES})
+
+    ca = (
+        builder(ca_name, ca_key)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(key_usage("key_cert_sign", "crl_sign"), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server = (
+        builder(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "127.0.0.1")]), server_key)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(key_usage("digital_signature"), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
+    files.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files.cert_file.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    files.key_file.write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return files
+
+
 # --- the registry -------------------------------------------------------------------------------
 
 
@@ -215,7 +302,9 @@ class RegistryServer:
     """Debian's `docker-registry serve` on 127.0.0.1:<free port> with its own storage under `root`.
 
     `htpasswd` turns on basic auth for those users (plus the admin); `token` turns on bearer
-    token auth against that TokenServer (which must know the admin). Stopped by PID on exit.
+    token auth against that TokenServer (which must know the admin). `tls` serves https with a
+    certificate from a throwaway CA made under `root/tls`; clients trust it through `ca_file`
+    (`verify` is what to hand to requests either way). Stopped by PID on exit.
     """
 
     def __init__(
@@ -224,16 +313,23 @@ class RegistryServer:
         *,
         htpasswd: Mapping[str, str] | None = None,
         token: TokenServer | None = None,
+        tls: bool = False,
     ) -> None:
         if shutil.which("docker-registry") is None:
             pytest.skip("needs docker-registry (apt: docker-registry)")
         self.root = root
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
+        self.url = f"{'https' if tls else 'http'}://{self.host}"
+        self.ca_file: Path | None = None
         self.admin: tuple[str, str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
+        listen = f"addr: {self.host}"
+        if tls:
+            files = make_tls_files(root / "tls")
+            self.ca_file = files.ca_file
+            listen += f", tls: {{certificate: {files.cert_file}, key: {files.key_file}}}"
         auth = ""
         if htpasswd is not None:
             self.admin = ADMIN
@@ -252,9 +348,14 @@ class RegistryServer:
             "version: 0.1\n"
             "log: {level: warn, accesslog: {disabled: true}}\n"
             f"storage: {{filesystem: {{rootdirectory: {root / 'data'}}}, delete: {{enabled: true}}}}\n"
-            f"http: {{addr: {self.host}}}\n" + auth
+            f"http: {{{listen}}}\n" + auth
         )
-        self.pusher = Pusher(self.url, self.admin)
+        self.pusher = Pusher(self.url, self.admin, verify=self.verify)
+
+    @property
+    def verify(self) -> str | bool:
+        """requests' `verify=` for this server: the CA file under TLS, else the default."""
+        return str(self.ca_file) if self.ca_file is not None else True
 
     def start(self) -> RegistryServer:
         log = (self.root / "registry.log").open("wb")
@@ -266,15 +367,16 @@ class RegistryServer:
                 stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + READY_TIMEOUT_S
+        last: requests.ConnectionError | None = None
         while True:
             try:
-                if requests.get(f"{self.url}/v2/", timeout=1).status_code in (200, 401):
+                if requests.get(f"{self.url}/v2/", timeout=1, verify=self.verify).status_code in (200, 401):
                     return self
-            except requests.ConnectionError:
-                pass
+            except requests.ConnectionError as exc:  # an SSLError too, so a TLS mistake shows below
+                last = exc
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"docker-registry did not start:\n{self.log()}")
+                raise RuntimeError(f"docker-registry did not start (last probe: {last!r}):\n{self.log()}")
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -318,14 +420,18 @@ def registry_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 class Pusher:
-    """Pushes blobs and manifests with plain requests, logging in as `admin` when challenged."""
+    """Pushes blobs and manifests with plain requests, logging in as `admin` when challenged.
 
-    def __init__(self, url: str, admin: tuple[str, str] | None) -> None:
+    `verify` is requests' `verify=`: a CA file path for a TLS registry with a throwaway CA.
+    """
+
+    def __init__(self, url: str, admin: tuple[str, str] | None, *, verify: str | bool = True) -> None:
         self.url = url
         self.admin = admin
         self._authorization: dict[str, str] = {}  # repo -> header value
         self._session = requests.Session()
-        self._session.trust_env = False
+        self._session.trust_env = False  # also keeps REQUESTS_CA_BUNDLE from overriding `verify`
+        self._session.verify = verify
 
     def _send(self, method: str, url: str, repo: str, **kwargs: Any) -> requests.Response:
         headers = dict(kwargs.pop("headers", {}))
