@@ -34,6 +34,9 @@ class Systemd:
             return fn(self._bus.get(SYSTEMD)[MANAGER])
         except HostError:
             raise
+        except ImportError as exc:  # PyGObject missing: pydbus cannot work at all
+            raise HostError(f"cannot talk to systemd: {exc}",
+                            hint="install PyGObject (python3-gi) for pydbus") from None
         except Exception as exc:  # GLib.Error and friends: the bus or systemd said no
             raise HostError(f"systemd {what}: {exc}") from exc
 
@@ -49,11 +52,14 @@ class Systemd:
 
     def start_transient(self, name: str, argv: list[str], properties: list[tuple[str, Any]]) -> None:
         """A unit made on the fly (e.g. nvidia-persistenced from the installed tree)."""
-        from gi.repository import GLib  # noqa: PLC0415 - the variant types pydbus needs for a(sv)
+        def start(manager: Any) -> Any:
+            from gi.repository import GLib  # noqa: PLC0415 - the variant types pydbus needs for a(sv)
 
-        props = [("ExecStart", GLib.Variant("a(sasb)", [(argv[0], argv, False)]))]
-        props += [(k, v if isinstance(v, GLib.Variant) else GLib.Variant("s", v)) for k, v in properties]
-        self._call(f"start transient {name}", lambda m: m.StartTransientUnit(name, "replace", props, []))
+            props = [("ExecStart", GLib.Variant("a(sasb)", [(argv[0], argv, False)]))]
+            props += [(k, v if isinstance(v, GLib.Variant) else GLib.Variant("s", v)) for k, v in properties]
+            return manager.StartTransientUnit(name, "replace", props, [])
+
+        self._call(f"start transient {name}", start)
 
     def active_state(self, name: str) -> str:
         """ActiveState of a loaded unit ("active", "inactive", "failed", ...), "unknown" if not loaded."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import structlog
 
 from agent import __version__, log
+from agent.cancel import Cancel
 from agent.config import CONFIG_DIRS, Settings, load_settings
 from agent.credentials import Credentials
 from agent.daemon import LOCK_FILE, LockHeld, Triggers, acquire_lock, run_daemon
@@ -23,6 +26,7 @@ from agent.notify import Notifier
 from agent.reconcile import Agent
 from agent.registry import RegistryClient
 from agent.status import SOCKET_FILE, Phase, query, render_text
+from agent.trust import session_for, trust_context
 
 DESCRIPTION = """\
 Keeps the prebuilt NVIDIA driver that matches the running kernel installed
@@ -89,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_daemon(host: HostRoot, settings: Settings, *, once: bool) -> int:
     logger = structlog.get_logger("nvidia-agent")
+    if not settings.image.registry:
+        problem = ConfigError("/etc/nvidia-agent/config.d/", "image.registry", "not set: the agent trusts no "
+                              "registry it was not told about", 'e.g. [image] registry = "registry.example:5000" '
+                              "in /etc/nvidia-agent/config.d/50-registry.toml")
+        logger.error("config_invalid", error=str(problem), key="image.registry")
+        print(f"nvidia-agent: configuration error: {problem}", file=sys.stderr)
+        return ExitCode.CONFIG
     try:
         lock = acquire_lock(host(LOCK_FILE))
     except LockHeld as exc:
@@ -98,18 +109,28 @@ def cmd_daemon(host: HostRoot, settings: Settings, *, once: bool) -> int:
     with lock:
         try:
             credentials = Credentials.load(host(settings.image.auth_file))
+            context = trust_context(host, settings.image.ca_file)
         except ConfigError as exc:
             logger.error("config_invalid", error=str(exc))
+            print(f"nvidia-agent: configuration error: {exc}", file=sys.stderr)
             return ExitCode.CONFIG
         if credentials.unsupported_helpers:
             logger.warning("credential_helpers_ignored", helpers=",".join(credentials.unsupported_helpers),
                            file=settings.image.auth_file)
+        cancel = Cancel()
         registry = RegistryClient(plain_http=settings.image.plain_http, credentials=credentials,
-                                  timeout_s=settings.image.timeout_s, attempts=settings.image.attempts)
+                                  timeout_s=settings.image.timeout_s, attempts=settings.image.attempts,
+                                  session=session_for(context), sleep=cancel.sleep)
         agent = Agent(host, settings, probe=HostProbe(host), registry=registry,
                       udev_monitor=pci_monitor if host.root == Path("/") else None)
-        return run_daemon(agent, socket_path=host(SOCKET_FILE), once=once, triggers=Triggers.install(),
-                          notifier=Notifier.from_env())
+        code = run_daemon(agent, socket_path=host(SOCKET_FILE), once=once, triggers=Triggers.install(),
+                          notifier=Notifier.from_env(), cancel=cancel)
+    if any(t.name == "reconcile" for t in threading.enumerate()):
+        # A pass still blocked in a socket or a subprocess: every step it could be in is safe to
+        # cut (the crash tests kill the agent at each one), so do not wait for it.
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_status(host: HostRoot, args: argparse.Namespace) -> int:

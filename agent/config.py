@@ -33,13 +33,30 @@ class DriverSettings:
     version: str = "535.261.03"
 
 
+# Names under a driver tree's lib64/ that may be overlaid onto the host's library directory:
+# NVIDIA's own libraries and the GLVND loaders the driver ships, nothing that could shadow the
+# host's libc or libstdc++. From libnvidia-container's library lists and the file lists of
+# NVIDIA's, Debian's, Ubuntu's and Fedora's driver packages (docs/driver-image.md).
+DEFAULT_LIB64_ALLOW = (
+    "libnvidia-*.so*", "libcuda.so*", "libcudadebugger.so*", "libnvcuvid.so*", "libnvoptix.so*",
+    "libnvcuextend.so*", "libGLX_nvidia.so*", "libEGL_nvidia.so*", "libGLESv1_CM_nvidia.so*",
+    "libGLESv2_nvidia.so*", "libGLX_indirect.so.0", "libglxserver_nvidia.so*",
+    "libGL.so*", "libGLX.so*", "libGLdispatch.so*", "libOpenGL.so*", "libEGL.so*", "libGLESv1_CM.so*",
+    "libGLESv2.so*", "libOpenCL.so*",
+    "vdpau/libvdpau_nvidia.so*", "gbm/nvidia-drm_gbm.so", "tls/libnvidia-tls.so*", "nvidia/wine/*.dll",
+    "nvidia/xorg/nvidia_drv.so", "nvidia/xorg/libglxserver_nvidia.so*", "nvidia/xorg/libglx.so*",
+    "xorg/modules/drivers/nvidia_drv.so", "xorg/modules/extensions/libglxserver_nvidia.so*",
+)
+
+
 @dataclass(frozen=True)
 class ImageSettings:
-    registry: str = "127.0.0.1:5000"
+    registry: str = ""  # no default: the agent trusts no registry it was not told about
     repository: str = "nvidia/driver"
     tag_template: str = "{driver}-{os}"
-    plain_http: tuple[str, ...] = ("127.0.0.1:5000",)
+    plain_http: tuple[str, ...] = ()
     auth_file: str = "/etc/nvidia-agent/auth.json"
+    ca_file: str = ""  # extra CA certificates (PEM) trusted beside the host's store
     timeout_s: float = 30.0
     attempts: int = 5
 
@@ -48,6 +65,7 @@ class ImageSettings:
 class InstallSettings:
     root: str = "/opt/nvidia"
     keep_trees: int = 3
+    lib64_allow: tuple[str, ...] = DEFAULT_LIB64_ALLOW
 
 
 @dataclass(frozen=True)
@@ -131,6 +149,19 @@ def _fail() -> str:
     raise ValueError
 
 
+def _optional_host_path(value: Any) -> str:
+    return "" if value == "" else _host_path(value)
+
+
+def _registry(value: Any) -> str:
+    if value == "":
+        return ""
+    return str(_string(REGISTRY_RE, "a registry host[:port] such as \"registry.example:5000\"")(value))
+
+
+LIB_PATTERN_RE = re.compile(r"^(?!/)(?!.*(^|/)\.\.?(/|$))[^\s/][^\s]*$")
+
+
 def _string_list(pattern: re.Pattern[str], valid: str) -> Callable[[Any], Any]:
     def check(value: Any) -> tuple[str, ...]:
         if not isinstance(value, list) or not all(isinstance(v, str) and pattern.match(v) for v in value):
@@ -167,15 +198,18 @@ def _parameters(value: Any) -> dict[str, tuple[str, ...]]:
 SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
     "driver": {"version": _string(DRIVER_VERSION_RE, "a driver version such as \"535.261.03\"")},
     "image": {
-        "registry": _string(REGISTRY_RE, "a registry host[:port] such as \"registry.example:5000\""),
+        "registry": _registry,
         "repository": _string(REPOSITORY_RE, "a lowercase repository path such as \"nvidia/driver\""),
         "tag_template": _tag_template,
         "plain_http": _string_list(REGISTRY_RE, "registry host[:port] strings"),
         "auth_file": _host_path,
+        "ca_file": _optional_host_path,
         "timeout_s": _number(1, 3600),
         "attempts": _integer(1, 100),
     },
-    "install": {"root": _host_path, "keep_trees": _integer(1, 100)},
+    "install": {"root": _host_path, "keep_trees": _integer(1, 100),
+                "lib64_allow": _string_list(LIB_PATTERN_RE,
+                                            "glob patterns relative to lib64, such as \"libnvidia-*.so*\"")},
     "mount": {"enabled": _boolean, "target": _host_path, "ldconfig": _boolean},
     "modules": {"load": _boolean, "parameters": _parameters},
     "units": {"before": _string_list(UNIT_NAME_RE, "unit names such as \"kubelet.service\"")},

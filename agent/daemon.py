@@ -8,15 +8,20 @@ import os
 import select
 import signal
 import socket
+import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 import structlog
 
+from agent.cancel import Cancel
 from agent.errors import AgentError, ExitCode
+from agent.log import RepeatLimiter
 from agent.notify import Notifier
 from agent.reconcile import Agent
 from agent.status import Phase, StatusServer
@@ -24,6 +29,11 @@ from agent.status import Phase, StatusServer
 LOCK_FILE = "/run/nvidia-agent/agent.lock"
 # Fault injection for the watchdog test: after READY, the main loop stops for this long without pinging.
 WEDGE_ENV = "NVIDIA_AGENT_TEST_WEDGE_S"
+LOOP_TICK_S = 5.0  # the main loop looks at the worker at least this often
+EXTEND_S = 60.0  # EXTEND_TIMEOUT_USEC while starting; refreshed every EXTEND_S / 3
+STOP_GRACE_S = 5.0  # a stop waits this long for the pass to reach a checkpoint, then exits anyway
+STALL_LIMIT_S = 600.0  # a pass silent this long is hung (every wait in it is bounded far below)
+ERROR_LOG_PERIOD_S = 3600.0
 
 
 class LockHeld(AgentError):
@@ -101,15 +111,16 @@ class Triggers:
     def request_stop(self) -> None:
         """From another thread (tests): stop as a SIGTERM would."""
         self.stop_requested = True
-        self._poke()
+        self.poke()
 
-    def _poke(self) -> None:
+    def poke(self) -> None:
+        """Wake the loop (the worker finished a pass)."""
         with contextlib.suppress(BlockingIOError):
             self._w.send(b"\0")
 
     def wait(self, timeout_s: float) -> None:
-        """Sleep up to `timeout_s`, or until a signal or a request arrives."""
-        if self.stop_requested or self.reconcile_requested:
+        """Sleep up to `timeout_s`, or until a signal, a request or a poke arrives."""
+        if self.stop_requested:
             return
         ready, _, _ = select.select([self._r], [], [], max(0.0, timeout_s))
         if ready:
@@ -119,7 +130,12 @@ class Triggers:
 
 
 class Readiness:
-    """READY=1 goes out once: when the driver works (or there is no GPU), or at the deadline, degraded."""
+    """READY=1 goes out once: when the driver works (or there is no GPU), or at the deadline, degraded.
+
+    Until then EXTEND_TIMEOUT_USEC= keeps systemd's start timeout from running out while the
+    agent is alive and working towards its own deadline, so the unit's TimeoutStartSec= can
+    stay short: a start that truly hangs is still caught.
+    """
 
     def __init__(self, notifier: Notifier, timeout_s: float, clock: Callable[[], float] = time.monotonic,
                  started_ago_s: float = 0.0) -> None:
@@ -129,12 +145,16 @@ class Readiness:
         self.timeout_s = timeout_s
         self.sent = False
         self._clock = clock
+        self._extended_at: float | None = None
 
-    def update(self, phase: Phase, status: str) -> str | None:
-        """Send READY=1 if it is time; returns 'ready' or 'degraded' when it was sent now."""
+    def update(self, phase: Phase, status: str, *, working: bool = False) -> str | None:
+        """Send READY=1 if it is time; returns 'ready' or 'degraded' when it was sent now.
+
+        `working`: the phase is degraded but a driver works (the previous one, still served).
+        """
         if self.sent:
             return None
-        if phase in (Phase.READY, Phase.NO_GPU):
+        if phase in (Phase.READY, Phase.NO_GPU) or working:
             self.sent = True
             self.notifier.send(READY="1", STATUS=f"{phase.value}: {status}")
             return "ready"
@@ -144,69 +164,159 @@ class Readiness:
             return "degraded"
         return None
 
+    def extend_if_due(self) -> None:
+        """While not READY: EXTEND_TIMEOUT_USEC= every EXTEND_S / 3 (systemd >= 236)."""
+        now = self._clock()
+        if self.sent or (self._extended_at is not None and now - self._extended_at < EXTEND_S / 3):
+            return
+        self._extended_at = now
+        self.notifier.send(EXTEND_TIMEOUT_USEC=str(int(EXTEND_S * 1_000_000)))
+
     def wait_cap_s(self) -> float | None:
-        """How long the loop may sleep before the deadline needs a look."""
-        return None if self.sent else max(0.0, self.deadline - self._clock())
+        """How long the loop may sleep before the deadline or the next extension needs a look."""
+        if self.sent:
+            return None
+        return max(0.0, min(self.deadline - self._clock(), EXTEND_S / 3))
+
+
+class Worker:
+    """Runs one reconcile at a time in a thread; the main thread starts it, reaps it and watches it.
+
+    The main thread never blocks on the pipeline, so READY, the watchdog and a stop are served on
+    time whatever the pipeline is waiting for (a registry, a subprocess, the disk). `cancel`
+    carries the stop request into the pass and its heartbeat out of it.
+    """
+
+    def __init__(self, agent: Agent, cancel: Cancel, done: Callable[[], None]) -> None:
+        self._agent = agent
+        self._cancel = cancel
+        self._done = done
+        self._thread: threading.Thread | None = None
+        self._finished = threading.Event()
+        self._result: Phase | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and not self._finished.is_set()
+
+    def start(self) -> None:
+        self._result = None
+        self._finished.clear()
+        self._cancel.beat_at = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="reconcile", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = self._agent.reconcile(self._cancel)
+        finally:
+            self._finished.set()
+            self._done()
+
+    def take(self) -> Phase | None:
+        """The finished pass's phase, once; None while running or idle."""
+        if self._thread is None or not self._finished.is_set():
+            return None
+        self._thread.join()  # it has finished its work; this only waits for the thread to end
+        self._thread = None
+        return self._result
+
+    def silent_s(self) -> float:
+        """How long the running pass has not shown a sign of life."""
+        return time.monotonic() - self._cancel.beat_at if self.busy else 0.0
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for a running pass; whether none runs now."""
+        return self._finished.wait(timeout_s) if self._thread is not None else True
+
+    def stack(self) -> str:
+        """Where the pass is stuck, for the log."""
+        frame = sys._current_frames().get(self._thread.ident or -1) if self._thread else None
+        return "".join(traceback.format_stack(frame)) if frame else ""
 
 
 def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Triggers,
-               notifier: Notifier | None = None) -> ExitCode:
-    """Serve status and reconcile until stopped (or once). Returns the exit status."""
+               notifier: Notifier | None = None, cancel: Cancel | None = None) -> ExitCode:
+    """Serve status and reconcile until stopped (or once). Returns the exit status.
+
+    The main thread owns the systemd contract: READY (on time, even while a pass still runs),
+    EXTEND_TIMEOUT_USEC while starting, the watchdog, and SIGTERM. Passes run in a Worker.
+    """
     log = structlog.get_logger("nvidia-agent")
     notifier = notifier or Notifier(None)
+    cancel = cancel or Cancel()
     agent.notify = notifier.status
     readiness = Readiness(notifier, agent.settings.daemon.ready_timeout_s, started_ago_s=process_age_s())
-    server = StatusServer(socket_path, lambda: agent.snapshot)
+    server = StatusServer(socket_path, lambda: agent.snapshot, on_error=_status_error(log))
     server.start()
+    worker = Worker(agent, cancel, triggers.poke)
     log.info("started", socket=str(socket_path), once=once, pid=os.getpid(),
              watchdog_s=notifier.watchdog_s, ready_timeout_s=readiness.timeout_s)
-
-    def still_going() -> bool:
-        """Polled between chunks of long work: keeps the watchdog fed from the main loop."""
-        notifier.ping_if_due()
-        return triggers.stop_requested
-
     failures = 0
+    next_pass = time.monotonic()
     try:
         while True:
-            phase = agent.reconcile(cancelled=still_going)
-            sent = readiness.update(phase, agent.snapshot.detail or phase.value)
-            if sent == "degraded":
-                log.warning("ready_degraded", waited_s=readiness.timeout_s, phase=phase.value,
-                            reason=agent.snapshot.detail, detail="units ordered after nvidia-agent start now; "
-                            "retrying in the background")
-            if once or triggers.stop_requested:
-                return phase.exit_code
-            if phase in (Phase.READY, Phase.NO_GPU):
-                failures = 0
-                delay = agent.settings.daemon.check_interval_s
-            else:
-                failures += 1
-                delay = next_delay_s(failures, agent.settings.daemon.retry_initial_s, agent.settings.daemon.retry_max_s)
-                agent.snapshot = agent.snapshot.evolve(next_attempt_at=time.time() + delay)
-            cap = readiness.wait_cap_s()
-            if cap is not None:
-                delay = min(delay, cap)
+            phase = worker.take()
+            if phase is not None:
+                if once:
+                    _report_ready(readiness, agent, log)
+                    return phase.exit_code
+                failures, delay = _schedule(agent, phase, failures)
+                next_pass = time.monotonic() + delay
+                agent.snapshot = agent.snapshot.evolve(
+                    next_attempt_at=time.time() + delay if phase not in (Phase.READY, Phase.NO_GPU) else None)
+            if triggers.reconcile_requested and not worker.busy:
+                triggers.reconcile_requested = False
+                agent.forget_refusal()
+                next_pass = time.monotonic()
+            if not worker.busy and time.monotonic() >= next_pass:
+                worker.start()
+            _report_ready(readiness, agent, log)
+            if worker.silent_s() > STALL_LIMIT_S:
+                log.error("worker_hung", silent_s=round(worker.silent_s()), phase=agent.snapshot.phase.value,
+                          stack=worker.stack(), hint="a bug: the agent exits so systemd restarts it")
+                return ExitCode.FAILED
+            notifier.ping_if_due()
+            readiness.extend_if_due()
             if readiness.sent and os.environ.get(WEDGE_ENV):
                 log.warning("test_wedge", seconds=os.environ[WEDGE_ENV])
                 time.sleep(float(os.environ[WEDGE_ENV]))  # deliberately starves the watchdog
-            _wait(triggers, notifier, delay)
+            waits = [LOOP_TICK_S, readiness.wait_cap_s(), notifier.ping_interval_s,
+                     None if worker.busy else next_pass - time.monotonic()]
+            triggers.wait(min(w for w in waits if w is not None))
             if triggers.stop_requested:
-                return ExitCode.OK
+                return ExitCode.OK  # a stop is success, whatever the pass was doing
     finally:
+        cancel.request()
         notifier.send(STOPPING="1")
+        finished = worker.join(STOP_GRACE_S)
         server.stop()
         # Modules and the mount stay: a stopping agent must not take GPUs from running workloads.
-        log.info("stopped", phase=agent.snapshot.phase.value)
+        log.info("stopped", phase=agent.snapshot.phase.value, **({} if finished else {"abandoned": "reconcile"}))
 
 
-def _wait(triggers: Triggers, notifier: Notifier, delay_s: float) -> None:
-    """Sleep until a trigger or `delay_s` passes, pinging the watchdog on time."""
-    end = time.monotonic() + delay_s
-    while not (triggers.stop_requested or triggers.reconcile_requested):
-        left = end - time.monotonic()
-        if left <= 0:
-            break
-        triggers.wait(min(left, notifier.ping_interval_s or left))
-        notifier.ping_if_due()
-    triggers.reconcile_requested = False
+def _schedule(agent: Agent, phase: Phase, failures: int) -> tuple[int, float]:
+    """(failures so far, seconds to the next pass): the check interval when settled, else backoff."""
+    settings = agent.settings.daemon
+    if phase in (Phase.READY, Phase.NO_GPU):
+        return 0, settings.check_interval_s
+    failures += 1
+    return failures, next_delay_s(failures, settings.retry_initial_s, settings.retry_max_s)
+
+
+def _report_ready(readiness: Readiness, agent: Agent, log: Any) -> None:
+    snap = agent.snapshot
+    sent = readiness.update(snap.phase, snap.detail or snap.phase.value, working=bool(snap.serving))
+    if sent == "degraded":
+        log.warning("ready_degraded", waited_s=readiness.timeout_s, phase=snap.phase.value, reason=snap.detail,
+                    detail="units ordered after nvidia-agent start now; retrying in the background")
+
+
+def _status_error(log: Any) -> Callable[[str, OSError], None]:
+    limiter = RepeatLimiter(ERROR_LOG_PERIOD_S)
+
+    def report(what: str, exc: OSError) -> None:
+        if limiter.should_log(f"{what}:{exc.errno}")[0]:
+            log.warning("status_socket_error", operation=what, error=exc.strerror or str(exc),
+                        detail="status requests pause briefly and resume")
+    return report

@@ -26,7 +26,10 @@ class OSInfo:
     id: str
     version: str
     pretty_name: str
-    coreos_family: bool  # the OS version pins the kernel (image-based, updated whole)
+    coreos_family: bool  # image-based, updated whole (Flatcar, Fedora/RHEL CoreOS); the kernel may still vary
+
+
+PASSTHROUGH_DRIVERS = frozenset({"vfio-pci", "pci-stub"})  # a GPU bound to these belongs to a VM, not the host
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class GPU:
     pci_slot: str
     device_id: int
     pci_class: int
+    driver: str | None = None  # the kernel driver bound to it, if any
 
     @property
     def kind(self) -> str:
@@ -53,13 +57,20 @@ class HostFacts:
     os: OSInfo
     kernel: str
     arch: str
-    gpus: tuple[GPU, ...]
+    gpus: tuple[GPU, ...]  # the host's own: GPUs passed through to VMs (vfio-pci) are not counted
     modules: dict[str, str]  # loaded module name -> version ("" when it has none)
     mounts: tuple[Mount, ...]
     modules_supported: bool
+    lib_dir: str = "/usr/lib64"  # mount.target with its symlinks resolved (what mountinfo shows)
+    passthrough: tuple[GPU, ...] = ()
 
     def mount_at(self, mount_point: str) -> Mount | None:
         return top_mount(self.mounts, mount_point)
+
+    @property
+    def lib_mount(self) -> Mount | None:
+        """The topmost mount on the library directory the overlay goes onto."""
+        return top_mount(self.mounts, self.lib_dir)
 
 
 def top_mount(mounts: Iterable[Mount], mount_point: str) -> Mount | None:
@@ -104,13 +115,13 @@ def os_info(fields: dict[str, str]) -> OSInfo:
 
 
 def os_key(os_: OSInfo, kernel: str) -> str:
-    """The `<os>` of /opt/nvidia/<driver>/<os>: changes whenever the kernel can.
+    """The `<os>` of /opt/nvidia/<driver>/<os>: `<os_id>-<os_version>-<kernel>`, on every OS.
 
-    On CoreOS-family hosts the OS version pins the kernel; elsewhere the
-    kernel release is part of the key.
+    A tree is right only for the kernel it was built for, and no OS version pins the kernel:
+    RHCOS real-time and 64k-page kernels and `rpm-ostree override replace` change it under
+    the same OS version.
     """
-    parts = [os_.id, os_.version] if os_.coreos_family else [os_.id, os_.version, kernel]
-    return "-".join(_OS_KEY_PART.sub("_", p) for p in parts)
+    return "-".join(_OS_KEY_PART.sub("_", p) for p in (os_.id, os_.version, kernel))
 
 
 def parse_mountinfo(text: str) -> tuple[Mount, ...]:
@@ -165,7 +176,7 @@ class UdevContext(Protocol):
 
 
 def find_gpus(context: UdevContext) -> tuple[GPU, ...]:
-    """NVIDIA GPUs on the PCI bus: vendor 0x10de and class 0x0300 (VGA) or 0x0302 (3D)."""
+    """NVIDIA GPUs on the PCI bus: vendor 0x10de and class 0x0300 (VGA) or 0x0302 (3D), with their driver."""
     gpus = []
     for dev in context.list_devices(subsystem="pci"):
         try:
@@ -175,7 +186,9 @@ def find_gpus(context: UdevContext) -> tuple[GPU, ...]:
         except (KeyError, ValueError):
             continue
         if vendor == NVIDIA_PCI_VENDOR and (pci_class >> 8) in GPU_PCI_CLASSES:
-            gpus.append(GPU(pci_slot=dev.sys_name, device_id=device_id, pci_class=pci_class))
+            driver = getattr(dev, "driver", None)
+            gpus.append(GPU(pci_slot=dev.sys_name, device_id=device_id, pci_class=pci_class,
+                            driver=str(driver) if driver else None))
     return tuple(sorted(gpus, key=lambda g: g.pci_slot))
 
 
@@ -239,14 +252,18 @@ class HostProbe:
         """
         return host_view_mounts(parse_mountinfo(Path("/proc/self/mountinfo").read_text()), self.host)
 
-    def facts(self) -> HostFacts:
+    def facts(self, lib_dir: str = "/usr/lib64") -> HostFacts:
+        """What the host runs; `lib_dir` (mount.target) is resolved through its symlinks."""
         proc_modules = self.host("/proc/modules")
+        gpus = self.gpus()
         return HostFacts(
             os=self.os(),
             kernel=self.kernel(),
             arch=oci_arch(platform.machine()),
-            gpus=self.gpus(),
+            gpus=tuple(g for g in gpus if g.driver not in PASSTHROUGH_DRIVERS),
             modules=read_modules(self.host("/sys/module")),
             mounts=self.mounts(),
             modules_supported=proc_modules.exists(),
+            lib_dir=self.host.resolve(lib_dir),
+            passthrough=tuple(g for g in gpus if g.driver in PASSTHROUGH_DRIVERS),
         )

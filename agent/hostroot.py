@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -27,6 +28,34 @@ class HostRoot:
         if not path.is_absolute():
             raise ValueError(f"host path {str(host_path)!r} must be absolute")
         return self.root.joinpath(*path.parts[1:])
+
+    def resolve(self, host_path: str, max_links: int = 40) -> str:
+        """`host_path` with every symlink in it resolved as the host would, never leaving the root.
+
+        An absolute link target means the host's root (not this process's), so `/lib64 ->
+        usr/lib64` and `/lib64 -> /usr/lib64` both give `/usr/lib64`. Missing parts are kept.
+        """
+        done: list[str] = []
+        todo = list(PurePosixPath(host_path).parts[1:])
+        links = 0
+        while todo:
+            part = todo.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            local = self.root.joinpath(*done, part)
+            if local.is_symlink() and links < max_links:
+                links += 1
+                target = os.readlink(local)
+                if target.startswith("/"):
+                    done = []
+                todo = [p for p in target.split("/") if p] + todo
+                continue
+            done.append(part)
+        return "/" + "/".join(done)
 
     def host_view(self, local: Path) -> str:
         """The host's name for a local path under the root (inverse of __call__)."""

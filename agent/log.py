@@ -28,12 +28,20 @@ def _render_journal(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> st
     prefix = str(event_dict.pop("_prefix", ""))
     event_dict.pop("timestamp", None)  # journald stamps every line itself
     event_dict.pop("level", None)  # the <N> prefix carries it
-    return prefix + _logfmt(event_dict)
+    trace = _traceback_lines(event_dict)
+    return "\n".join(prefix + line for line in [_logfmt(event_dict), *trace])
 
 
 def _render_console(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> str:
     event_dict.pop("_prefix", None)
-    return _logfmt(event_dict)
+    trace = _traceback_lines(event_dict)
+    return "\n".join([_logfmt(event_dict), *trace])
+
+
+def _traceback_lines(event_dict: MutableMapping[str, Any]) -> list[str]:
+    """A crash's traceback (from format_exc_info) as indented lines after the event's own line."""
+    text = event_dict.pop("exception", None)
+    return ["  " + line for line in str(text).rstrip().splitlines()] if text else []
 
 
 def _logfmt(event_dict: MutableMapping[str, Any]) -> str:
@@ -52,7 +60,8 @@ def _logfmt(event_dict: MutableMapping[str, Any]) -> str:
 def configure(stream: TextIO | None = None, *, journal: bool | None = None, verbose: bool = False) -> None:
     """Set up structlog once for the process; `journal` defaults to detecting journald."""
     journal = under_journald() if journal is None else journal
-    processors: list[Any] = [structlog.contextvars.merge_contextvars, structlog.processors.add_log_level]
+    processors: list[Any] = [structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+                             structlog.processors.format_exc_info]
     if journal:
         processors += [add_priority_prefix, _render_journal]
     else:

@@ -11,12 +11,20 @@ from pathlib import Path
 
 from agent import subp
 from agent.devices import holders_of_nodes
-from agent.driverimage import load_order, parse_manifest
 from agent.errors import HostError
 from agent.hostfacts import read_modules
-from agent.modinfo import ModInfo, read_modinfo
+from agent.install.modinfo import ModInfo, read_modinfo
+from agent.install.verify import load_order, parse_manifest
 
 Run = Callable[..., subp.Completed]
+
+
+class ModulesRefused(HostError):
+    """The kernel would not take the tree's modules (insmod failed, or another version stayed)."""
+
+
+class ModulesBusy(HostError):
+    """Another version of the modules is loaded and in use: unloading it would take GPUs from workloads."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,7 @@ def load_modules(tree: Path, host_root: Path, parameters: Mapping[str, tuple[str
     if plan.unload:
         busy = module_holders(sys_module, host_root / "proc", plan.unload, ours)
         if busy:
-            raise HostError(f"loaded nvidia modules are another version and in use: {'; '.join(busy)}",
+            raise ModulesBusy(f"loaded nvidia modules are another version and in use: {'; '.join(busy)}",
                             hint="stop the GPU workloads (or drain the node), then: systemctl reload nvidia-agent")
         before_unload()
         for name in plan.unload:
@@ -107,7 +115,7 @@ def load_modules(tree: Path, host_root: Path, parameters: Mapping[str, tuple[str
     now = read_modules(sys_module)
     wrong = {n: now.get(n) for n, v in plan.expected.items() if now.get(n) != v}
     if wrong:
-        raise HostError("modules not at the tree's version after loading: "
+        raise ModulesRefused("modules not at the tree's version after loading: "
                         + ", ".join(f"{n} {v or 'missing'} (want {plan.expected[n]})" for n, v in wrong.items()))
     return {n: now[n] for n in plan.expected}
 
@@ -136,7 +144,8 @@ def _kernel_call(run: Run, argv: list[str], name: str, what: str) -> None:
         kernel_log = _recent_kernel_lines(run, name)
         detail = f"; kernel log: {kernel_log}" if kernel_log else ""
         hint = next((h for key, h in KERNEL_HINTS if key in reason), None)
-        raise HostError(f"{what} {name} failed: {reason}{detail}", hint=hint) from exc
+        error = ModulesRefused if argv[0] == "insmod" else HostError
+        raise error(f"{what} {name} failed: {reason}{detail}", hint=hint) from exc
 
 
 def _recent_kernel_lines(run: Run, name: str, count: int = 3) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -9,7 +10,7 @@ from agent.config import Settings
 from agent.hostfacts import HostFacts, os_key
 from agent.mount import MountState, classify
 from agent.reference import Reference, render_tag
-from agent.state import State, TreeMarker
+from agent.state import Refusal, State, TreeMarker
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Installed:
 
     marker: TreeMarker | None
     current: str | None  # host path `current` resolves to
+    current_marker: TreeMarker | None = None  # the marker of the tree `current` points at
 
 
 # --- actions: plain data, carried out by agent.reconcile
@@ -37,6 +39,7 @@ class Installed:
 @dataclass(frozen=True)
 class InstallImage:
     target: Target
+    refuse_digest: str | None = None  # the kernel refused this digest: resolve, and stop if it is still that
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,13 @@ class Plan:
     no_gpu: bool
     kernel_changed_from: str | None
     blocked: str | None = None  # why the target cannot be reached on this host at all
+    fallback: str | None = None  # a working tree for this kernel to keep serving if the target fails
+    refused: Refusal | None = None  # the target's digest was refused by this kernel before
+
+
+def parameters_key(settings: Settings) -> str:
+    """The module parameters as one comparable string (a refusal holds only for the same ones)."""
+    return json.dumps(sorted((k, list(v)) for k, v in settings.modules.parameters.items()))
 
 
 def target_for(settings: Settings, facts: HostFacts) -> Target:
@@ -118,29 +128,49 @@ def plan(settings: Settings, facts: HostFacts, installed: Installed, state: Stat
         return Plan(target, units, no_gpu=False, kernel_changed_from=changed,
                     blocked="this kernel cannot load modules (no /proc/modules); set modules.load = false "
                             "if another tool loads the driver")
-
+    marker = installed.marker
+    refused = state.refused if state.refused is not None and marker is not None and state.refused.matches(
+        target.tree, marker.digest, facts.kernel, parameters_key(settings)) else None
+    fresh = marker is None or (marker.driver, marker.os_key, marker.kernel) != (
+        target.driver, target.os_key, facts.kernel)
     actions: list[Action] = list(units)
-    fresh = installed.marker is None or (installed.marker.driver, installed.marker.os_key) != (
-        target.driver, target.os_key)
-    if fresh:
-        actions.append(InstallImage(target))
+    if fresh or refused:
+        actions.append(InstallImage(target, refuse_digest=refused.digest if refused else None))
+    current = installed.current_marker
+    fallback = installed.current if (current is not None and installed.current != target.tree
+                                     and current.kernel == facts.kernel) else None
+    actions += activate(settings, facts, target.tree, installed.current, reinstalled=fresh or bool(refused),
+                        fallback=fallback)
+    return Plan(target, tuple(actions), no_gpu=False, kernel_changed_from=changed, fallback=fallback,
+                refused=refused)
+
+
+def plan_serving(settings: Settings, facts: HostFacts, tree: str, current: str | None) -> tuple[Action, ...]:
+    """Keep an installed tree working (the fallback while the target cannot be had): no install."""
+    return tuple(activate(settings, facts, tree, current, reinstalled=False, fallback=None))
+
+
+def activate(settings: Settings, facts: HostFacts, tree: str, current: str | None, *, reinstalled: bool,
+             fallback: str | None) -> list[Action]:
+    """Load, switch `current`, overlay and make nodes for an installed `tree`, skipping what is in place."""
+    lib64 = str(PurePosixPath(tree) / "lib64")
+    actions: list[Action] = []
     if settings.modules.load:
         # Load before switching: if the new driver does not load, `current` and the overlay stay
         # on the previous one, and its modules are put back.
-        fallback = installed.current if installed.current not in (None, target.tree) else None
-        actions.append(LoadModules(target.tree, dict(settings.modules.parameters), fallback))
-    if fresh or installed.current != target.tree:
-        actions.append(SwitchCurrent(target.tree))
+        actions.append(LoadModules(tree, dict(settings.modules.parameters), fallback))
+    if reinstalled or current != tree:
+        actions.append(SwitchCurrent(tree))
     if settings.mount.enabled:
-        state_now = classify(facts.mount_at(settings.mount.target), target.lib64)
+        state_now = classify(facts.lib_mount, lib64)
         # A reinstall exchanges the tree under a live mount: remount so it shows the new files.
-        if state_now is MountState.STALE or (state_now is MountState.OURS and fresh):
-            actions.append(Unmount(settings.mount.target, "shows another tree" if state_now is MountState.STALE
+        if state_now is MountState.STALE or (state_now is MountState.OURS and reinstalled):
+            actions.append(Unmount(facts.lib_dir, "shows another tree" if state_now is MountState.STALE
                                    else "tree was reinstalled"))
-        if state_now is not MountState.OURS or fresh:
-            actions.append(MountOverlay(target.lib64, settings.mount.target))
+        if state_now is not MountState.OURS or reinstalled:
+            actions.append(MountOverlay(lib64, facts.lib_dir))
             if settings.mount.ldconfig:
                 actions.append(Ldconfig())
     if settings.modules.load:
-        actions += [CreateDeviceNodes(tuple(g.pci_slot for g in facts.gpus)), StartPersistenced(target.tree)]
-    return Plan(target, tuple(actions), no_gpu=False, kernel_changed_from=changed)
+        actions += [CreateDeviceNodes(tuple(g.pci_slot for g in facts.gpus)), StartPersistenced(tree)]
+    return actions

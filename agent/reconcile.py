@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import structlog
 
-from agent import __version__
+from agent import __version__, failpoints
 from agent import mount as mounts
+from agent.blobs import BlobStore
 from agent.bus import Systemd
+from agent.cancel import Cancel
 from agent.config import Settings
-from agent.devices import Monitor, ensure_nodes, plan_nodes, wait_gpus_bound
+from agent.devices import (
+    Monitor,
+    ensure_nodes,
+    gpu_minor,
+    missing_nodes,
+    ownership,
+    plan_nodes,
+    wait_gpus_bound,
+)
 from agent.errors import AgentError, Cancelled, HostError, cause_chain
-from agent.hostfacts import HostFacts, HostProbe, read_modules, top_mount
+from agent.hostfacts import HostFacts, HostProbe, read_modules
 from agent.hostroot import HostRoot
-from agent.install import current_target, install_image, prune_trees, remove_debris, switch_current
+from agent.install.image import Unchanged, Want, install_image
+from agent.install.trees import current_target, prune_trees, remove_debris, switch_current
 from agent.log import RepeatLimiter
-from agent.modules import load_modules
+from agent.modules import ModulesRefused, load_modules
 from agent.persistenced import PID_FILE as PERSISTENCED_PID_FILE
 from agent.persistenced import ensure_persistenced, running, stop_persistenced
 from agent.plan import (
@@ -32,21 +45,29 @@ from agent.plan import (
     Plan,
     StartPersistenced,
     SwitchCurrent,
+    Target,
     Unmount,
     WriteUnits,
+    parameters_key,
     plan,
+    plan_serving,
     target_for,
 )
 from agent.registry import Platform, RegistryClient
-from agent.state import STATE_FILE, State, load_state, read_marker, save_state
+from agent.state import STATE_FILE, Refusal, State, load_state, read_marker, save_state
 from agent.status import LastError, Phase, Snapshot
 from agent.units import UNIT_DIR, apply_dropins
 
 CACHE_DIR = "/var/cache/nvidia-agent"
 GPU_BIND_TIMEOUT_S = 30.0
 ERROR_LOG_PERIOD_S = 3600.0
+NVIDIA_PROC = "/proc/driver/nvidia"
 
 Notify = Callable[[str], None]
+
+
+class Refused(AgentError):
+    """The target's modules were refused by this kernel before, and nothing has changed since."""
 
 
 class Agent:
@@ -63,6 +84,7 @@ class Agent:
         self.platform = platform or Platform.host()
         self.udev_monitor = udev_monitor  # a started pyudev monitor of kernel PCI events, or None
         self.systemd = systemd or Systemd()
+        self.store = BlobStore(host(CACHE_DIR) / "blobs")
         self.snapshot = Snapshot(version=__version__, driver=settings.driver.version)
         self.log = structlog.get_logger("nvidia-agent")
         self._errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
@@ -85,36 +107,44 @@ class Agent:
         getattr(self.log, level)(phase.value, **({"detail": detail} if detail else {}), **ctx)
         self.notify(f"{phase.value}: {detail}" if detail else phase.value)
 
-    def reconcile(self, cancelled: Callable[[], bool] = lambda: False) -> Phase:
+    def reconcile(self, cancel: Cancel | None = None) -> Phase:
         """One pass. Never raises for host or image trouble: the outcome is the returned phase."""
+        cancel = cancel or Cancel()
         started = time.monotonic()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(driver=self.settings.driver.version)
+        self.snapshot = self.snapshot.evolve(serving=None)
         try:
-            outcome = self._reconcile(cancelled)
+            outcome = self._reconcile(cancel)
         except Cancelled as exc:  # stopping: nothing failed, nothing half-done (staging is removed)
             self.log.info("interrupted", reason=exc.message)
-            outcome = Phase.DEGRADED
+            outcome = self.snapshot.phase
         except AgentError as exc:
             outcome = self._failed(exc, transient_default=exc.transient)
-        except Exception as exc:  # a bug: report it, keep the daemon alive, retry later
-            self.log.exception("reconcile_crashed")
+        except Exception as exc:  # a bug: report it with its traceback, keep the daemon alive, retry later
+            self.log.exception("reconcile_crashed", error=f"{type(exc).__name__}: {exc}")
             outcome = self._failed(exc, transient_default=False)
         self.snapshot = self.snapshot.evolve(last_reconcile_at=time.time())
         self.log.debug("reconcile_done", phase=outcome.value, duration_s=round(time.monotonic() - started, 3))
         return outcome
 
-    def _reconcile(self, cancelled: Callable[[], bool]) -> Phase:
+    def forget_refusal(self) -> None:
+        """The operator asked (systemctl reload): try a tree the kernel refused once more."""
+        path = self.host(STATE_FILE)
+        state = load_state(path)
+        if state.refused is not None:
+            self.log.info("refusal_forgotten", tree=state.refused.tree, digest=state.refused.digest)
+            save_state(path, replace(state, refused=None))
+
+    def _reconcile(self, cancel: Cancel) -> Phase:
         self._phase(Phase.DETECTING)
-        facts = self.probe.facts()
-        structlog.contextvars.bind_contextvars(kernel=facts.kernel, os=f"{facts.os.id}-{facts.os.version}")
-        state_path = self.host(STATE_FILE)
-        state = load_state(state_path)
         install_root = self.host(self.settings.install.root)
+        remove_debris(install_root, self._debris)
+        facts = self.probe.facts(self.settings.mount.target)
+        structlog.contextvars.bind_contextvars(kernel=facts.kernel, os=f"{facts.os.id}-{facts.os.version}")
+        state = load_state(self.host(STATE_FILE))
         target = target_for(self.settings, facts)
-        current = current_target(install_root)
-        installed = Installed(read_marker(self.host(target.tree)),
-                              self.host.host_view(current) if current else None)
+        installed = self._installed(target)
         the_plan = plan(self.settings, facts, installed, state)
         self.snapshot = self.snapshot.evolve(
             os=facts.os.pretty_name, kernel=facts.kernel,
@@ -124,26 +154,37 @@ class Agent:
             current=installed.current, next_attempt_at=None)
         if the_plan.kernel_changed_from:
             self.log.info("kernel_changed", previous=the_plan.kernel_changed_from, tree=target.tree)
+        if facts.passthrough:
+            self.log.debug("gpus_passed_through", gpus=",".join(g.pci_slot for g in facts.passthrough))
         if installed.marker is not None:
             self.snapshot = self.snapshot.evolve(image=installed.marker.reference, digest=installed.marker.digest)
-        for action in the_plan.actions:
-            if cancelled():
-                raise Cancelled("stopping: reconcile interrupted")
-            self._execute(action, facts, cancelled)
-        if the_plan.no_gpu:
-            self._phase(Phase.NO_GPU, "no NVIDIA GPU (PCI vendor 0x10de, class 0x0300/0x0302) on this host")
-            return Phase.NO_GPU
-        if the_plan.blocked:
-            raise HostError(the_plan.blocked)
-        self._check_result(the_plan)
-        for old in prune_trees(install_root, self.settings.install.keep_trees, {self.host(target.tree)}, target.driver):
+        if not any(isinstance(a, InstallImage) for a in the_plan.actions):
+            self.store.collect(keep=())  # no download in flight: what is cached is left over
+        try:
+            self._run(the_plan.actions, facts, cancel, target)
+            if the_plan.no_gpu:
+                self._phase(Phase.NO_GPU, "no NVIDIA GPU (PCI vendor 0x10de, class 0x0300/0x0302) on this host")
+                return Phase.NO_GPU
+            if the_plan.blocked:
+                raise HostError(the_plan.blocked)
+            self._check_result(target.tree, facts)
+        except Cancelled:
+            raise
+        except AgentError as exc:
+            self._remember_refusal(exc, the_plan, facts, state)
+            if the_plan.fallback is not None:
+                self._serve(the_plan.fallback, cancel, exc)
+            raise
+        for old in prune_trees(install_root, self.settings.install.keep_trees, {self.host(target.tree)},
+                               target.driver, self._debris):
             self.log.info("pruned", tree=self.host.host_view(old))
         now = time.time()
         changed = the_plan.kernel_changed_from
-        save_state(state_path, State(
+        save_state(self.host(STATE_FILE), State(
             last_kernel=facts.kernel, last_os_key=target.os_key, last_ready_at=now,
             previous_kernel=changed or state.previous_kernel,
             kernel_changed_at=now if changed else state.kernel_changed_at))
+        failpoints.hit("state.written")
         self.snapshot = self.snapshot.evolve(last_error=None, kernel_changed_from=changed or state.previous_kernel,
                                              ready_since=self.snapshot.ready_since or now)
         self._errors.forget()
@@ -151,20 +192,62 @@ class Agent:
                     digest=self.snapshot.digest)
         return Phase.READY
 
-    def _execute(self, action: Action, facts: HostFacts, cancelled: Callable[[], bool]) -> None:
+    def _installed(self, target: Target) -> Installed:
+        current = current_target(self.host(self.settings.install.root))
+        return Installed(read_marker(self.host(target.tree)), self.host.host_view(current) if current else None,
+                         read_marker(current) if current else None)
+
+    def _run(self, actions: tuple[Action, ...], facts: HostFacts, cancel: Cancel, target: Target | None) -> None:
+        for action in actions:
+            cancel.check("stopping: reconcile interrupted")
+            self._execute(action, facts, cancel, target)
+
+    def _serve(self, tree: str, cancel: Cancel, error: AgentError) -> None:
+        """The target failed: keep the working tree this kernel already has loaded, mounted and READY."""
+        self.log.warning("serving_previous", tree=tree, because=error.message)
+        facts = self.probe.facts(self.settings.mount.target)
+        current = current_target(self.host(self.settings.install.root))
+        if current is None or self.host.host_view(current) != tree:
+            return  # the target became current after all: there is nothing older to serve
+        try:
+            self._run(plan_serving(self.settings, facts, tree, tree), facts, cancel, None)
+            self._check_result(tree, facts)
+        except Cancelled:
+            raise
+        except AgentError as exc:
+            self.log.error("serving_previous_failed", tree=tree, error=str(exc))
+            return
+        marker = read_marker(current)
+        self.snapshot = self.snapshot.evolve(serving=tree, current=tree,
+                                             digest=marker.digest if marker else self.snapshot.digest)
+
+    def _remember_refusal(self, exc: AgentError, the_plan: Plan, facts: HostFacts, state: State) -> None:
+        """A kernel refusal of the target's modules is remembered, so the next tries do not unload the
+        working driver again for the same result (until the image, the parameters or the kernel change)."""
+        if not isinstance(exc, ModulesRefused):
+            return
+        marker = read_marker(self.host(the_plan.target.tree))
+        if marker is None:
+            return
+        refusal = Refusal(tree=the_plan.target.tree, digest=marker.digest, kernel=facts.kernel,
+                          parameters=parameters_key(self.settings), reason=exc.message, at=time.time())
+        save_state(self.host(STATE_FILE), replace(state, refused=refusal))
+        self.log.warning("refusal_remembered", tree=refusal.tree, digest=refusal.digest,
+                         detail="not retried until the image, the module parameters or the kernel change, "
+                                "or: systemctl reload nvidia-agent")
+
+    def _debris(self, path: Path, error: OSError | None) -> None:
+        if error is None:
+            self.log.info("removed_debris", path=self.host.host_view(path))
+        else:
+            self.log.warning("debris_not_removed", path=self.host.host_view(path), error=error.strerror or str(error),
+                             hint=f"remove it by hand: rm -rf {self.host.host_view(path)}")
+
+    def _execute(self, action: Action, facts: HostFacts, cancel: Cancel, target: Target | None) -> None:
         install_root = self.host(self.settings.install.root)
         match action:
-            case InstallImage(target=t):
-                for debris in remove_debris(install_root):
-                    self.log.info("removed_debris", path=self.host.host_view(debris))
-                result = install_image(
-                    self.registry, t.reference, platform=self.platform, install_root=install_root,
-                    tree=self.host(t.tree), blob_cache=self.host(CACHE_DIR) / "blobs",
-                    driver=t.driver, os_key=t.os_key, kernel=t.kernel, cancelled=cancelled,
-                    on_phase=lambda name, ctx: self._phase(Phase(name), **ctx))
-                self.snapshot = self.snapshot.evolve(image=str(t.reference), digest=result.marker.digest)
-                self.log.info("installed", tree=t.tree, digest=result.marker.digest,
-                              modules=",".join(m.name for m in result.verified.modules))
+            case InstallImage(target=t, refuse_digest=refuse):
+                self._install(t, refuse, cancel, install_root)
             case SwitchCurrent(tree=tree):
                 self._phase(Phase.ACTIVATING, f"current -> {tree}")
                 switch_current(install_root, self.host(tree))
@@ -178,14 +261,9 @@ class Agent:
             case Ldconfig():
                 mounts.ldconfig(self.host.root)
             case LoadModules():
-                self._load(action, facts)
+                self._load(action, facts, cancel)
             case CreateDeviceNodes(gpu_slots=slots):
-                self._phase(Phase.LOADING, "device nodes")
-                nodes = plan_nodes(self.host("/proc/devices").read_text(), len(slots), set(self.snapshot.modules))
-                changed = ensure_nodes(self.host("/dev"), nodes)
-                self.snapshot = self.snapshot.evolve(devices=tuple(f"/dev/{n.path}" for n in nodes))
-                if changed:
-                    self.log.info("device_nodes", created=",".join(changed))
+                self._nodes(slots)
             case WriteUnits(before=units):
                 self._write_units(units)
             case StartPersistenced(tree=tree):
@@ -193,7 +271,24 @@ class Agent:
                 outcome = {"pid": started} if isinstance(started, int) else {"skipped": started}
                 self.log.info("persistenced", **outcome)
 
-    def _load(self, action: LoadModules, facts: HostFacts) -> None:
+    def _install(self, t: Target, refuse: str | None, cancel: Cancel, install_root: Path) -> None:
+        want = Want(t.driver, t.os_key, t.kernel, self.settings.install.lib64_allow)
+        try:
+            result = install_image(
+                self.registry, t.reference, platform=self.platform, install_root=install_root,
+                tree=self.host(t.tree), store=self.store, want=want, cancelled=cancel, refuse_digest=refuse,
+                on_phase=lambda name, ctx: self._phase(Phase(name), **ctx))
+        except Unchanged as unchanged:
+            refusal = load_state(self.host(STATE_FILE)).refused
+            reason = refusal.reason if refusal else "the kernel refused its modules"
+            raise Refused(f"driver {t.driver} ({unchanged.digest}) was refused by kernel {t.kernel}: {reason}",
+                          hint="not retried until the image, modules.parameters or the kernel change; "
+                               "to try again now: systemctl reload nvidia-agent") from None
+        self.snapshot = self.snapshot.evolve(image=str(t.reference), digest=result.marker.digest)
+        self.log.info("installed", tree=t.tree, digest=result.marker.digest,
+                      modules=",".join(m.name for m in result.verified.modules))
+
+    def _load(self, action: LoadModules, facts: HostFacts, cancel: Cancel) -> None:
         self._phase(Phase.LOADING, f"modules from {action.tree}")
         monitor = self.udev_monitor() if self.udev_monitor else None  # listening before the load
         persisted = running(self.host(PERSISTENCED_PID_FILE), self.host("/proc"))
@@ -210,9 +305,34 @@ class Agent:
         self.log.info("modules_loaded", modules=",".join(f"{k}={v}" for k, v in loaded.items()))
         if monitor is not None and self.host("/sys/bus/pci/drivers/nvidia").is_dir():
             slots = tuple(g.pci_slot for g in facts.gpus)
-            left = wait_gpus_bound(self.host("/sys/bus/pci/devices"), slots, monitor, GPU_BIND_TIMEOUT_S)
+            left = wait_gpus_bound(self.host("/sys/bus/pci/devices"), slots, monitor, GPU_BIND_TIMEOUT_S,
+                                   cancelled=cancel)
             if left:
                 self.log.warning("gpus_not_bound", gpus=",".join(left), timeout_s=GPU_BIND_TIMEOUT_S)
+
+    def _nodes(self, slots: tuple[str, ...]) -> None:
+        """/dev/nvidia*: minors as the driver numbered its GPUs, owner and mode as it was told."""
+        self._phase(Phase.LOADING, "device nodes")
+        gpus_dir = self.host(f"{NVIDIA_PROC}/gpus")
+        if gpus_dir.is_dir():
+            read = (_read(gpus_dir / slot / "information") for slot in slots)
+            minors = [m for m in (gpu_minor(text) for text in read if text is not None) if m is not None]
+        else:  # a driver without /proc/driver/nvidia (the test stand-ins): PCI order
+            minors = list(range(len(slots)))
+        owner = ownership(_read(self.host(f"{NVIDIA_PROC}/params")),
+                          tuple(self.settings.modules.parameters.get("nvidia", ())))
+        nodes = plan_nodes(self.host("/proc/devices").read_text(), minors, set(self.snapshot.modules), owner)
+        self.snapshot = self.snapshot.evolve(devices=tuple(f"/dev/{n.path}" for n in nodes))
+        if not owner.modify:
+            missing = missing_nodes(self.host("/dev"), nodes)
+            if missing:
+                raise HostError(f"device nodes missing: {', '.join('/dev/' + m for m in missing)}",
+                                hint="the driver was loaded with NVreg_ModifyDeviceFiles=0, so the agent leaves "
+                                     "/dev/nvidia* to whatever was meant to create them")
+            return
+        changed = ensure_nodes(self.host("/dev"), nodes)
+        if changed:
+            self.log.info("device_nodes", created=",".join(changed))
 
     def _write_units(self, units: tuple[str, ...]) -> None:
         changes = apply_dropins(self.host(UNIT_DIR), units)
@@ -239,19 +359,19 @@ class Agent:
         if any(before.get(name) != version for name, version in loaded.items()):  # nothing unloaded: no rollback
             self.log.warning("rolled_back", tree=tree, modules=",".join(f"{k}={v}" for k, v in loaded.items()))
 
-    def _check_result(self, the_plan: Plan) -> None:
-        """Ready only if the host now shows what the plan promised."""
-        t = the_plan.target
+    def _check_result(self, tree: str, facts: HostFacts) -> None:
+        """Ready only if the host now shows what the plan promised for `tree`."""
         install_root = self.host(self.settings.install.root)
         current = current_target(install_root)
-        if current is None or self.host.host_view(current) != t.tree or read_marker(current) is None:
-            raise HostError(f"{self.settings.install.root}/current does not point at {t.tree} after install")
-        self.snapshot = self.snapshot.evolve(current=t.tree)
+        if current is None or self.host.host_view(current) != tree or read_marker(current) is None:
+            raise HostError(f"{self.settings.install.root}/current does not point at {tree} after install")
+        self.snapshot = self.snapshot.evolve(current=tree)
         if self.settings.mount.enabled:
-            top = top_mount(self.probe.mounts(), self.settings.mount.target)
-            if mounts.classify(top, t.lib64) is not mounts.MountState.OURS:
-                raise HostError(f"overlay of {t.lib64} is not mounted on {self.settings.mount.target}")
-            self.snapshot = self.snapshot.evolve(mount=f"{t.lib64} over {self.settings.mount.target}")
+            lib64 = f"{tree}/lib64"
+            top = self.probe.facts(self.settings.mount.target).lib_mount
+            if mounts.classify(top, lib64) is not mounts.MountState.OURS:
+                raise HostError(f"overlay of {lib64} is not mounted on {facts.lib_dir}")
+            self.snapshot = self.snapshot.evolve(mount=f"{lib64} over {facts.lib_dir}")
 
     def _failed(self, exc: BaseException, *, transient_default: bool) -> Phase:
         causes = tuple(cause_chain(exc))
@@ -262,11 +382,20 @@ class Agent:
         log_now, suppressed = self._errors.should_log(key)
         phase = Phase.DEGRADED
         detail = causes[0] if not hint else f"{causes[0]} ({hint})"
+        if self.snapshot.serving:
+            detail = f"serving {self.snapshot.serving}; {detail}"
         self.snapshot = self.snapshot.evolve(phase=phase, detail=detail)
         self.notify(f"{phase.value}: {detail}")
         self._last_outcome = None  # the next ready is news again
         if log_now:  # one line per failure per period: error, its causes and what to do, as fields
             self.log.error(phase.value, error=causes[0], causes=" <- ".join(causes[1:]) or None, hint=hint,
-                           transient=transient_default, repeated=suppressed or None)
+                           transient=transient_default, repeated=suppressed or None,
+                           serving=self.snapshot.serving)
         return phase
 
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return None

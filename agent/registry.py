@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import platform as _platform
 import random
 import re
@@ -23,6 +22,7 @@ import structlog
 import tenacity
 import urllib3
 
+from agent import failpoints
 from agent.credentials import Credentials
 from agent.errors import AgentError, Cancelled, DigestMismatch, HostError, RegistryError, RegistryUnavailable
 from agent.reference import DIGEST_RE, TAG_RE, Reference
@@ -55,7 +55,7 @@ MANIFEST_MAX_BYTES = 4 * 1024 * 1024
 CONFIG_MAX_BYTES = 4 * 1024 * 1024
 TOKEN_MAX_BYTES = 1024 * 1024
 ERROR_BODY_MAX_BYTES = 64 * 1024
-CHUNK_BYTES = 1024 * 1024
+CHUNK_BYTES = 256 * 1024  # a blob is read in pieces this size; a broken connection loses at most one
 READ_BYTES = 64 * 1024
 MAX_REDIRECTS = 5
 BACKOFF_BASE_S = 1.0
@@ -342,6 +342,19 @@ def config_platform(config: Mapping[str, Any]) -> Platform | None:
     return Platform(os_name, arch, variant if isinstance(variant, str) and variant else None)
 
 
+def layer_diff_ids(config: Mapping[str, Any], layers: int) -> tuple[str, ...]:
+    """The digests of the uncompressed layers (rootfs.diff_ids), one per layer of the manifest."""
+    rootfs = config.get("rootfs")
+    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(d, str) and DIGEST_RE.match(d) for d in ids):
+        raise RegistryError("the image config has no rootfs.diff_ids list of sha256 digests",
+                            hint="push the image again with a current tool")
+    if len(ids) != layers:
+        raise RegistryError(f"the image config lists {len(ids)} layer diff_ids for a manifest of {layers} layers",
+                            hint="the image is inconsistent; push it again")
+    return tuple(ids)
+
+
 def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -431,9 +444,11 @@ class RegistryClient:
     ) -> None:
         """Download a blob to `dest`, verified: streamed into `dest.partial`, renamed only if it matches.
 
-        Raises DigestMismatch when the content is not what `desc` names, Cancelled
-        when `cancelled()` turns true, HostError when the disk refuses; no partial file is
-        left behind in any case.
+        A `.partial` left by an interrupted download (a dropped connection, a stop, a crash) is
+        resumed with an HTTP Range request. Content that does not match its digest is
+        downloaded once more from the start (a byte flipped in transit), then refused with
+        DigestMismatch. Raises Cancelled when `cancelled()` turns true (the partial file stays
+        for the next attempt), HostError when the local disk refuses.
         """
         what = f"pull {ref}: blob {desc.digest}"
         self._check_descriptor(desc, what)
@@ -441,22 +456,63 @@ class RegistryClient:
         url = self._url(ref, f"blobs/{desc.digest}")
         missing = f"{ref.name} lacks blob {desc.digest}; push the image again"
 
-        def attempt() -> None:
+        def attempt() -> str:
+            if cancelled():
+                raise Cancelled(f"{what}: cancelled")
             try:
-                if cancelled():
-                    raise Cancelled(f"{what}: cancelled")
-                with self._open(ref, url, what, {"Accept-Encoding": "identity"}, missing) as resp:
-                    self._stream_to_file(resp, desc, partial, what, cancelled)
-                partial.replace(dest)
-                _fsync_dir(dest.parent)
+                return self._download(ref, url, desc, partial, what=what, missing=missing, cancelled=cancelled)
             except OSError as exc:  # network errors arrive as AgentErrors; this is the local disk
                 partial.unlink(missing_ok=True)
-                raise HostError(f"{what}: cannot write {dest}: {exc.strerror or exc}") from exc
+                raise HostError(f"{what}: cannot write {partial}: {exc.strerror or exc}") from exc
+
+        for tries_left in (1, 0):
+            try:
+                digest = self._retrying(what, attempt)
+                self._verify_parts(partial.stat().st_size, digest, desc, what)
+            except (RegistryUnavailable, Cancelled):
+                raise  # the partial download stays: the next attempt resumes it
+            except DigestMismatch as exc:
+                partial.unlink(missing_ok=True)
+                if not tries_left:
+                    raise
+                log.warning("blob_refetch", blob=desc.digest, error=exc.message, detail="downloading it once more")
+                continue
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
+            partial.replace(dest)
+            failpoints.hit("fetch.complete")
+            return
 
-        self._retrying(what, attempt)
+    def _download(self, ref: Reference, url: str, desc: Descriptor, partial: Path, *, what: str, missing: str,
+                  cancelled: Callable[[], bool]) -> str:
+        """Bring `partial` to the blob's full size (resume what is there, or start over); its digest."""
+        have = partial.stat().st_size if partial.is_file() else 0
+        if have > desc.size:
+            partial.unlink()
+            have = 0
+        digest = hashlib.sha256()
+        if have:
+            with partial.open("rb") as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    digest.update(chunk)
+        if have == desc.size:
+            return "sha256:" + digest.hexdigest()
+        headers = {"Accept-Encoding": "identity"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        with self._open(ref, url, what, headers, missing) as resp:
+            if have and resp.status_code == 206:
+                expected = f"bytes {have}-{desc.size - 1}/{desc.size}"
+                if resp.headers.get("Content-Range", "").replace(" */", "/") != expected:
+                    raise DigestMismatch(f"{what}: asked for bytes {have}- and got "
+                                         f"{resp.headers.get('Content-Range')!r}, not {expected!r}")
+                log.info("blob_resumed", blob=desc.digest, offset=have, size=desc.size)
+            else:
+                have = 0  # the registry ignored the Range header: start over
+                digest = hashlib.sha256()
+            self._stream_to_file(resp, desc, partial, offset=have, digest=digest, what=what, cancelled=cancelled)
+        return "sha256:" + digest.hexdigest()
 
     def fetch_config(self, ref: Reference, desc: Descriptor) -> dict[str, Any]:
         """Fetch and verify a small JSON blob (the image config); size-capped, digest-checked."""
@@ -532,32 +588,39 @@ class RegistryClient:
         resp: requests.Response,
         desc: Descriptor,
         partial: Path,
+        *,
+        offset: int,
+        digest: Any,
         what: str,
         cancelled: Callable[[], bool],
     ) -> None:
+        """Write the body to `partial` from `offset` on, refusing more bytes than the descriptor gives."""
+        want = desc.size - offset
         announced = _content_length(resp)
-        if announced is not None and announced != desc.size:
+        if announced is not None and announced != want:
             raise DigestMismatch(
-                f"{what}: the registry sends {announced} bytes, the descriptor says {desc.size}",
+                f"{what}: the registry sends {announced} bytes, the descriptor leaves {want}",
                 hint="the image is corrupt or was tampered with; it was not used",
             )
-        hasher = hashlib.sha256()
         got = 0
-        with partial.open("wb") as out:
+        with partial.open("r+b" if offset else "wb") as out:
+            out.truncate(offset)
+            out.seek(offset)
             for chunk in self._chunks(resp, CHUNK_BYTES, what, decode=False):
                 if cancelled():
                     raise Cancelled(f"{what}: cancelled")
                 got += len(chunk)
-                if got > desc.size:
+                if got > want:
                     raise DigestMismatch(
                         f"{what}: more than the {desc.size} bytes its descriptor gives",
                         hint="the image is corrupt or was tampered with; it was not used",
                     )
-                hasher.update(chunk)
+                digest.update(chunk)
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        self._verify_parts(got, "sha256:" + hasher.hexdigest(), desc, what)
+                out.flush()
+                failpoints.hit("fetch.chunk")
+        if got != want:
+            raise RegistryUnavailable(f"{what}: the connection ended after {offset + got} of {desc.size} bytes")
 
     def _verify(self, body: bytes, desc: Descriptor, what: str) -> None:
         self._verify_parts(len(body), sha256_digest(body), desc, what)
@@ -825,14 +888,6 @@ def _reason(exc: BaseException) -> str:
     text = first if isinstance(first, str) and len(inner.args) > 1 else str(inner)
     text = re.sub(r"^(?:<[^>]*>|\w+\([^)]*\)):\s*", "", text)  # "HTTPConnection(host=..): ", "<obj at 0x..>: "
     return (text or type(inner).__name__)[:300]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _log_retry(what: str, state: tenacity.RetryCallState) -> None:

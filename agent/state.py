@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.install.fs import fsync_dir
+
 STATE_FILE = "/var/lib/nvidia-agent/state.json"
 TREE_MARKER = ".nvidia-agent.json"
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` so readers see the old or the new file, never a torn one."""
+    """Replace `path` with `data` so readers see the old or the new file, never a torn one.
+
+    Temporary files an earlier process left for the same path (killed between write and
+    rename) are removed first.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
@@ -26,14 +35,6 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,21 @@ def marker_bytes(marker: TreeMarker) -> bytes:
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """A tree whose modules the kernel refused: not loaded again until something changes."""
+
+    tree: str
+    digest: str
+    kernel: str
+    parameters: str  # the module parameters it was refused with (modules.parameters, canonical JSON)
+    reason: str
+    at: float
+
+    def matches(self, tree: str, digest: str | None, kernel: str, parameters: str) -> bool:
+        return (self.tree, self.digest, self.kernel, self.parameters) == (tree, digest, kernel, parameters)
+
+
+@dataclass(frozen=True)
 class State:
     """What the agent remembers between runs (everything else is read off the host)."""
 
@@ -70,15 +86,40 @@ class State:
     last_ready_at: float | None = None
     previous_kernel: str | None = None  # the kernel before the last change the agent handled
     kernel_changed_at: float | None = None
+    refused: Refusal | None = None
 
 
 def load_state(path: Path) -> State:
-    """A missing or unreadable state file is an empty state: the host is the source of truth."""
+    """A missing or unreadable state file is an empty state: the host is the source of truth.
+
+    Every field is type-checked; one that is wrong is dropped, not trusted.
+    """
     try:
         doc: Any = json.loads(path.read_bytes())
-        return State(**{k: doc.get(k) for k in State.__dataclass_fields__})
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError):
         return State()
+    if not isinstance(doc, dict):
+        return State()
+    def text(key: str) -> str | None:
+        value = doc.get(key)
+        return value if isinstance(value, str) else None
+
+    def when(key: str) -> float | None:
+        value = doc.get(key)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    return State(last_kernel=text("last_kernel"), last_os_key=text("last_os_key"), last_ready_at=when("last_ready_at"),
+                 previous_kernel=text("previous_kernel"), kernel_changed_at=when("kernel_changed_at"),
+                 refused=_refusal(doc.get("refused")))
+
+
+def _refusal(doc: Any) -> Refusal | None:
+    if not isinstance(doc, dict):
+        return None
+    strings = ("tree", "digest", "kernel", "parameters", "reason")
+    if not all(isinstance(doc.get(k), str) for k in strings) or not isinstance(doc.get("at"), int | float):
+        return None
+    return Refusal(**{k: doc[k] for k in strings}, at=float(doc["at"]))
 
 
 def save_state(path: Path, state: State) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from os import getpid  # the Snapshot field "os" shadows the module inside the class
@@ -18,7 +20,9 @@ from agent.errors import ExitCode
 
 SOCKET_FILE = "/run/nvidia-agent/status.sock"
 MAX_REQUEST_BYTES = 4096
-REQUEST_TIMEOUT_S = 2.0
+REQUEST_TIMEOUT_S = 2.0  # a client has this long to send its request and read the reply
+MAX_CLIENTS = 64
+ACCEPT_BACKOFF_S = 0.2
 
 
 class Phase(StrEnum):
@@ -72,6 +76,7 @@ class Snapshot:
     digest: str | None = None
     install_path: str | None = None
     current: str | None = None
+    serving: str | None = None  # degraded, but this working tree stays loaded and mounted (READY was sent)
     mount: str | None = None
     modules: dict[str, str] = field(default_factory=dict)
     devices: tuple[str, ...] = ()
@@ -93,63 +98,144 @@ class Snapshot:
 
 
 class StatusServer:
-    """Answers `status` requests on a Unix socket from a thread; reads the latest snapshot."""
+    """Answers `status` requests on a Unix socket from one thread, for many clients at once.
 
-    def __init__(self, path: Path, snapshot: Any) -> None:
+    A selector multiplexes the listener and every client: a client that sends slowly, or
+    never, holds only its own connection, and only for REQUEST_TIMEOUT_S; at most MAX_CLIENTS
+    are served at a time (the rest are closed at once); an accept() that fails (EMFILE, ...)
+    pauses accepting for a moment instead of ending the thread. `stop()` returns at once.
+    """
+
+    def __init__(self, path: Path, snapshot: Callable[[], Snapshot],
+                 on_error: Callable[[str, OSError], None] = lambda _what, _exc: None) -> None:
         self.path = path
-        self._snapshot = snapshot  # a callable returning the current Snapshot
+        self._snapshot = snapshot
+        self._on_error = on_error
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = False
 
     def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         # We hold the daemon lock, so any socket file here is stale.
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o117)
         try:
             sock.bind(str(self.path))
         finally:
             os.umask(old)
-        sock.listen(16)
-        sock.settimeout(0.5)
+        sock.listen(MAX_CLIENTS)
+        sock.setblocking(False)
         self._sock = sock
         self._thread = threading.Thread(target=self._serve, name="status-socket", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
         assert self._sock is not None  # noqa: S101
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                self._answer(conn)
+        listener = self._sock
+        sel = selectors.DefaultSelector()
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        sel.register(listener, selectors.EVENT_READ)
+        clients: dict[socket.socket, _Client] = {}
+        paused_until: float | None = None
+        try:
+            while not self._stopping:
+                now = time.monotonic()
+                if paused_until is not None and now >= paused_until:
+                    sel.register(listener, selectors.EVENT_READ)
+                    paused_until = None
+                deadlines = [c.deadline for c in clients.values()] + ([paused_until] if paused_until else [])
+                timeout = max(0.0, min(deadlines) - now) if deadlines else None
+                for key, _ in sel.select(timeout):
+                    if key.fileobj is self._wake_r:
+                        return
+                    if key.fileobj is listener:
+                        if not self._accept(listener, sel, clients):
+                            sel.unregister(listener)
+                            paused_until = time.monotonic() + ACCEPT_BACKOFF_S
+                        continue
+                    conn = key.fileobj
+                    assert isinstance(conn, socket.socket)  # noqa: S101
+                    client = clients[conn]
+                    if not client.step(conn, self._snapshot):
+                        self._drop(conn, sel, clients)
+                    elif client.outbox is not None and key.events != selectors.EVENT_WRITE:
+                        sel.modify(conn, selectors.EVENT_WRITE)
+                now = time.monotonic()
+                for conn in [c for c, state in clients.items() if state.deadline <= now]:
+                    self._drop(conn, sel, clients)
+        finally:
+            for conn in list(clients):
+                self._drop(conn, sel, clients)
+            sel.close()
 
-    def _answer(self, conn: socket.socket) -> None:
-        conn.settimeout(REQUEST_TIMEOUT_S)
-        data = b""
-        while b"\n" not in data and len(data) <= MAX_REQUEST_BYTES:
-            chunk = conn.recv(MAX_REQUEST_BYTES)
-            if not chunk:
-                break
-            data += chunk
-        reply = handle_request(data[:MAX_REQUEST_BYTES + 1], self._snapshot())
-        conn.sendall(json.dumps(reply).encode() + b"\n")
+    def _accept(self, listener: socket.socket, sel: selectors.BaseSelector,
+                clients: dict[socket.socket, _Client]) -> bool:
+        """Take every waiting connection; False when accept() failed and accepting should pause."""
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                return True
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: a resource limit, not an end
+                self._on_error("accept", exc)
+                return False
+            if len(clients) >= MAX_CLIENTS:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            clients[conn] = _Client(time.monotonic() + REQUEST_TIMEOUT_S)
+            sel.register(conn, selectors.EVENT_READ)
+
+    @staticmethod
+    def _drop(conn: socket.socket, sel: selectors.BaseSelector, clients: dict[socket.socket, _Client]) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            sel.unregister(conn)
+        clients.pop(conn, None)
+        conn.close()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._sock is not None:
-            self._sock.close()
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
         if self._thread is not None:
             self._thread.join(timeout=2)
+        if self._sock is not None:
+            self._sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+class _Client:
+    """One connection: read a request line, then write the reply, before `deadline`."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.inbox = b""
+        self.outbox: memoryview | None = None
+
+    def step(self, conn: socket.socket, snapshot: Callable[[], Snapshot]) -> bool:
+        """Read or write what the socket allows now; False once the connection is done."""
+        try:
+            if self.outbox is None:
+                chunk = conn.recv(MAX_REQUEST_BYTES + 1)
+                self.inbox += chunk
+                if chunk and b"\n" not in self.inbox and len(self.inbox) <= MAX_REQUEST_BYTES:
+                    return True
+                reply = handle_request(self.inbox[:MAX_REQUEST_BYTES + 1], snapshot())
+                self.outbox = memoryview(json.dumps(reply).encode() + b"\n")
+            sent = conn.send(self.outbox)
+            self.outbox = self.outbox[sent:]
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return len(self.outbox) > 0
 
 
 def handle_request(data: bytes, snap: Snapshot) -> dict[str, Any]:
@@ -204,6 +290,7 @@ def render_text(status: dict[str, Any]) -> str:
         f"digest:      {status.get('digest') or '-'}",
         f"target:      {status.get('install_path') or '-'}",
         f"current:     {status.get('current') or '-'}",
+        *([f"serving:     {status['serving']} (the previous driver, kept working)"] if status.get("serving") else []),
         f"mount:       {status.get('mount') or '-'}",
     ]
     if status.get("modules"):

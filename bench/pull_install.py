@@ -70,7 +70,7 @@ def main() -> int:
         with RegistryServer(base / "registry") as reg:
             tree = make_driver_tree(base / "tree", driver=DRIVER, kernel=KERNEL)
             tree_bytes = fill_libs(tree / "lib64", args.size_mb)
-            ref = f"{reg.host}/nvidia/driver:{DRIVER}-flatcar-3815.2.0"
+            ref = f"{reg.host}/nvidia/driver:{DRIVER}-flatcar-3815.2.0-{KERNEL}"
             build_image(tree, ref, driver=DRIVER, os_id="flatcar", os_version="3815.2.0", kernel=KERNEL)
             manifest = json.loads(subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
                                                   f"docker://{ref}"], capture_output=True, check=True).stdout)

@@ -40,7 +40,7 @@ def main() -> int:
         with RegistryServer(base / "registry") as registry:
             print(f"== registry on {registry.host}")
             tree = make_driver_tree(base / "tree", driver=DRIVER, kernel=KERNEL)
-            ref = f"{registry.host}/nvidia/driver:{DRIVER}-flatcar-3815.2.0"
+            ref = f"{registry.host}/nvidia/driver:{DRIVER}-flatcar-3815.2.0-{KERNEL}"  # {driver}-{os}
             digest = build_image(tree, ref, driver=DRIVER, os_id="flatcar", os_version="3815.2.0", kernel=KERNEL)
             print(f"== pushed {ref}@{digest} (built with umoci + skopeo)")
             for path, text in {

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
-pytest_plugins = ["support.registry"]  # the session-scoped `registry_server` fixture
+pytest_plugins = ["support.registry", "support.sandbox"]  # `registry_server`; `tools`, `registry`, `host`
 
 
 class UnexpectedSubprocess(BaseException):

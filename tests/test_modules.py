@@ -8,7 +8,7 @@ import pytest
 
 from agent import subp
 from agent.errors import HostError
-from agent.modinfo import ModInfo
+from agent.install.modinfo import ModInfo
 from agent.modules import load_modules, module_holders, plan_loads
 from support.images import make_driver_tree
 from tests.conftest import write

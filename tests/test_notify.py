@@ -142,11 +142,8 @@ def test_signal_storm_never_deadlocks_the_wait() -> None:
     import os  # noqa: PLC0415
     import signal  # noqa: PLC0415
 
-    from agent.daemon import _wait  # noqa: PLC0415
-
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     triggers = Triggers.install()
-    notifier = Notifier(None)
     done = threading.Event()
     looping = threading.Event()
 
@@ -161,7 +158,7 @@ def test_signal_storm_never_deadlocks_the_wait() -> None:
         threading.Thread(target=storm, daemon=True).start()
         rounds = 0
         while not triggers.stop_requested:
-            _wait(triggers, notifier, 0.01)
+            triggers.wait(0.01)
             rounds += 1
             looping.set()
         assert done.wait(10)

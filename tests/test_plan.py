@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from agent.config import ModuleSettings, MountSettings, Settings
+from agent.config import ImageSettings, ModuleSettings, MountSettings, Settings
 from agent.hostfacts import GPU, HostFacts, Mount, OSInfo
 from agent.plan import (
     CreateDeviceNodes,
@@ -22,25 +22,26 @@ from agent.plan import (
     plan,
     target_for,
 )
-from agent.state import State, TreeMarker
+from agent.state import Refusal, State, TreeMarker
 
 FLATCAR = OSInfo("flatcar", "3815.2.0", "Flatcar", coreos_family=True)
 KERNEL = "6.1.0-28-amd64"
-TREE = "/opt/nvidia/535.261.03/flatcar-3815.2.0"
-OLD_TREE = "/opt/nvidia/535.261.03/flatcar-3760.2.0"
+TREE = f"/opt/nvidia/535.261.03/flatcar-3815.2.0-{KERNEL}"
+OLD_TREE = "/opt/nvidia/535.261.03/flatcar-3760.2.0-6.1.0-27-amd64"
 H100 = GPU("0000:00:05.0", 0x2330, 0x030200)
-S = Settings(modules=ModuleSettings(load=False))
+S = Settings(image=ImageSettings(registry="registry.example:5000"), modules=ModuleSettings(load=False))
 
 
-def facts(*, gpus: tuple[GPU, ...] = (H100,), lower: str | None = None, modules_supported: bool = True) -> HostFacts:
+def facts(*, gpus: tuple[GPU, ...] = (H100,), lower: str | None = None, modules_supported: bool = True,
+          kernel: str = KERNEL) -> HostFacts:
     mounts = (Mount("/usr/lib64", "ext4", "/dev/sda", {"ro": ""}),)
     if lower is not None:
         mounts += (Mount("/usr/lib64", "overlay", "nvidia-agent", {"lowerdir": f"{lower}:/usr/lib64"}),)
-    return HostFacts(FLATCAR, KERNEL, "amd64", gpus, {}, mounts, modules_supported)
+    return HostFacts(FLATCAR, kernel, "amd64", gpus, {}, mounts, modules_supported)
 
 
-def marker(tree: str = TREE) -> TreeMarker:
-    return TreeMarker("535.261.03", tree.rsplit("/", 1)[1], KERNEL, "r", "sha256:x", 0.0)
+def marker(tree: str = TREE, kernel: str = KERNEL) -> TreeMarker:
+    return TreeMarker("535.261.03", tree.rsplit("/", 1)[1], kernel, "r", "sha256:x", 0.0)
 
 
 INSTALL = InstallImage(target_for(S, facts()))
@@ -60,6 +61,8 @@ CASES = [
      (INSTALL, SWITCH, Unmount("/usr/lib64", "tree was reinstalled"), MOUNT, Ldconfig())),
     ("another driver's marker at the path", facts(), Installed(replace(marker(), driver="470.1"), TREE),
      (INSTALL, SWITCH, MOUNT, Ldconfig())),
+    ("a marker for another kernel at the path", facts(), Installed(replace(marker(), kernel="6.1.0-27-amd64"), TREE),
+     (INSTALL, SWITCH, MOUNT, Ldconfig())),
 ]
 
 
@@ -70,10 +73,13 @@ def test_plan_table(name: str, host: HostFacts, installed: Installed, actions: t
 
 
 def test_target_names_tree_and_tag() -> None:
-    """The tree is /opt/nvidia/<driver>/<os> and the tag comes from the template."""
+    """The tree is /opt/nvidia/<driver>/<os> and the tag comes from the template; the kernel is in
+    both on CoreOS too (an RHCOS real-time kernel changes it under the same OS version)."""
     t = target_for(S, facts())
     assert t.tree == TREE
-    assert str(t.reference) == "127.0.0.1:5000/nvidia/driver:535.261.03-flatcar-3815.2.0"
+    assert str(t.reference) == f"registry.example:5000/nvidia/driver:535.261.03-flatcar-3815.2.0-{KERNEL}"
+    rt = target_for(S, facts(kernel="5.14.0-284.rt14.269.el9_2.x86_64"))
+    assert rt.tree != t.tree and rt.reference.tag != t.reference.tag
 
 
 def test_no_gpu_plans_nothing() -> None:
@@ -84,11 +90,11 @@ def test_no_gpu_plans_nothing() -> None:
 
 def test_module_loading_when_configured_and_blocked_when_kernel_cannot() -> None:
     """Loading is the last step; a kernel without module support blocks with a reason."""
-    s = Settings(modules=ModuleSettings(load=True, parameters={"nvidia": ("NVreg_X=1",)}))
+    s = replace(S, modules=ModuleSettings(load=True, parameters={"nvidia": ("NVreg_X=1",)}))
     p = plan(s, facts(lower=f"{TREE}/lib64"), Installed(marker(), TREE), State())
     assert p.actions == (UNITS, LoadModules(TREE, {"nvidia": ("NVreg_X=1",)}), CreateDeviceNodes(("0000:00:05.0",)),
                          StartPersistenced(TREE))
-    update = plan(s, facts(lower=f"{OLD_TREE}/lib64"), Installed(None, OLD_TREE), State())
+    update = plan(s, facts(lower=f"{OLD_TREE}/lib64"), Installed(None, OLD_TREE, marker(OLD_TREE)), State())
     assert update.actions[:3] == (UNITS, INSTALL, LoadModules(TREE, {"nvidia": ("NVreg_X=1",)}, OLD_TREE)), \
         "a new driver loads before current switches, with the old tree to fall back to"
     assert isinstance(update.actions[3], SwitchCurrent)
@@ -108,3 +114,43 @@ def test_mount_disabled_plans_no_mount() -> None:
 def test_kernel_change_is_noticed_from_state(last: str | None, changed: str | None) -> None:
     """The planner reports the previous kernel when the host booted another one."""
     assert plan(S, facts(), Installed(None, None), State(last_kernel=last)).kernel_changed_from == changed
+
+
+LOAD = replace(S, modules=ModuleSettings(load=True))
+
+
+def test_a_working_tree_for_this_kernel_is_the_fallback_one_for_another_kernel_is_not() -> None:
+    """While a new driver is installed, the current tree is kept to serve if it was built for the
+    running kernel (a driver.version change); after a kernel change the old tree cannot load."""
+    same_kernel = Installed(None, OLD_TREE, marker(OLD_TREE))
+    assert plan(LOAD, facts(), same_kernel, State()).fallback == OLD_TREE
+    other_kernel = Installed(None, OLD_TREE, marker(OLD_TREE, kernel="6.1.0-27-amd64"))
+    assert plan(LOAD, facts(), other_kernel, State()).fallback is None
+    assert plan(LOAD, facts(), Installed(marker(), TREE, marker()), State()).fallback is None
+
+
+def test_a_refused_digest_is_resolved_again_before_it_is_loaded_again() -> None:
+    """The kernel refused this tree's digest: the plan asks the registry whether the digest changed
+    (InstallImage with refuse_digest) instead of unloading the working driver for the same result.
+    Another kernel, other module parameters or another digest end the refusal."""
+    refusal = Refusal(TREE, "sha256:x", KERNEL, '[]', "insmod: Invalid module format", 1.0)
+    installed = Installed(marker(), OLD_TREE, marker(OLD_TREE))
+    refused = plan(LOAD, facts(), installed, State(refused=refusal))
+    assert refused.actions[1] == InstallImage(target_for(LOAD, facts()), refuse_digest="sha256:x")
+    assert refused.refused == refusal and refused.fallback == OLD_TREE
+    params = replace(LOAD, modules=ModuleSettings(load=True, parameters={"nvidia": ("NVreg_X=1",)}))
+    for other in (plan(params, facts(), installed, State(refused=refusal)),
+                  plan(LOAD, facts(), Installed(replace(marker(), digest="sha256:y"), OLD_TREE),
+                       State(refused=refusal))):
+        assert other.refused is None
+        assert not any(isinstance(a, InstallImage) for a in other.actions)
+
+
+def test_a_symlinked_mount_target_is_compared_by_its_real_path() -> None:
+    """mount.target /lib64 -> usr/lib64 (Fedora): mountinfo names /usr/lib64, and so must the plan,
+    or every re-check would stack another overlay."""
+    mounted = replace(facts(lower=f"{TREE}/lib64"), lib_dir="/usr/lib64")
+    settings = replace(S, mount=MountSettings(target="/lib64"))
+    assert plan(settings, mounted, Installed(marker(), TREE), State()).actions == (UNITS,)
+    fresh = plan(settings, replace(facts(), lib_dir="/usr/lib64"), Installed(marker(), TREE), State())
+    assert fresh.actions == (UNITS, MountOverlay(f"{TREE}/lib64", "/usr/lib64"), Ldconfig())

@@ -21,7 +21,7 @@ from agent.credentials import Credentials
 from agent.errors import Cancelled, DigestMismatch, HostError, RegistryError, RegistryUnavailable
 from agent.reference import Reference
 from agent.registry import Descriptor, Platform, RegistryClient, ResolvedImage
-from support.flaky_proxy import BlobStore, FlakyProxy, blobs, manifests
+from support.flaky_proxy import BlobStore, Fault, FlakyProxy, blobs, manifests
 from support.registry import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -303,7 +303,8 @@ def test_wrong_size_is_a_digest_mismatch(registry: RegistryServer, tmp_path: Pat
 
 
 def test_corrupted_body_is_a_digest_mismatch(registry: RegistryServer, tmp_path: Path) -> None:
-    """A blob whose bytes are corrupted on the way is refused (not retried) and nothing is left behind."""
+    """A blob corrupted on every download is fetched once more, then refused; nothing is left behind.
+    A config is small and verified in memory: refused at once."""
     image = simple_image(registry, "t/corrupt", "v1")
     with FlakyProxy(registry.host, corrupt_when=blobs) as proxy:
         client, sleeps = client_for(proxy.host)
@@ -314,7 +315,21 @@ def test_corrupted_body_is_a_digest_mismatch(registry: RegistryServer, tmp_path:
         with pytest.raises(DigestMismatch):
             client.fetch_config(target, Descriptor("application/vnd.oci.image.config.v1+json", *_config_of(image)))
     assert leftovers(tmp_path) == []
-    assert proxy.count(blobs) == 2
+    assert proxy.count(blobs) == 3  # the layer twice, the config once
+    assert sleeps == []
+
+
+def test_one_corrupted_download_is_fetched_again(registry: RegistryServer, tmp_path: Path) -> None:
+    """A byte flipped in transit costs one more download of that blob, not the whole reconcile."""
+    layer = tar_layer({"a": os.urandom(512 * 1024)})
+    image = push_image(registry.pusher, "t/flip", "v1", [layer])
+    with FlakyProxy(registry.host, faults=(Fault.corrupt(offset=1000, when=blobs, times=1),)) as proxy:
+        client, sleeps = client_for(proxy.host)
+        desc = Descriptor(image.layers[0]["mediaType"], image.layers[0]["digest"], len(layer))
+        client.fetch_blob(Reference(proxy.host, "t/flip", "v1"), desc, tmp_path / "layer")
+    assert (tmp_path / "layer").read_bytes() == layer
+    assert [s.fault for s in proxy.seen if blobs(s.method, s.path)] == ["corrupt", None]
+    assert leftovers(tmp_path) == ["layer"]
     assert sleeps == []
 
 
@@ -332,32 +347,61 @@ def test_corrupted_manifest_by_digest_is_a_digest_mismatch(registry: RegistrySer
             client.resolve(Reference(proxy.host, "t/mcorrupt", "v1", image.digest), AMD64)
 
 
-def test_broken_download_restarts_from_scratch(registry: RegistryServer, tmp_path: Path) -> None:
-    """A connection cut mid-blob is transient: the download starts over and the file is complete."""
+@pytest.mark.parametrize("fault", ["reset", "truncate"])
+def test_broken_download_resumes_where_it_stopped(registry: RegistryServer, tmp_path: Path, fault: str) -> None:
+    """A connection reset or cut mid-blob is transient: the next attempt asks for the rest with a Range
+    request (bytes=<what it has>-), and the file is complete and verified."""
     layer = tar_layer({"a": os.urandom(2 * 1024 * 1024)})
     image = push_image(registry.pusher, "t/cut", "v1", [layer])
-    with FlakyProxy(registry.host, cut_first=1) as proxy:
+    cut = {"reset": Fault.reset, "truncate": Fault.truncate}[fault](after_bytes=700_000, when=blobs, times=1)
+    with FlakyProxy(registry.host, faults=(cut,)) as proxy:
         client, sleeps = client_for(proxy.host)
         desc = Descriptor(image.layers[0]["mediaType"], image.layers[0]["digest"], len(layer))
         client.fetch_blob(Reference(proxy.host, "t/cut", "v1"), desc, tmp_path / "layer")
     assert (tmp_path / "layer").read_bytes() == layer
-    assert proxy.count(blobs) == 2
+    first, second = (s for s in proxy.seen if blobs(s.method, s.path))
+    assert (first.range, first.status, first.sent_bytes) == (None, 200, 700_000)
+    # What reached the disk before the break (a read in progress when the connection dies is lost).
+    resumed_at = int((second.range or "").removeprefix("bytes=").removesuffix("-"))
+    assert 0 < resumed_at <= 700_000
+    assert (second.status, second.sent_bytes) == (206, len(layer) - resumed_at)
     assert len(sleeps) == 1
     assert leftovers(tmp_path) == ["layer"]
 
 
-def test_cancel_stops_download_and_cleans_up(registry: RegistryServer, tmp_path: Path) -> None:
-    """cancelled() turning true between chunks raises Cancelled and removes the partial file."""
+def test_a_registry_that_ignores_range_gets_a_fresh_download(registry: RegistryServer, tmp_path: Path) -> None:
+    """A partial file from an earlier attempt is resumed only if the server answers 206; a 200 means the
+    whole blob again, written from the start (not appended)."""
+    layer = tar_layer({"a": os.urandom(600 * 1024)})
+    image = push_image(registry.pusher, "t/norange", "v1", [layer])
+    desc = Descriptor(image.layers[0]["mediaType"], image.layers[0]["digest"], len(layer))
+    (tmp_path / "layer.partial").write_bytes(layer[:1000])
+    with BlobStore({f"/v2/t/norange/blobs/{desc.digest}": layer}) as plain:  # serves 200, ignores Range
+        client, _ = client_for(plain.host)
+        client.fetch_blob(Reference(plain.host, "t/norange", "v1"), desc, tmp_path / "layer")
+    assert (tmp_path / "layer").read_bytes() == layer
+    assert leftovers(tmp_path) == ["layer"]
+
+
+def test_cancel_keeps_the_partial_download_for_the_next_attempt(registry: RegistryServer, tmp_path: Path) -> None:
+    """cancelled() turning true between chunks raises Cancelled; the partial file stays, and the next
+    fetch resumes from it with a Range request instead of starting over."""
     layer = tar_layer({"a": os.urandom(3 * 1024 * 1024)})
     image = push_image(registry.pusher, "t/cancel", "v1", [layer])
     calls = iter(range(100))
-    client, _ = client_for(registry.host)
     desc = Descriptor(image.layers[0]["mediaType"], image.layers[0]["digest"], len(layer))
-    with pytest.raises(Cancelled, match="cancelled"):
-        client.fetch_blob(
-            ref(registry.host, "t/cancel", "v1"), desc, tmp_path / "layer", cancelled=lambda: next(calls) >= 2
-        )
-    assert leftovers(tmp_path) == []
+    with FlakyProxy(registry.host) as proxy:
+        client, _ = client_for(proxy.host)
+        target = Reference(proxy.host, "t/cancel", "v1")
+        with pytest.raises(Cancelled, match="cancelled"):
+            client.fetch_blob(target, desc, tmp_path / "layer", cancelled=lambda: next(calls) >= 2)
+        assert leftovers(tmp_path) == ["layer.partial"]
+        have = (tmp_path / "layer.partial").stat().st_size
+        assert 0 < have < len(layer)
+        client.fetch_blob(target, desc, tmp_path / "layer")
+    assert (tmp_path / "layer").read_bytes() == layer
+    assert proxy.seen[-1].range == f"bytes={have}-"
+    assert leftovers(tmp_path) == ["layer"]
 
 
 def test_unwritable_destination_is_a_host_error(registry: RegistryServer, tmp_path: Path) -> None:
@@ -366,7 +410,7 @@ def test_unwritable_destination_is_a_host_error(registry: RegistryServer, tmp_pa
     digest = registry.pusher.push_blob("t/nodir", data)
     client, sleeps = client_for(registry.host)
     dest = tmp_path / "missing" / "blob"
-    with pytest.raises(HostError, match=f"cannot write {dest}: No such file or directory"):
+    with pytest.raises(HostError, match=f"cannot write {dest}.partial: No such file or directory"):
         client.fetch_blob(ref(registry.host, "t/nodir", "v1"), Descriptor("x", digest, 3), dest)
     assert sleeps == []
 

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from agent import log
 from agent.daemon import LockHeld, acquire_lock, next_delay_s
 from agent.errors import ExitCode, TransientError, cause_chain
-from agent.install import current_target, remove_debris, switch_current
+from agent.install.trees import current_target, remove_debris, switch_current
 from agent.status import Phase, Snapshot, StatusServer, handle_request, query, render_text
 
 
@@ -152,13 +152,47 @@ def test_switch_current_is_a_relative_symlink_replaced_atomically(tmp_path: Path
 
 
 def test_debris_of_interrupted_installs_is_removed(tmp_path: Path) -> None:
-    """Staging and trash directories never block the next try; trees and current are left alone."""
+    """Staging, trash and a half-made `current` link never block the next try; trees and current stay.
+
+    One staging directory is nested 2,000 levels deep (what a crash on a hostile image left
+    before paths were capped): removing it needs neither recursion nor 2,000 open files.
+    """
     for name in (".staging-535-x-1", ".trash-535-x-2", "535"):
         (tmp_path / name / "sub").mkdir(parents=True)
+    deep = tmp_path / ".staging-535-deep"
+    deep.mkdir()
+    fd = os.open(deep, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(2000):  # deeper than PATH_MAX allows by name: built one level at a time
+        os.mkdir("d", dir_fd=fd)
+        nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    os.close(fd)
+    (tmp_path / ".current.tmp-77").symlink_to("535")
     (tmp_path / "current").symlink_to("535")
-    removed = remove_debris(tmp_path)
-    assert sorted(p.name for p in removed) == [".staging-535-x-1", ".trash-535-x-2"]
+    reports: list[tuple[str, OSError | None]] = []
+    remove_debris(tmp_path, lambda path, error: reports.append((path.name, error)))
+    assert sorted(reports, key=lambda r: r[0]) == [(".current.tmp-77", None), (".staging-535-deep", None),
+                                                    (".staging-535-x-1", None), (".trash-535-x-2", None)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["535", "current"]
+
+
+def test_debris_that_cannot_be_removed_is_reported_not_raised(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cleaning up can never fail the agent: an undeletable directory is reported with its error."""
+    from agent.install import fs  # noqa: PLC0415
+
+    (tmp_path / ".staging-535-x-1" / "sub").mkdir(parents=True)
+    (tmp_path / ".trash-535-x-2").mkdir()
+    real = fs.try_remove_tree
+
+    def stuck(path: Path) -> OSError | None:
+        return OSError(16, "Device or resource busy") if path.name.startswith(".staging") else real(path)
+
+    monkeypatch.setattr(fs, "try_remove_tree", stuck)
+    reports: list[tuple[str, str | None]] = []
+    remove_debris(tmp_path, lambda path, error: reports.append((path.name, error and error.strerror)))
+    assert sorted(reports) == [(".staging-535-x-1", "Device or resource busy"), (".trash-535-x-2", None)]
 
 
 @pytest.mark.parametrize(("ages", "keep", "protected", "pruned"), [
@@ -174,7 +208,7 @@ def test_debris_of_interrupted_installs_is_removed(tmp_path: Path) -> None:
 def test_trees_to_prune_keeps_the_active_then_the_driver_then_the_newest(
         ages: dict[str, float], keep: int, protected: set[str], pruned: list[str]) -> None:
     """keep_trees counts the active tree; the configured driver's trees outrank other drivers'."""
-    from agent.install import trees_to_prune  # noqa: PLC0415
+    from agent.install.trees import trees_to_prune  # noqa: PLC0415
 
     trees = [(Path(n), t) for n, t in ages.items()]
     assert trees_to_prune(trees, keep, {Path(p) for p in protected}, "535") == [Path(p) for p in pruned]
@@ -188,7 +222,7 @@ def test_cause_chain_keeps_hints_out_of_messages() -> None:
 def test_a_settled_host_is_rechecked_quietly(tmp_path: Path) -> None:
     """A no-GPU host: the first reconcile logs no-gpu at info; re-checks that find the same log at debug only."""
     from agent.bus import Systemd  # noqa: PLC0415
-    from agent.config import Settings  # noqa: PLC0415
+    from agent.config import ImageSettings, Settings  # noqa: PLC0415
     from agent.hostfacts import HostProbe  # noqa: PLC0415
     from agent.hostroot import HostRoot  # noqa: PLC0415
     from agent.reconcile import Agent  # noqa: PLC0415
@@ -202,7 +236,8 @@ def test_a_settled_host_is_rechecked_quietly(tmp_path: Path) -> None:
     def no_bus() -> object:
         raise RuntimeError("no system bus here")
 
-    agent = Agent(HostRoot(tmp_path), Settings(), probe=HostProbe(HostRoot(tmp_path), udev=FakeUdev([])),
+    settings = Settings(image=ImageSettings(registry="registry.example"))
+    agent = Agent(HostRoot(tmp_path), settings, probe=HostProbe(HostRoot(tmp_path), udev=FakeUdev([])),
                   registry=RegistryClient(), systemd=Systemd(bus_factory=no_bus))
     with capture_logs() as first:
         assert agent.reconcile() is Phase.NO_GPU

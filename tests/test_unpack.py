@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.driverimage import load_order, parse_manifest, verify_tree
+from agent.config import DEFAULT_LIB64_ALLOW
 from agent.errors import ImageRejected, KernelMismatch
-from agent.modinfo import ModInfo, parse_modinfo, read_modinfo
-from agent.unpack import GZIP_TYPES, Staging
+from agent.install.modinfo import ModInfo, parse_modinfo, read_modinfo
+from agent.install.unpack import GZIP_TYPES, ExtractedTree, Staging
+from agent.install.verify import load_order, parse_manifest, verify_tree
 from support.images import HOSTILE_KINDS, SPECIAL_MODES, compile_module, hostile_entries, tar_bytes, valid_tree_entries
 
 GZ = next(iter(GZIP_TYPES))
@@ -17,15 +18,30 @@ KERNEL = "6.1.0-28-amd64"
 pytestmark = pytest.mark.subprocess  # the trees carry modules compiled with gcc
 
 
-def extract(tmp_path: Path, *layers: bytes) -> Staging:
-    staging = Staging(tmp_path / "staging")
-    staging.path.mkdir()
-    for i, layer in enumerate(layers):
-        blob = tmp_path / f"layer{i}"
-        blob.write_bytes(layer)
-        staging.extract_layer(blob, GZ)
-    staging.check_links()
-    return staging
+class Extracted:
+    """A staging directory after extraction, and what the agent read back from it."""
+
+    def __init__(self, path: Path, tree: ExtractedTree) -> None:
+        self.path = path
+        self.tree = tree
+        self.digests = tree.files
+
+
+def extract(tmp_path: Path, *layers: bytes) -> Extracted:
+    path = tmp_path / "staging"
+    path.mkdir()
+    with Staging(path) as staging:
+        for i, layer in enumerate(layers):
+            blob = tmp_path / f"layer{i}"
+            blob.write_bytes(layer)
+            staging.extract_layer(blob, GZ)
+        return Extracted(path, staging.finish())
+
+
+def verify(staged: Extracted, digests: dict[str, str] | None = None, **kwargs: str) -> object:
+    args = {"driver_version": "535.261.03", "kernel": KERNEL} | kwargs
+    tree = staged.tree if digests is None else ExtractedTree(digests, staged.tree.links, staged.tree.dirs)
+    return verify_tree(staged.path, tree, lib64_allow=DEFAULT_LIB64_ALLOW, **args)
 
 
 @pytest.mark.parametrize("kind", HOSTILE_KINDS)
@@ -48,10 +64,10 @@ def test_hostile_entry_rejects_the_image_and_touches_nothing_outside(tmp_path: P
 def test_valid_tree_extracts_and_verifies(tmp_path: Path) -> None:
     """A contract-valid tree passes; digests were computed while writing; modules come in load order."""
     staging = extract(tmp_path, tar_bytes(valid_tree_entries()))
-    verified = verify_tree(staging.path, staging.digests, driver_version="535.261.03", kernel=KERNEL)
-    assert [m.name for m in verified.modules] == ["nvidia"]
+    verified = verify(staging)
+    assert [m.name for m in verified.modules] == ["nvidia"]  # type: ignore[attr-defined]
     assert (staging.path / "lib64/libcuda.so.1").resolve() == (staging.path / "lib64/libcuda.so.535.261.03")
-    assert set(staging.digests) == set(verified.manifest.files) | {"manifest.json"}
+    assert set(staging.digests) == set(verified.manifest.files) | {"manifest.json"}  # type: ignore[attr-defined]
 
 
 def test_entries_outside_the_tree_are_never_written(tmp_path: Path) -> None:
@@ -88,18 +104,17 @@ def test_replacing_a_file_with_a_symlink_updates_digests(tmp_path: Path) -> None
 
 def test_unsupported_layer_media_type(tmp_path: Path) -> None:
     """zstd layers are refused by name, not misread."""
-    staging = Staging(tmp_path)
-    with pytest.raises(ImageRejected, match=r"tar\+zstd"):
+    with Staging(tmp_path) as staging, pytest.raises(ImageRejected, match=r"tar\+zstd"):
         staging.extract_layer(tmp_path / "x", "application/vnd.oci.image.layer.v1.tar+zstd")
 
 
 def test_garbage_layer_is_rejected_not_crashing(tmp_path: Path) -> None:
     """A blob that is not a gzip tar is an image problem, reported as such."""
-    with pytest.raises(ImageRejected, match="not a valid archive"):
+    with pytest.raises(ImageRejected, match="not a valid gzip stream"):
         extract(tmp_path, b"\x1f\x8b\x08\x00garbage")
 
 
-def digests_of(staging: Staging) -> dict[str, str]:
+def digests_of(staging: Extracted) -> dict[str, str]:
     return dict(staging.digests)
 
 
@@ -110,9 +125,8 @@ def digests_of(staging: Staging) -> dict[str, str]:
 def test_verify_refuses_other_driver_or_kernel(tmp_path: Path, change: dict[str, str], message: str) -> None:
     """An image for another driver version or another kernel is never installed."""
     staging = extract(tmp_path, tar_bytes(valid_tree_entries()))
-    args = {"driver_version": "535.261.03", "kernel": KERNEL} | change
     with pytest.raises(ImageRejected, match=message):
-        verify_tree(staging.path, staging.digests, **args)
+        verify(staging, **change)
 
 
 def test_verify_checks_module_vermagic_not_only_the_manifest(tmp_path: Path) -> None:
@@ -121,7 +135,7 @@ def test_verify_checks_module_vermagic_not_only_the_manifest(tmp_path: Path) -> 
     entries = valid_tree_entries(extra_files={f"lib/modules/{KERNEL}/nvidia.ko": (wrong, 0o644)})
     staging = extract(tmp_path, tar_bytes(entries))
     with pytest.raises(KernelMismatch, match=r"vermagic '6\.1\.0-27-amd64"):
-        verify_tree(staging.path, staging.digests, driver_version="535.261.03", kernel=KERNEL)
+        verify(staging)
 
 
 @pytest.mark.parametrize(("tamper", "message"), [
@@ -140,7 +154,7 @@ def test_verify_compares_every_file_with_the_manifest(tmp_path: Path, tamper: st
     else:
         digests["bin/nvidia-smi"] = "sha256:" + "0" * 64
     with pytest.raises(ImageRejected, match=message):
-        verify_tree(staging.path, digests, driver_version="535.261.03", kernel=KERNEL)
+        verify(staging, digests)
 
 
 @pytest.mark.parametrize(("doc", "message"), [

@@ -1,133 +1,77 @@
-"""Install: pull a resolved image's layers, extract and verify in staging, rename into place, swap `current`."""
+"""The installed trees under install.root: rename into place, the `current` swap, pruning, debris.
+
+    <root>/<driver>/<os>/        a complete tree (it has a marker: only complete trees are renamed here)
+    <root>/current -> <driver>/<os>
+    <root>/.staging-*, .trash-*, .current.tmp-*   debris of an interrupted install, removed by the next pass
+"""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import os
-import shutil
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from agent.driverimage import VerifiedTree, verify_tree
+from agent import failpoints
 from agent.errors import HostError
-from agent.reference import Reference
-from agent.registry import Platform, RegistryClient, ResolvedImage
-from agent.state import TreeMarker, fsync_dir, marker_bytes, read_marker
-from agent.unpack import Staging
+from agent.install import fs
+from agent.state import read_marker
 
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
 CURRENT = "current"
+CURRENT_TMP_PREFIX = f".{CURRENT}.tmp-"
+DEBRIS_PREFIXES = (STAGING_PREFIX, TRASH_PREFIX, CURRENT_TMP_PREFIX)
 RENAME_EXCHANGE = 2
 
-
-@dataclass(frozen=True)
-class InstallResult:
-    tree: Path
-    image: ResolvedImage
-    verified: VerifiedTree
-    marker: TreeMarker
+Report = Callable[[Path, OSError | None], None]
 
 
-def remove_debris(install_root: Path) -> list[Path]:
-    """Staging and trash directories left by an interrupted install (we hold the lock)."""
-    removed = []
-    if install_root.is_dir():
-        for entry in install_root.iterdir():
-            if entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
-    return removed
+def remove_debris(install_root: Path, report: Report) -> None:
+    """Remove what an interrupted install left (the caller holds the agent's lock).
 
-
-def install_image(
-    registry: RegistryClient,
-    ref: Reference,
-    *,
-    platform: Platform,
-    install_root: Path,
-    tree: Path,
-    blob_cache: Path,
-    driver: str,
-    os_key: str,
-    kernel: str,
-    on_phase: Callable[[str, dict[str, Any]], None],
-    cancelled: Callable[[], bool] = lambda: False,
-) -> InstallResult:
-    """Resolve, pull, verify and install `ref` at `tree` (a directory under `install_root`).
-
-    Nothing outside the staging directory changes until the final rename; on
-    any failure the staging directory is removed and `tree` is as before.
+    Never raises: debris that cannot be removed is reported with its error, and the install
+    goes on (each attempt stages under a fresh name).
     """
-    on_phase("resolving", {"reference": str(ref)})
-    image = registry.resolve(ref, platform)
-    on_phase("pulling", {"digest": image.reference.digest, "layers": len(image.layers),
-                         "bytes": sum(d.size for d in image.layers)})
-    blob_cache.mkdir(parents=True, exist_ok=True)
-    blobs = []
-    for desc in image.layers:
-        blob = blob_cache / desc.digest.replace(":", "-")
-        if not blob.is_file():
-            registry.fetch_blob(image.reference, desc, blob, cancelled=cancelled)
-        blobs.append((blob, desc.media_type))
-
-    on_phase("verifying", {"digest": image.reference.digest})
-    install_root.mkdir(parents=True, exist_ok=True)
-    staging = Staging(install_root / f"{STAGING_PREFIX}{tree.parent.name}-{tree.name}-{os.getpid()}")
     try:
-        staging.path.mkdir(mode=0o755)
-        for blob, media_type in blobs:
-            staging.extract_layer(blob, media_type, cancelled=cancelled)
-        staging.check_links()
-        verified = verify_tree(staging.path, staging.digests, driver_version=driver, kernel=kernel)
-        marker = TreeMarker(driver=driver, os_key=os_key, kernel=kernel, reference=str(ref),
-                            digest=image.reference.digest or "", installed_at=time.time())
-        (staging.path / ".nvidia-agent.json").write_bytes(marker_bytes(marker))
-        on_phase("installing", {"tree": str(tree)})
-        staging.path.chmod(0o755)
-        os.sync()  # the tree's data must be on disk before the rename makes it visible
-        tree.parent.mkdir(parents=True, exist_ok=True)
-        _move_into_place(staging.path, tree, install_root)
-        fsync_dir(tree.parent)
-    finally:
-        if staging.path.exists():
-            shutil.rmtree(staging.path, ignore_errors=True)
-    for blob, _ in blobs:
-        blob.unlink(missing_ok=True)  # the installed tree is the cache from now on
-    return InstallResult(tree, image, verified, marker)
+        entries = [e for e in install_root.iterdir() if e.name.startswith(DEBRIS_PREFIXES)]
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        report(install_root, exc)
+        return
+    for entry in entries:
+        report(entry, fs.try_remove_tree(entry))
 
 
-def _move_into_place(staging: Path, tree: Path, install_root: Path) -> None:
+def move_into_place(staging: Path, tree: Path, install_root: Path) -> None:
     """Rename staging to `tree`; an existing tree is exchanged atomically, then removed."""
+    tree.parent.mkdir(parents=True, exist_ok=True)
     if not tree.exists():
         staging.rename(tree)
-        return
-    if _renameat2_exchange(staging, tree):
-        shutil.rmtree(staging, ignore_errors=True)  # now holds the old tree
-        return
-    trash = install_root / f"{TRASH_PREFIX}{tree.parent.name}-{tree.name}-{os.getpid()}"
-    tree.rename(trash)
-    staging.rename(tree)
-    shutil.rmtree(trash, ignore_errors=True)
+    elif _renameat2_exchange(staging, tree):
+        pass  # staging now holds the old tree; the caller removes it
+    else:
+        trash = install_root / f"{TRASH_PREFIX}{tree.parent.name}-{tree.name}-{os.getpid()}"
+        tree.rename(trash)
+        staging.rename(tree)
+        fs.try_remove_tree(trash)
+    failpoints.hit("install.renamed")
+    fs.fsync_dir(tree.parent)
+    fs.fsync_dir(install_root)
 
 
 def _renameat2_exchange(a: Path, b: Path) -> bool:
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
+    lib = fs.libc()
+    fn = getattr(lib, "renameat2", None) if lib is not None else None
     if fn is None:
         return False
     at_fdcwd = -100
     if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), RENAME_EXCHANGE) == 0:
         return True
+    import ctypes  # noqa: PLC0415 - only for the errno of a failed exchange
+
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS):
         return False  # the filesystem cannot exchange: fall back to two renames
@@ -165,13 +109,16 @@ def installed_trees(install_root: Path) -> list[tuple[Path, float]]:
     return found
 
 
-def prune_trees(install_root: Path, keep: int, protected: set[Path], driver: str) -> list[Path]:
+def prune_trees(install_root: Path, keep: int, protected: set[Path], driver: str, report: Report) -> list[Path]:
     """Remove old trees (renamed to trash first, so a crash mid-delete leaves only debris)."""
     pruned = trees_to_prune(installed_trees(install_root), keep, protected, driver)
     for tree in pruned:
         trash = install_root / f"{TRASH_PREFIX}{tree.parent.name}-{tree.name}-{os.getpid()}"
         tree.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        failpoints.hit("prune.trashed")
+        error = fs.try_remove_tree(trash)
+        if error is not None:
+            report(trash, error)
         with contextlib.suppress(OSError):
             tree.parent.rmdir()  # the driver directory, once empty
     return pruned
@@ -191,13 +138,15 @@ def switch_current(install_root: Path, tree: Path) -> None:
     rel = os.path.relpath(tree, install_root)
     if rel.startswith(".."):
         raise HostError(f"{tree} is not under {install_root}")
-    tmp = install_root / f".{CURRENT}.tmp-{os.getpid()}"
+    tmp = install_root / f"{CURRENT_TMP_PREFIX}{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     tmp.symlink_to(rel)
+    failpoints.hit("current.link")
     try:
         tmp.replace(install_root / CURRENT)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise HostError(f"cannot switch {install_root / CURRENT} to {rel}: {exc.strerror}") from exc
-    fsync_dir(install_root)
+    fs.fsync_dir(install_root)
+    failpoints.hit("current.switched")

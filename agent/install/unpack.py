@@ -1,4 +1,11 @@
-"""Extract image layers into a staging tree: only /nvidia-driver/, OCI whiteouts applied, escapes refused."""
+"""Extract image layers into a staging tree: only /nvidia-driver/, OCI whiteouts applied, escapes refused.
+
+Every filesystem call is relative to a directory file descriptor opened with O_NOFOLLOW, so
+no name from an image can reach outside the staging directory: a symlink in a path is an
+error (ELOOP) rather than a detour, and a whiteout can only remove what lies below the tree
+root. Work is linear in the number of entries; paths, entries and bytes are capped at sizes
+no driver image comes near (a real driver tree has under a thousand entries).
+"""
 
 from __future__ import annotations
 
@@ -6,226 +13,459 @@ import gzip
 import hashlib
 import os
 import posixpath
-import shutil
 import stat
-import tarfile
+import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import IO
+from typing import IO, cast
 
-from agent.errors import Cancelled, ImageRejected
+from agent.errors import Cancelled, DigestMismatch, ImageRejected
+from agent.install import fs
+from agent.install.tar import DIR, FILE, HARDLINK, SYMLINK, Member, TarReader
 
 gzip_reader: ModuleType
+INFLATE_ERRORS: tuple[type[Exception], ...] = (EOFError, gzip.BadGzipFile, zlib.error)
 try:  # ISA-L inflates ~2x faster than zlib, and inflate dominates an install (bench/pull_install.py)
     from isal import igzip as gzip_reader
+    from isal import isal_zlib
+
+    INFLATE_ERRORS += (cast("type[Exception]", isal_zlib.error),)
 except ImportError:  # pragma: no cover - a platform without an isal wheel falls back to zlib
     gzip_reader = gzip
 
 TREE_PREFIX = "nvidia-driver"
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
-MAX_TREE_BYTES = 16 << 30
-MAX_MEMBERS = 200_000
-CHUNK_BYTES = 1 << 20
-STREAM_BUFFER_BYTES = 1 << 20  # tarfile reads the stream in records of this size (its default, 10 KiB, is slow)
+MAX_TREE_ENTRIES = 10_000  # entries under /nvidia-driver/, all layers together
+MAX_ARCHIVE_ENTRIES = 500_000  # every entry read, the base OS an image may carry included
+MAX_TREE_BYTES = 8 << 30  # file data written into the tree
+MAX_STREAM_BYTES = 32 << 30  # uncompressed bytes read, all layers together (a gzip bomb stops here)
+MAX_PATH_BYTES = 1024  # a path inside the tree
+MAX_COMPONENT_BYTES = 255
+MAX_DEPTH = 32
+MAX_LINK_HOPS = 40  # the kernel's own limit on symlinks followed in one lookup
+DIR_CACHE_ENTRIES = 64
 GZIP_TYPES = frozenset({
     "application/vnd.oci.image.layer.v1.tar+gzip",
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
 })
 TAR_TYPES = frozenset({"application/vnd.oci.image.layer.v1.tar"})
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class ExtractedTree:
+    """What the layers left in staging, read back from the filesystem itself."""
+
+    files: dict[str, str]  # relative path -> "sha256:..." of every regular file
+    links: dict[str, str]  # relative path -> symlink target
+    dirs: frozenset[str]
+
+
+class _Layer:
+    """A layer blob as an uncompressed stream; inflate failures are the image's fault, named as such."""
+
+    def __init__(self, raw: IO[bytes], name: str) -> None:
+        self._raw = raw
+        self._name = name
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._raw.read(size)
+        except INFLATE_ERRORS as exc:
+            raise ImageRejected(f"layer {self._name} is not a valid gzip stream: {exc}") from None
+
+    def close(self) -> None:
+        self._raw.close()
+
 
 class Staging:
-    """A tree under construction. Records the sha256 of every regular file it writes."""
+    """A tree under construction in a directory the agent created. Use as a context manager.
+
+    The directory must exist and be empty; nothing outside it is ever touched.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.digests: dict[str, str] = {}  # relative path -> "sha256:..."
-        self.total_bytes = 0
-        self.members = 0
+        self.total_bytes = 0  # file data written
+        self.stream_bytes = 0  # uncompressed bytes read
+        self.members = 0  # archive entries read
+        self.entries = 0  # tree entries applied
+        self._root = -1
+        self._digests: dict[str, str] = {}  # may hold stale paths; finish() keeps those still files
+        self._dirs: dict[str, int] = {}  # open descriptors of recently used directories
 
-    def extract_layer(self, blob: Path, media_type: str, *, cancelled: Callable[[], bool] = lambda: False) -> None:
-        """Apply one layer (a verified blob on disk) on top of the tree."""
+    def __enter__(self) -> Staging:
+        self._root = os.open(self.path, _DIR_FLAGS)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._forget_dirs()
+        if self._root >= 0:
+            os.close(self._root)
+            self._root = -1
+
+    # --- layers
+
+    def extract_layer(self, blob: Path, media_type: str, *, diff_id: str | None = None,
+                      cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Apply one layer (a verified blob on disk) on top of the tree.
+
+        `diff_id` is the image config's digest of the uncompressed layer: checked once the
+        whole stream was read. Raises ImageRejected (naming the entry) for anything the
+        contract refuses, HostError (with a hint) when the filesystem fails.
+        """
         if media_type in GZIP_TYPES:
-            raw: IO[bytes] = gzip_reader.open(blob, "rb")
+            stream: IO[bytes] = gzip_reader.open(blob, "rb")
         elif media_type in TAR_TYPES:
-            raw = blob.open("rb")
+            stream = blob.open("rb")
         else:
             raise ImageRejected(f"layer media type {media_type!r} is not supported",
                                 hint="build the image with tar or tar+gzip layers")
-        created: set[str] = set()
+        hasher = hashlib.sha256() if diff_id else None
+        created: set[str] = set()  # entries this layer made: whiteouts in the same layer spare them
+        opaque: set[str] = set()
+        layer = _Layer(stream, blob.name)
+        reader = TarReader(layer, hasher=hasher)  # type: ignore[arg-type]
+        member: Member | None = None
         try:
-            with raw, tarfile.open(fileobj=raw, mode="r|", bufsize=STREAM_BUFFER_BYTES) as tar:
-                for member in tar:
-                    if cancelled():
-                        raise Cancelled("stopping: install abandoned")
-                    self.members += 1
-                    if self.members > MAX_MEMBERS:
-                        raise ImageRejected(f"more than {MAX_MEMBERS} entries in the image")
-                    self._apply(tar, member, created)
-        except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno is not None:
-                raise
-            raise ImageRejected(f"layer {blob.name} is not a valid archive: {exc}") from exc
+            for member in reader:
+                if cancelled():
+                    raise Cancelled("stopping: install abandoned")
+                self._count(member)
+                self._apply(reader, member, created, opaque)
+            self.stream_bytes += reader.offset
+        except OSError as exc:
+            where = f"{member.name[:200]!r}" if member is not None else f"layer {blob.name}"
+            raise fs.os_error(exc, f"extracting {where} into {self.path}") from exc
+        finally:
+            layer.close()
+        if hasher is not None and f"sha256:{hasher.hexdigest()}" != diff_id:
+            raise DigestMismatch(f"layer {blob.name}: its uncompressed content has digest sha256:"
+                                 f"{hasher.hexdigest()}, the image config's diff_id is {diff_id}",
+                                 hint="the image is corrupt or was tampered with; it was not used")
 
-    def _apply(self, tar: tarfile.TarFile, member: tarfile.TarInfo, created: set[str]) -> None:
-        rel = tree_relative(member.name)
-        if rel is None:
+    def _count(self, member: Member) -> None:
+        self.members += 1
+        if self.members > MAX_ARCHIVE_ENTRIES:
+            raise ImageRejected(f"more than {MAX_ARCHIVE_ENTRIES} entries in the image's layers")
+        if self.stream_bytes + member.offset + member.size > MAX_STREAM_BYTES:
+            raise ImageRejected(f"{member.name[:200]!r}: the layers unpack to more than "
+                                f"{MAX_STREAM_BYTES >> 30} GiB")
+
+    def _apply(self, reader: TarReader, member: Member, created: set[str], opaque: set[str]) -> None:
+        parts = tree_parts(member.name)
+        if parts is None:
+            if member.name.strip("/") in (WHITEOUT + TREE_PREFIX, OPAQUE):  # the whole tree hidden
+                self._clear_children([], created)
             return  # outside /nvidia-driver/: not ours, never written
-        base = posixpath.basename(rel)
+        name = repr(member.name[:200])
+        base = parts[-1] if parts else ""
         if base == OPAQUE:
-            self._opaque(posixpath.dirname(rel), created)
+            rel_dir = "/".join(parts[:-1])
+            if rel_dir not in opaque:
+                opaque.add(rel_dir)
+                self._clear_children(parts[:-1], created)
             return
         if base.startswith(WHITEOUT):
-            self._remove(posixpath.join(posixpath.dirname(rel), base[len(WHITEOUT):]))
+            target = base[len(WHITEOUT):]
+            if target in ("", ".", "..") or target.startswith(WHITEOUT) or "\0" in target:
+                raise ImageRejected(f"{name}: not a valid whiteout (it names {target!r})")
+            rel = "/".join([*parts[:-1], target])
+            if rel not in created:  # a whiteout hides lower layers only (OCI image spec)
+                self._remove(parts[:-1], target)
             return
         if member.mode & 0o7000:
-            raise ImageRejected(f"{member.name}: setuid, setgid or sticky bit set (mode {member.mode:o})")
-        if rel == "":
-            if not member.isdir():
-                raise ImageRejected(f"{member.name}: the tree root must be a directory")
+            raise ImageRejected(f"{name}: setuid, setgid or sticky bit set (mode {member.mode:o})")
+        if not parts:
+            if member.kind != DIR:
+                raise ImageRejected(f"{name}: the tree root must be a directory")
             return
-        dest = self._dir_for(rel) / posixpath.basename(rel)
+        check_tree_path(parts, name)
+        self.entries += 1
+        if self.entries > MAX_TREE_ENTRIES:
+            raise ImageRejected(f"more than {MAX_TREE_ENTRIES} entries in the driver tree; "
+                                "a driver image needs far fewer")
+        rel = "/".join(parts)
+        parent = self._make_parents(parts[:-1], created)
+        leaf = parts[-1]
         mode = member.mode & 0o755
-        if member.isdir():
-            if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-                self._remove(rel)
-            dest.mkdir(mode=0o755, exist_ok=True)
-            dest.chmod(mode | 0o700)
-        elif member.isreg():
-            self._remove(rel)
-            self._write(tar, member, rel, dest, mode)
-        elif member.issym():
-            check_symlink(rel, member.linkname, member.name)
-            self._remove(rel)
-            os.symlink(member.linkname, dest)
-        elif member.islnk():
-            target_rel = tree_relative(member.linkname)
-            if target_rel is None or target_rel == "":
-                raise ImageRejected(f"{member.name}: hardlink to {member.linkname!r} outside the tree")
-            target = self._dir_for(target_rel) / posixpath.basename(target_rel)
-            if not (target.exists() and not target.is_symlink() and target.is_file()):
-                raise ImageRejected(f"{member.name}: hardlink to {member.linkname!r}, "
-                                    "which is not a file extracted before it")
-            self._remove(rel)
-            os.link(target, dest)
-            self.digests[rel] = self.digests[target_rel]
+        if member.kind == DIR:
+            self._make_dir(parent, leaf, mode, name)
+        elif member.kind == FILE:
+            self._clear(parent, leaf, rel)
+            self._write(reader, member, parent, leaf, rel=rel, mode=mode)
+        elif member.kind == SYMLINK:
+            check_symlink(rel, member.linkname, name)
+            self._clear(parent, leaf, rel)
+            os.symlink(member.linkname, leaf, dir_fd=parent)
+        elif member.kind == HARDLINK:
+            self._link(member, parent, leaf, rel, name)
         else:
-            raise ImageRejected(f"{member.name}: {_kind(member)} not allowed in a driver tree")
+            raise ImageRejected(f"{name}: {_KIND_NAMES.get(member.kind, member.kind)} not allowed in a driver tree")
         created.add(rel)
 
-    def _write(self, tar: tarfile.TarFile, member: tarfile.TarInfo, rel: str, dest: Path, mode: int) -> None:
+    # --- one entry
+
+    def _write(self, reader: TarReader, member: Member, parent: int, leaf: str, *, rel: str, mode: int) -> None:
         self.total_bytes += member.size
         if self.total_bytes > MAX_TREE_BYTES:
-            raise ImageRejected(f"tree larger than {MAX_TREE_BYTES >> 30} GiB")
-        src = tar.extractfile(member)
-        if src is None:  # pragma: no cover - isreg() members always have data
-            raise ImageRejected(f"{member.name}: no data")
+            raise ImageRejected(f"{member.name[:200]!r}: the driver tree is larger than {MAX_TREE_BYTES >> 30} GiB")
         digest = hashlib.sha256()
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-        with os.fdopen(fd, "wb") as out:
-            while chunk := src.read(CHUNK_BYTES):
-                digest.update(chunk)
-                out.write(chunk)
-        os.chmod(dest, mode)
-        self.digests[rel] = "sha256:" + digest.hexdigest()
+        fd = os.open(leaf, _NEW_FILE, 0o600, dir_fd=parent)
+        try:
+            for view in reader.data():
+                digest.update(view)
+                left = view
+                while left:
+                    left = left[os.write(fd, left):]
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        self._digests[rel] = "sha256:" + digest.hexdigest()
 
-    def _parents(self, rel: str, *, create: bool = True) -> Path | None:
-        """The directory that holds `rel`, never reached through a symlink.
+    def _make_dir(self, parent: int, leaf: str, mode: int, name: str) -> None:
+        try:
+            st = os.stat(leaf, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            os.mkdir(leaf, 0o700, dir_fd=parent)
+        else:
+            if not stat.S_ISDIR(st.st_mode):
+                self._unlink_or_remove(parent, leaf, st)
+                os.mkdir(leaf, 0o700, dir_fd=parent)
+        fd = os.open(leaf, _DIR_FLAGS, dir_fd=parent)
+        try:
+            os.fchmod(fd, mode | 0o700)
+        finally:
+            os.close(fd)
 
-        Missing directories are created, or with create=False the answer is
-        None (nothing is there to remove).
-        """
-        cur = self.path
-        head = posixpath.dirname(rel)
-        for part in head.split("/") if head else ():
-            cur = cur / part
+    def _link(self, member: Member, parent: int, leaf: str, rel: str, name: str) -> None:
+        target = tree_parts(member.linkname)
+        if not target:
+            raise ImageRejected(f"{name}: hardlink to {member.linkname[:200]!r} outside the tree")
+        check_tree_path(target, name)
+        target_rel = "/".join(target)
+        holder = self._dir(target[:-1], None, create=False)
+        try:
+            st = None if holder is None else os.stat(target[-1], dir_fd=holder, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            raise ImageRejected(f"{name}: hardlink to {member.linkname[:200]!r}, "
+                                "which is not a file extracted before it")
+        if target_rel == rel:
+            return  # a link to itself: already there
+        self._clear(parent, leaf, rel)
+        holder = self._dir(target[:-1], None, create=False)  # _clear may have closed cached descriptors
+        assert holder is not None  # noqa: S101 - it held the target a moment ago and nothing removed it
+        os.link(target[-1], leaf, src_dir_fd=holder, dst_dir_fd=parent, follow_symlinks=False)
+        if target_rel in self._digests:
+            self._digests[rel] = self._digests[target_rel]
+
+    # --- directories, reached only through descriptors
+
+    def _make_parents(self, parts: list[str], created: set[str]) -> int:
+        """The directory that holds a new entry, made (with its parents) where missing."""
+        fd = self._dir(parts, created)
+        assert fd is not None  # noqa: S101 - create=True makes what is missing
+        return fd
+
+    def _dir(self, parts: list[str], created: set[str] | None, *, create: bool = True) -> int | None:
+        """A descriptor of the directory at `parts`, made if missing (create=True) or None."""
+        key = "/".join(parts)
+        cached = self._dirs.get(key)
+        if cached is not None:
+            return cached
+        fd = self._root
+        for i, part in enumerate(parts):
             try:
-                st = cur.lstat()
+                nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except FileNotFoundError:
                 if not create:
-                    return None
-                cur.mkdir(mode=0o755)
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                raise ImageRejected(f"{TREE_PREFIX}/{rel}: path passes through a symlink ({part})")
-            if not stat.S_ISDIR(st.st_mode):
-                raise ImageRejected(f"{TREE_PREFIX}/{rel}: parent {part} is not a directory")
-        return cur
+                    nxt = -1
+                else:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    if created is not None:
+                        created.add("/".join(parts[:i + 1]))
+                    nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if fd != self._root:
+                    os.close(fd)
+                where = f"{TREE_PREFIX}/{'/'.join(parts[:i + 1])}"
+                if exc.errno == 40:  # ELOOP: O_NOFOLLOW met a symlink
+                    raise ImageRejected(f"{TREE_PREFIX}/{key}: path passes through a symlink ({where})") from None
+                if exc.errno == 20:  # ENOTDIR
+                    raise ImageRejected(f"{TREE_PREFIX}/{key}: {where} is not a directory") from None
+                raise
+            if fd != self._root:
+                os.close(fd)
+            if nxt < 0:
+                return None
+            fd = nxt
+        if fd == self._root:
+            return fd
+        if len(self._dirs) >= DIR_CACHE_ENTRIES:
+            self._forget_dirs()
+        self._dirs[key] = fd
+        return fd
 
-    def _dir_for(self, rel: str) -> Path:
-        parent = self._parents(rel)
-        assert parent is not None  # noqa: S101 - create=True always returns a directory
-        return parent
+    def _forget_dirs(self) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
 
-    def _remove(self, rel: str) -> None:
-        """Delete `rel` and everything under it (a whiteout, or a replaced entry)."""
-        parent = self._parents(rel, create=False)
-        if parent is None:
+    def _clear(self, parent: int, leaf: str, rel: str) -> None:
+        """Make room for a new entry at `leaf`: whatever is there goes, a directory with its contents."""
+        try:
+            st = os.stat(leaf, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
             return
-        path = parent / posixpath.basename(rel)
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.is_dir():
-            shutil.rmtree(path)
-        prefix = rel + "/"
-        for key in [k for k in self.digests if k == rel or k.startswith(prefix)]:
-            del self.digests[key]
+        self._unlink_or_remove(parent, leaf, st)
+        self._digests.pop(rel, None)
 
-    def _opaque(self, rel_dir: str, created: set[str]) -> None:
-        """`.wh..wh..opq`: hide what lower layers put in the directory, keep this layer's entries."""
-        directory = self.path / rel_dir if rel_dir else self.path
-        if rel_dir and self._parents(rel_dir + "/x", create=False) is None:
+    def _unlink_or_remove(self, parent: int, leaf: str, st: os.stat_result) -> None:
+        if stat.S_ISDIR(st.st_mode):
+            self._forget_dirs()  # descriptors below it would point into a removed tree
+            fd = os.open(leaf, _DIR_FLAGS, dir_fd=parent)
+            try:
+                fs.empty_dir(fd)
+            finally:
+                os.close(fd)
+            os.rmdir(leaf, dir_fd=parent)
+        else:
+            os.unlink(leaf, dir_fd=parent)
+
+    def _remove(self, parent_parts: list[str], leaf: str) -> None:
+        """A whiteout: delete `leaf` in the directory at `parent_parts`, if both exist."""
+        parent = self._dir(parent_parts, None, create=False)
+        if parent is not None:
+            self._clear(parent, leaf, "/".join([*parent_parts, leaf]))
+
+    def _clear_children(self, parts: list[str], created: set[str]) -> None:
+        """An opaque directory: hide what lower layers put in it, keep this layer's entries."""
+        directory = self._dir(parts, None, create=False)
+        if directory is None:
             return
-        if directory.is_symlink() or not directory.is_dir():
-            return
-        for child in list(directory.iterdir()):
-            child_rel = posixpath.join(rel_dir, child.name) if rel_dir else child.name
-            if child_rel not in created:
-                self._remove(child_rel)
+        with os.scandir(directory) as it:
+            names = [e.name for e in it]
+        for leaf in names:
+            if "/".join([*parts, leaf]) not in created:
+                self._clear(directory, leaf, "/".join([*parts, leaf]))
+                directory = self._dir(parts, None, create=False)  # _clear may have dropped the cache
+                if directory is None:  # pragma: no cover - nothing removes the directory itself
+                    return
 
-    def check_links(self) -> None:
-        """After all layers: every symlink, followed for real, stays inside the tree."""
-        root = os.path.realpath(self.path)
-        for dirpath, dirnames, filenames in os.walk(self.path):
-            for name in dirnames + filenames:
-                p = os.path.join(dirpath, name)
-                if os.path.islink(p):
-                    resolved = os.path.realpath(p)
-                    if os.path.commonpath([root, resolved]) != root:
-                        rel = os.path.relpath(p, self.path)
-                        raise ImageRejected(f"{TREE_PREFIX}/{rel}: symlink -> {os.readlink(p)!r} "
-                                            "resolves outside the tree")
+    # --- the result
+
+    def finish(self) -> ExtractedTree:
+        """Read the tree back: each regular file with its digest, every symlink checked to stay inside."""
+        files: dict[str, str] = {}
+        links: dict[str, str] = {}
+        dirs: set[str] = set()
+        stack = [""]
+        while stack:
+            rel_dir = stack.pop()
+            with os.scandir(self.path / rel_dir if rel_dir else self.path) as it:
+                entries = list(it)
+            for entry in entries:
+                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                if entry.is_symlink():
+                    links[rel] = os.readlink(entry.path)
+                elif entry.is_dir(follow_symlinks=False):
+                    dirs.add(rel)
+                    stack.append(rel)
+                elif entry.is_file(follow_symlinks=False):
+                    files[rel] = self._digests.get(rel) or _hash_file(Path(entry.path))
+                else:  # nothing else is ever created; a safety net for the invariant
+                    raise ImageRejected(f"{TREE_PREFIX}/{rel}: unexpected file type in the staging tree")
+        for rel in links:
+            resolve(rel, links, floor=0)
+        return ExtractedTree(files, links, frozenset(dirs))
 
 
-def tree_relative(name: str) -> str | None:
-    """The path of a layer member relative to /nvidia-driver/, None if elsewhere.
+_KIND_NAMES = {"char": "device node", "block": "device node", "fifo": "FIFO"}
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def tree_parts(name: str) -> list[str] | None:
+    """The components of a layer member's path below /nvidia-driver/, None if it lies elsewhere.
 
     Absolute names and `..` components are refused wherever they appear.
     """
     if name.startswith("/"):
-        raise ImageRejected(f"{name}: absolute path in layer")
+        raise ImageRejected(f"{name[:200]!r}: absolute path in layer")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise ImageRejected(f"{name}: '..' in layer path")
+        raise ImageRejected(f"{name[:200]!r}: '..' in layer path")
     if not parts or parts[0] != TREE_PREFIX:
         return None
-    return "/".join(parts[1:])
+    return parts[1:]
+
+
+def check_tree_path(parts: list[str], name: str) -> None:
+    """A path inside the tree: printable UTF-8, within the length and depth caps."""
+    if len(parts) > MAX_DEPTH:
+        raise ImageRejected(f"{name}: deeper than {MAX_DEPTH} directories")
+    encoded = [p.encode("utf-8", "surrogateescape") for p in parts]
+    if sum(len(p) + 1 for p in encoded) > MAX_PATH_BYTES:
+        raise ImageRejected(f"{name}: path longer than {MAX_PATH_BYTES} bytes")
+    for part, raw in zip(parts, encoded, strict=True):
+        if len(raw) > MAX_COMPONENT_BYTES:
+            raise ImageRejected(f"{name}: a name longer than {MAX_COMPONENT_BYTES} bytes")
+        if not part.isprintable() or any(0xD800 <= ord(c) <= 0xDFFF for c in part):
+            raise ImageRejected(f"{name}: not a printable UTF-8 name")
 
 
 def check_symlink(rel: str, target: str, name: str) -> None:
     """A symlink must be relative and, read lexically, stay inside the tree."""
     if not target or target.startswith("/"):
-        raise ImageRejected(f"{name}: absolute symlink -> {target!r}", hint="driver trees use relative symlinks")
+        raise ImageRejected(f"{name}: absolute symlink -> {target[:200]!r}", hint="driver trees use relative symlinks")
+    if "\0" in target or len(target.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        raise ImageRejected(f"{name}: symlink target longer than {MAX_PATH_BYTES} bytes or holding NUL")
     resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
     if resolved == ".." or resolved.startswith("../"):
-        raise ImageRejected(f"{name}: symlink -> {target!r} escapes the tree")
+        raise ImageRejected(f"{name}: symlink -> {target[:200]!r} escapes the tree")
 
 
-def _kind(member: tarfile.TarInfo) -> str:
-    if member.ischr() or member.isblk():
-        return "device node"
-    if member.isfifo():
-        return "FIFO"
-    return f"entry type {member.type!r}"
+def resolve(rel: str, links: dict[str, str], *, floor: int) -> str:
+    """Follow `rel` through the tree's symlinks, lexically; the path it ends at.
+
+    The walk may never climb above its first `floor` components (0: the tree root; 1 with a
+    `lib64/...` path: lib64 itself, which is what the overlay on mount.target exposes).
+    """
+    name = f"{TREE_PREFIX}/{rel}"
+    base = rel.split("/")[:floor]
+    todo = rel.split("/")[floor:]
+    done = list(base)
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if len(done) <= floor:
+                where = "the tree" if floor == 0 else "/".join(base)
+                raise ImageRejected(f"{name}: symlink -> {links.get(rel, '')[:200]!r} resolves outside {where}")
+            done.pop()
+            continue
+        candidate = "/".join([*done, part])
+        target = links.get(candidate)
+        if target is None:
+            done.append(part)
+            continue
+        hops += 1
+        if hops > MAX_LINK_HOPS or target.startswith("/"):
+            raise ImageRejected(f"{name}: symlink chain loops or leaves the tree")
+        todo = target.split("/") + todo
+    return "/".join(done)

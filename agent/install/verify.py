@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import posixpath
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.errors import ImageRejected, KernelMismatch
-from agent.modinfo import ModInfo, ModinfoError, read_modinfo, vermagic_matches
+from agent.install.modinfo import ModInfo, ModinfoError, read_modinfo, vermagic_matches
+from agent.install.unpack import TREE_PREFIX, ExtractedTree, resolve
 from agent.reference import DIGEST_RE
 
 MANIFEST = "manifest.json"
@@ -73,23 +76,24 @@ class VerifiedTree:
     module_paths: dict[str, str]  # module name -> path relative to the tree
 
 
-def verify_tree(tree: Path, digests: dict[str, str], *, driver_version: str, kernel: str) -> VerifiedTree:
-    """Check an extracted tree: manifest, every file's digest, modules' vermagic.
+def verify_tree(tree: Path, extracted: ExtractedTree, *, driver_version: str, kernel: str,
+                lib64_allow: Sequence[str]) -> VerifiedTree:
+    """Check an extracted tree: manifest, every file's digest, lib64's contents, modules' vermagic.
 
-    `digests` are what was actually written (computed while extracting).
+    `extracted` is what the layers actually wrote (digests computed while extracting).
     """
-    manifest_path = tree / MANIFEST
-    if manifest_path.is_symlink() or not manifest_path.is_file():
-        raise ImageRejected(f"no /nvidia-driver/{MANIFEST} in the image",
+    manifest_digest = extracted.files.get(MANIFEST)
+    if manifest_digest is None:
+        raise ImageRejected(f"no /{TREE_PREFIX}/{MANIFEST} in the image",
                             hint="build the image per docs/driver-image.md (packaging/build-driver-image)")
-    manifest = parse_manifest(manifest_path.read_bytes())
+    manifest = parse_manifest((tree / MANIFEST).read_bytes())
     if manifest.driver_version != driver_version:
         raise ImageRejected(f"image carries driver {manifest.driver_version}, configured driver is {driver_version}",
                             hint="fix the tag or driver.version")
     if manifest.kernel_release != kernel:
         raise KernelMismatch(f"image was built for kernel {manifest.kernel_release}, this host runs {kernel}",
                              hint="push an image built for the running kernel under the expected tag")
-    written = {k: v for k, v in digests.items() if k != MANIFEST}
+    written = {k: v for k, v in extracted.files.items() if k != MANIFEST}
     missing = sorted(set(manifest.files) - set(written))
     extra = sorted(set(written) - set(manifest.files))
     wrong = sorted(p for p in set(written) & set(manifest.files) if written[p] != manifest.files[p])
@@ -99,8 +103,7 @@ def verify_tree(tree: Path, digests: dict[str, str], *, driver_version: str, ker
         if bad:
             more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
             raise ImageRejected(f"files {what}: {', '.join(bad[:3])}{more}")
-    if not (tree / "lib64").is_dir() or (tree / "lib64").is_symlink():
-        raise ImageRejected("the tree has no lib64/ directory", hint="see docs/driver-image.md")
+    check_lib64(extracted, lib64_allow)
     infos: dict[str, ModInfo] = {}
     paths: dict[str, str] = {}
     for rel in manifest.modules:
@@ -116,6 +119,44 @@ def verify_tree(tree: Path, digests: dict[str, str], *, driver_version: str, ker
         infos[info.name] = info
         paths[info.name] = rel
     return VerifiedTree(manifest, load_order(infos), paths)
+
+
+LIB64 = "lib64"
+
+
+def check_lib64(extracted: ExtractedTree, allow: Sequence[str]) -> None:
+    """lib64/ is overlaid onto the host's library directory: only driver libraries may be there.
+
+    Every file and symlink must match an allowed name pattern (so an image cannot shadow the
+    host's libc), and every symlink must resolve inside lib64 itself: the overlay resolves
+    them from mount.target, where `..` would lead into the host's own directories.
+    """
+    if LIB64 not in extracted.dirs:
+        raise ImageRejected("the tree has no lib64/ directory", hint="see docs/driver-image.md")
+    prefix = LIB64 + "/"
+    for rel in sorted((*extracted.files, *extracted.links)):
+        if not rel.startswith(prefix):
+            continue
+        name = rel[len(prefix):]
+        if not library_allowed(name, allow):
+            raise ImageRejected(
+                f"{TREE_PREFIX}/{rel} is not a driver library: only NVIDIA and GLVND libraries may be overlaid "
+                "onto the host's library directory", hint="remove it from the image, or add its name to "
+                "install.lib64_allow if it truly belongs to the driver")
+        if rel in extracted.links:
+            resolve(rel, extracted.links, floor=1)
+
+
+def library_allowed(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a path under lib64 matches one of the glob patterns, component by component
+    (a `*` never crosses a `/`)."""
+    parts = name.split("/")
+    for pattern in patterns:
+        pattern_parts = pattern.split("/")
+        if len(pattern_parts) == len(parts) and all(
+                fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pattern_parts, strict=True)):
+            return True
+    return False
 
 
 def load_order(modules: dict[str, ModInfo]) -> tuple[ModInfo, ...]:

@@ -26,9 +26,12 @@ try:
 except ImportError:  # the repository root is not on sys.path; pytest put this directory there
     import build_trees as bt  # type: ignore[no-redef]
 
-from agent import driverimage, hostfacts, modinfo, reference
-from agent.config import ImageSettings
+from agent import hostfacts, reference
+from agent.config import DEFAULT_LIB64_ALLOW, ImageSettings
 from agent.errors import KernelMismatch
+from agent.install import modinfo
+from agent.install import verify as driverimage
+from agent.install.unpack import Staging
 from support import images
 from support.registry import RegistryServer
 
@@ -165,7 +168,7 @@ def test_modules_export_and_import_the_symbols_that_tie_them(built: dict[str, Pa
 
 
 def test_agent_reads_the_modules_and_orders_them(built: dict[str, Path], kver: str) -> None:
-    """agent.modinfo reads what kmod reads, and agent.driverimage.load_order puts nvidia
+    """agent.install.modinfo reads what kmod reads, and agent.install.verify.load_order puts nvidia
     first, nvidia-modeset before nvidia-drm, nvidia-uvm after nvidia."""
     module_dir = built[kver] / "lib" / "modules" / kver
     infos = {}
@@ -191,14 +194,16 @@ def test_agent_verifies_the_tree_with_a_generated_manifest(built: dict[str, Path
     result = images.run_build_script("--manifest-only", "--driver-version", DRIVER, "--os-id", "debian",
                                      "--os-version", "12", "--kernel-release", kver, tree)
     assert result.returncode == 0, result.stderr
-    digests = {rel: images.sha256_digest((tree / rel).read_bytes()) for rel in
-               json.loads((tree / "manifest.json").read_text())["files"]}
-    verified = driverimage.verify_tree(tree, digests, driver_version=DRIVER, kernel=kver)
+    with Staging(tree) as read_back:  # the agent's own reading of a tree: digests, links checked
+        extracted = read_back.finish()
+    assert set(extracted.files) - {"manifest.json"} == set(json.loads((tree / "manifest.json").read_text())["files"])
+    verified = driverimage.verify_tree(tree, extracted, driver_version=DRIVER, kernel=kver,
+                                       lib64_allow=DEFAULT_LIB64_ALLOW)
     assert verified.modules[0].name == "nvidia"
     assert sorted(verified.module_paths) == ["nvidia", "nvidia_drm", "nvidia_modeset", "nvidia_uvm"]
     other = next(k for k in KERNELS if k != kver)
     with pytest.raises(KernelMismatch):
-        driverimage.verify_tree(tree, digests, driver_version=DRIVER, kernel=other)
+        driverimage.verify_tree(tree, extracted, driver_version=DRIVER, kernel=other, lib64_allow=DEFAULT_LIB64_ALLOW)
 
 
 def test_fake_gpu_pci_builds_for_each_kernel(built: dict[str, Path], kver: str) -> None:

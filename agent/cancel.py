@@ -1,0 +1,50 @@
+"""The stop request as long-running work sees it: polled at every step, slept on, never missed."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from agent.errors import Cancelled
+
+BEAT_SLICE_S = 5.0  # a sleep still shows the worker alive at least this often
+
+
+class Cancel:
+    """Set once by the daemon's main thread when the agent stops; read by the worker.
+
+    Calling it (`cancelled()`) is the cheap poll long loops use; every call also records a
+    heartbeat, so the main thread can tell a busy worker from a hung one.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._event = threading.Event()
+        self._clock = clock
+        self.beat_at = clock()
+
+    def request(self) -> None:
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def __call__(self) -> bool:
+        self.beat_at = self._clock()
+        return self._event.is_set()
+
+    def check(self, what: str = "stopping") -> None:
+        """Raise Cancelled if the agent is stopping."""
+        if self():
+            raise Cancelled(what)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, waking at once (with Cancelled) if the agent stops meanwhile."""
+        end = self._clock() + seconds
+        while True:
+            self.check("stopping: wait abandoned")
+            left = end - self._clock()
+            if left <= 0:
+                return
+            self._event.wait(min(left, BEAT_SLICE_S))

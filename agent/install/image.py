@@ -1,0 +1,130 @@
+"""Install one image: pull its layers into the content store, extract and verify in staging, rename into place.
+
+Nothing outside the staging directory changes before the final rename; the tree is on disk
+(syncfs) before that rename makes it visible, and its marker is inside it, so a tree with a
+marker is always complete. A failure, a stop or a crash leaves the previous tree where it was.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import failpoints
+from agent.blobs import BlobStore
+from agent.errors import DigestMismatch, ImageRejected
+from agent.install import fs
+from agent.install.trees import STAGING_PREFIX, move_into_place
+from agent.install.unpack import Staging
+from agent.install.verify import VerifiedTree, verify_tree
+from agent.reference import Reference
+from agent.registry import Platform, RegistryClient, ResolvedImage, layer_diff_ids
+from agent.state import TREE_MARKER, TreeMarker, marker_bytes
+
+MAX_LAYERS = 64
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    tree: Path
+    image: ResolvedImage
+    verified: VerifiedTree
+    marker: TreeMarker
+
+
+@dataclass(frozen=True)
+class Want:
+    """What the tree must be: the configured driver, for this host's OS key and running kernel."""
+
+    driver: str
+    os_key: str
+    kernel: str
+    lib64_allow: Sequence[str]
+
+
+def install_image(
+    registry: RegistryClient,
+    ref: Reference,
+    *,
+    platform: Platform,
+    install_root: Path,
+    tree: Path,
+    store: BlobStore,
+    want: Want,
+    on_phase: Callable[[str, dict[str, Any]], None],
+    cancelled: Callable[[], bool] = lambda: False,
+    refuse_digest: str | None = None,
+) -> InstallResult:
+    """Resolve, pull, verify and install `ref` at `tree` (a directory under `install_root`).
+
+    `refuse_digest`: a digest the kernel refused before; resolving to it again raises
+    Unchanged before anything is downloaded.
+    """
+    on_phase("resolving", {"reference": str(ref)})
+    image = registry.resolve(ref, platform)
+    if refuse_digest is not None and image.reference.digest == refuse_digest:
+        raise Unchanged(refuse_digest)
+    if len(image.layers) > MAX_LAYERS:
+        raise ImageRejected(f"{ref}: {len(image.layers)} layers; a driver image needs far fewer than {MAX_LAYERS}")
+    diff_ids = layer_diff_ids(registry.fetch_config(image.reference, image.config), len(image.layers))
+    digests = [d.digest for d in image.layers]
+    on_phase("pulling", {"digest": image.reference.digest, "layers": len(image.layers),
+                         "bytes": sum(d.size for d in image.layers)})
+    store.collect(keep=digests)  # other images' blobs, a rejected image's, stray files
+    try:
+        blobs = [store.get(registry, image.reference, desc, cancelled) for desc in image.layers]
+        on_phase("verifying", {"digest": image.reference.digest})
+        verified, marker = _stage(blobs, image, ref, tree=tree, install_root=install_root, want=want,
+                                  on_phase=on_phase, diff_ids=diff_ids, cancelled=cancelled)
+    except (ImageRejected, DigestMismatch):
+        store.discard(digests)  # never kept: the next attempt downloads again
+        raise
+    store.discard(digests)  # the installed tree is the cache from now on
+    return InstallResult(tree, image, verified, marker)
+
+
+class Unchanged(Exception):  # a signal to the caller, not an error
+    """The reference still resolves to a digest the caller asked to refuse."""
+
+    def __init__(self, digest: str) -> None:
+        super().__init__(digest)
+        self.digest = digest
+
+
+def _stage(blobs: list[Path], image: ResolvedImage, ref: Reference, *, tree: Path, install_root: Path, want: Want,
+           on_phase: Callable[[str, dict[str, Any]], None], diff_ids: tuple[str, ...],
+           cancelled: Callable[[], bool]) -> tuple[VerifiedTree, TreeMarker]:
+    try:
+        install_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{tree.parent.name}-{tree.name}-",
+                                        dir=install_root))
+    except OSError as exc:
+        raise fs.os_error(exc, f"creating a staging directory in {install_root}") from exc
+    try:
+        with Staging(staging) as unpacked:
+            for blob, desc, diff_id in zip(blobs, image.layers, diff_ids, strict=True):
+                unpacked.extract_layer(blob, desc.media_type, diff_id=diff_id, cancelled=cancelled)
+                failpoints.hit("install.layer")
+            extracted = unpacked.finish()
+        verified = verify_tree(staging, extracted, driver_version=want.driver, kernel=want.kernel,
+                               lib64_allow=want.lib64_allow)
+        failpoints.hit("install.verified")
+        marker = TreeMarker(driver=want.driver, os_key=want.os_key, kernel=want.kernel, reference=str(ref),
+                            digest=image.reference.digest or "", installed_at=time.time())
+        (staging / TREE_MARKER).write_bytes(marker_bytes(marker))
+        failpoints.hit("install.marker")
+        on_phase("installing", {"tree": str(tree)})
+        os.chmod(staging, 0o755)  # noqa: S103 - a driver tree is world-readable, like /usr
+        fs.syncfs(staging)  # the tree's data must be on disk before the rename makes it visible
+        failpoints.hit("install.synced")
+        move_into_place(staging, tree, install_root)
+    except OSError as exc:
+        raise fs.os_error(exc, f"installing {tree}") from exc
+    finally:
+        fs.try_remove_tree(staging)  # the failed attempt, or the old tree after an exchange
+    return verified, marker
