@@ -312,11 +312,11 @@ def _report_ready(readiness: Readiness, agent: Agent, log: Any) -> None:
                     detail="units ordered after nvidia-agent start now; retrying in the background")
 
 
-def _status_error(log: Any) -> Callable[[str, OSError], None]:
+def _status_error(log: Any) -> Callable[[str, Exception], None]:
     limiter = RepeatLimiter(ERROR_LOG_PERIOD_S)
 
-    def report(what: str, exc: OSError) -> None:
-        if limiter.should_log(f"{what}:{exc.errno}")[0]:
-            log.warning("status_socket_error", operation=what, error=exc.strerror or str(exc),
+    def report(what: str, exc: Exception) -> None:
+        if limiter.should_log(f"{what}:{type(exc).__name__}:{getattr(exc, 'errno', None)}")[0]:
+            log.warning("status_socket_error", operation=what, error=f"{type(exc).__name__}: {exc}",
                         detail="status requests pause briefly and resume")
     return report

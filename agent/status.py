@@ -102,12 +102,13 @@ class StatusServer:
 
     A selector multiplexes the listener and every client: a client that sends slowly, or
     never, holds only its own connection, and only for REQUEST_TIMEOUT_S; at most MAX_CLIENTS
-    are served at a time (the rest are closed at once); an accept() that fails (EMFILE, ...)
-    pauses accepting for a moment instead of ending the thread. `stop()` returns at once.
+    are served at a time (the rest wait in the listen backlog for a free slot); an accept()
+    that fails (EMFILE, ...) pauses accepting for a moment instead of ending the thread.
+    `stop()` returns at once.
     """
 
     def __init__(self, path: Path, snapshot: Callable[[], Snapshot],
-                 on_error: Callable[[str, OSError], None] = lambda _what, _exc: None) -> None:
+                 on_error: Callable[[str, Exception], None] = lambda _what, _exc: None) -> None:
         self.path = path
         self._snapshot = snapshot
         self._on_error = on_error
@@ -130,8 +131,17 @@ class StatusServer:
         sock.listen(MAX_CLIENTS)
         sock.setblocking(False)
         self._sock = sock
-        self._thread = threading.Thread(target=self._serve, name="status-socket", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="status-socket", daemon=True)
         self._thread.start()
+
+    def _run(self) -> None:
+        """Serve until stopped; a bug in one round is reported and the server goes on."""
+        while not self._stopping:
+            try:
+                self._serve()
+            except Exception as exc:  # whatever it was, `status` must keep answering
+                self._on_error("serve", exc)
+                time.sleep(ACCEPT_BACKOFF_S)
 
     def _serve(self) -> None:
         assert self._sock is not None  # noqa: S101
@@ -140,13 +150,19 @@ class StatusServer:
         sel.register(self._wake_r, selectors.EVENT_READ)
         sel.register(listener, selectors.EVENT_READ)
         clients: dict[socket.socket, _Client] = {}
-        paused_until: float | None = None
+        paused_until: float | None = None  # accept() failed: try again then
+        listening = True
         try:
             while not self._stopping:
                 now = time.monotonic()
                 if paused_until is not None and now >= paused_until:
-                    sel.register(listener, selectors.EVENT_READ)
                     paused_until = None
+                want = paused_until is None and len(clients) < MAX_CLIENTS
+                if want and not listening:
+                    sel.register(listener, selectors.EVENT_READ)
+                elif listening and not want:
+                    sel.unregister(listener)
+                listening = want
                 deadlines = [c.deadline for c in clients.values()] + ([paused_until] if paused_until else [])
                 timeout = max(0.0, min(deadlines) - now) if deadlines else None
                 for key, _ in sel.select(timeout):
@@ -154,7 +170,6 @@ class StatusServer:
                         return
                     if key.fileobj is listener:
                         if not self._accept(listener, sel, clients):
-                            sel.unregister(listener)
                             paused_until = time.monotonic() + ACCEPT_BACKOFF_S
                         continue
                     conn = key.fileobj
@@ -175,7 +190,7 @@ class StatusServer:
     def _accept(self, listener: socket.socket, sel: selectors.BaseSelector,
                 clients: dict[socket.socket, _Client]) -> bool:
         """Take every waiting connection; False when accept() failed and accepting should pause."""
-        while True:
+        while len(clients) < MAX_CLIENTS:
             try:
                 conn, _ = listener.accept()
             except BlockingIOError:
@@ -183,12 +198,10 @@ class StatusServer:
             except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: a resource limit, not an end
                 self._on_error("accept", exc)
                 return False
-            if len(clients) >= MAX_CLIENTS:
-                conn.close()
-                continue
             conn.setblocking(False)
             clients[conn] = _Client(time.monotonic() + REQUEST_TIMEOUT_S)
             sel.register(conn, selectors.EVENT_READ)
+        return True
 
     @staticmethod
     def _drop(conn: socket.socket, sel: selectors.BaseSelector, clients: dict[socket.socket, _Client]) -> None:

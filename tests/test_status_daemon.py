@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,16 @@ from agent import log
 from agent.daemon import LockHeld, acquire_lock, next_delay_s
 from agent.errors import ExitCode, TransientError, cause_chain
 from agent.install.trees import current_target, remove_debris, switch_current
-from agent.status import Phase, Snapshot, StatusServer, handle_request, query, render_text
+from agent.status import (
+    MAX_CLIENTS,
+    REQUEST_TIMEOUT_S,
+    Phase,
+    Snapshot,
+    StatusServer,
+    handle_request,
+    query,
+    render_text,
+)
 
 
 @pytest.mark.parametrize(("request_bytes", "ok", "error"), [
@@ -65,6 +77,81 @@ def test_server_replaces_a_stale_socket_and_answers(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert not path.exists()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[StatusServer, list[tuple[str, Exception]]]]:
+    errors: list[tuple[str, Exception]] = []
+    srv = StatusServer(tmp_path / "status.sock", lambda: Snapshot(phase=Phase.READY),
+                       on_error=lambda what, exc: errors.append((what, exc)))
+    srv.start()
+    yield srv, errors
+    srv.stop()
+
+
+def test_a_slow_client_blocks_nobody_and_is_dropped(server: tuple[StatusServer, list[tuple[str, Exception]]]) -> None:
+    """One client sends a byte every 0.3 s and never a newline; others are answered meanwhile, and
+    the slow one is cut off after REQUEST_TIMEOUT_S."""
+    srv, _ = server
+    slow = socket.socket(socket.AF_UNIX)
+    slow.connect(str(srv.path))
+    started = time.monotonic()
+    answered = []
+    cut_off_after = None
+    while time.monotonic() - started < REQUEST_TIMEOUT_S + 2:
+        try:
+            slow.send(b"{")
+        except OSError:  # the server closed it
+            cut_off_after = time.monotonic() - started
+            break
+        answered.append(query(srv.path, timeout_s=0.5)["phase"])
+        time.sleep(0.3)
+    slow.close()
+    assert answered and set(answered) == {"ready"}
+    assert cut_off_after is not None and REQUEST_TIMEOUT_S <= cut_off_after < REQUEST_TIMEOUT_S + 1.5
+
+
+def test_many_silent_clients_do_not_starve_the_server(server: tuple[StatusServer, list[tuple[str, Exception]]]) -> None:
+    """More silent connections than MAX_CLIENTS: the surplus is closed at once, a real query still works
+    once the silent ones time out, and the server thread lives on."""
+    srv, _ = server
+    silent = []
+    for _ in range(MAX_CLIENTS + 10):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(srv.path))
+        silent.append(s)
+    try:
+        assert query(srv.path, timeout_s=REQUEST_TIMEOUT_S + 3)["phase"] == "ready"
+    finally:
+        for s in silent:
+            s.close()
+
+
+def test_accept_errors_pause_the_server_instead_of_ending_it(
+        server: tuple[StatusServer, list[tuple[str, Exception]]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """EMFILE from accept() is reported and accepting resumes: the next query is answered."""
+    srv, errors = server
+    real = socket.socket.accept
+    failures = iter(range(3))
+
+    def accept(sock: socket.socket) -> tuple[socket.socket, object]:
+        if next(failures, None) is not None:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(sock)
+
+    monkeypatch.setattr(socket.socket, "accept", accept)
+    assert query(srv.path, timeout_s=5)["phase"] == "ready"
+    assert [(what, getattr(exc, "errno", None)) for what, exc in errors][:1] == [("accept", errno.EMFILE)]
+
+
+def test_stop_is_prompt(tmp_path: Path) -> None:
+    """Stopping the server does not wait for an accept timeout: the thread is woken."""
+    srv = StatusServer(tmp_path / "s.sock", Snapshot)
+    srv.start()
+    started = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - started < 0.2
+    assert not (tmp_path / "s.sock").exists()
 
 
 def chained_error() -> TransientError:
