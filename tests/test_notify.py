@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
+from agent import daemon
+from agent.cancel import Cancel
 from agent.config import DaemonSettings, Settings
-from agent.daemon import Readiness, Triggers, run_daemon
+from agent.daemon import EXTEND_S, Readiness, Triggers, run_daemon
+from agent.errors import ExitCode
 from agent.notify import Notifier
 from agent.status import Phase, Snapshot
 
@@ -189,3 +193,106 @@ def test_process_age_reads_proc(tmp_path: Path) -> None:
     (tmp_path / "uptime").write_text("112.5 200.0\n")
     assert process_age_s(tmp_path) == pytest.approx(12.5)
     assert process_age_s(tmp_path / "missing") == 0.0
+
+
+@dataclass
+class BlockedAgent:
+    """A pass that waits on the stop request (as an interruptible pull does), or ignores it for `stubborn_s`."""
+
+    settings: Settings
+    stubborn_s: float = 0.0
+    snapshot: Snapshot = field(default_factory=lambda: Snapshot(phase=Phase.PULLING, detail="registry silent"))
+    notify: Any = None
+    refusals_forgotten: int = 0
+
+    def reconcile(self, cancel: Cancel) -> Phase:
+        if self.stubborn_s:
+            time.sleep(self.stubborn_s)  # a socket read that no flag can interrupt
+        while not cancel():
+            time.sleep(0.01)
+        return Phase.DEGRADED
+
+    def forget_refusal(self) -> None:
+        self.refusals_forgotten += 1
+
+
+def run_in_thread(agent: Any, tmp_path: Path, notifier: Notifier, triggers: Triggers,
+                  **kwargs: Any) -> tuple[threading.Thread, list[int]]:
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(run_daemon(
+        agent, socket_path=tmp_path / "s.sock", once=False, triggers=triggers, notifier=notifier, **kwargs)))
+    thread.start()
+    return thread, result
+
+
+def test_ready_goes_out_on_time_while_a_pass_is_still_running(tmp_path: Path, systemd: SystemdSocket,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pull that never ends does not hold READY past ready_timeout_s; the watchdog is fed and the start
+    timeout extended meanwhile; a stop then ends the pass and the daemon with exit 0."""
+    monkeypatch.setattr(daemon, "process_age_s", lambda: 0.0)  # as if this process had just started
+    agent = BlockedAgent(Settings(daemon=DaemonSettings(ready_timeout_s=0.5)))
+    triggers = Triggers()
+    notifier = Notifier(str(systemd.path), watchdog_usec=400_000)
+    thread, result = run_in_thread(agent, tmp_path, notifier, triggers)
+    time.sleep(1.5)
+    messages = systemd.messages()
+    triggers.request_stop()
+    thread.join(10)
+    assert result == [0]
+    assert {"READY": "1", "STATUS": "degraded: registry silent"} in messages
+    assert sum(1 for m in messages if m.get("WATCHDOG") == "1") >= 3, messages
+    assert messages[0] == {"EXTEND_TIMEOUT_USEC": str(int(EXTEND_S * 1_000_000))}
+    assert systemd.messages()[-1] == {"STOPPING": "1"}
+
+
+def test_a_stop_does_not_wait_for_a_pass_that_cannot_be_interrupted(tmp_path: Path, systemd: SystemdSocket,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass blocked where no flag reaches it (a socket read) costs a stop STOP_GRACE_S at most, and
+    the stop is still a success."""
+    monkeypatch.setattr(daemon, "STOP_GRACE_S", 0.3)
+    agent = BlockedAgent(Settings(), stubborn_s=5)
+    triggers = Triggers()
+    thread, result = run_in_thread(agent, tmp_path, Notifier(str(systemd.path)), triggers)
+    time.sleep(0.2)
+    started = time.monotonic()
+    with capture_logs() as logs:
+        triggers.request_stop()
+        thread.join(10)
+    assert result == [0]
+    assert time.monotonic() - started < 2
+    assert [e.get("abandoned") for e in logs if e["event"] == "stopped"] == ["reconcile"]
+
+
+def test_a_hung_pass_ends_the_daemon_with_its_stack(tmp_path: Path, systemd: SystemdSocket,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass silent past STALL_LIMIT_S is a bug: logged with where it hangs, and the daemon exits 1 so
+    systemd restarts it (rather than pinging the watchdog forever for a dead pipeline)."""
+    monkeypatch.setattr(daemon, "STALL_LIMIT_S", 0.3)
+    monkeypatch.setattr(daemon, "LOOP_TICK_S", 0.1)
+    monkeypatch.setattr(daemon, "STOP_GRACE_S", 0.1)
+    agent = BlockedAgent(Settings(), stubborn_s=3)
+    with capture_logs() as logs:
+        code = run_daemon(agent, socket_path=tmp_path / "s.sock", once=False,  # type: ignore[arg-type]
+                          triggers=Triggers(), notifier=Notifier(str(systemd.path)))
+    assert code == ExitCode.FAILED
+    hung = [e for e in logs if e["event"] == "worker_hung"]
+    assert len(hung) == 1 and "time.sleep(self.stubborn_s)" in hung[0]["stack"]
+
+
+def test_reload_asks_to_retry_a_refused_tree(tmp_path: Path, systemd: SystemdSocket) -> None:
+    """SIGHUP (systemctl reload) runs a pass at once and forgets a remembered kernel refusal first."""
+    agent = FakeAgent(fail_times=0, settings=Settings())
+    forgotten: list[int] = []
+    agent.forget_refusal = lambda: forgotten.append(1)  # type: ignore[attr-defined]
+    triggers = Triggers()
+    thread, result = run_in_thread(agent, tmp_path, Notifier(str(systemd.path)), triggers)
+    deadline = time.monotonic() + 5
+    while agent.calls < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    triggers.reconcile_requested = True
+    triggers.poke()
+    while agent.calls < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    triggers.request_stop()
+    thread.join(10)
+    assert (agent.calls, forgotten, result) == (2, [1], [0])

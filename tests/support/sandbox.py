@@ -74,9 +74,12 @@ class Host:
     def set_kernel(self, kernel: str) -> None:
         write(self.root / "proc/sys/kernel/osrelease", kernel + "\n")
 
-    def configure(self, registry: str, extra: str = "") -> None:
+    def configure(self, registry: str, extra: str = "", *, image: str = "", plain_http: bool = True) -> None:
+        """The test's config fragment: the registry (plain http unless told otherwise), no module loading,
+        quick retries; `image` adds keys to [image], `extra` whole sections."""
+        listed = f'plain_http = ["{registry}"]\n' if plain_http else ""
         write(self.root / "etc/nvidia-agent/config.d/50-test.toml",
-              f'[image]\nregistry = "{registry}"\nplain_http = ["{registry}"]\n'
+              f'[image]\nregistry = "{registry}"\n{listed}{image}'
               '[modules]\nload = false  # this machine\'s kernel cannot load modules (proven in the VM tier)\n'
               '[daemon]\nretry_initial_s = 0.5\nretry_max_s = 2\n' + extra)
 
@@ -122,30 +125,52 @@ def push_driver(tmp_path: Path, registry: str, kernel: str, *, tag_kernel: str |
                        os_version="22.04", kernel=kernel, fmt=fmt)
 
 
-def status_json(host: Host) -> dict[str, object]:
-    """Run the daemon, ask `status --json` over the socket, stop it with SIGTERM."""
-    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
-    daemon = subprocess.Popen(host.argv("daemon"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env, cwd=REPO_ROOT, start_new_session=True)
-    try:
-        out = subprocess.run([sys.executable, "-m", "agent", "--root", str(host.root), "status", "--json",
-                              "--wait", "60"], capture_output=True, text=True, timeout=90, check=False)
-        assert out.returncode == 0, out.stdout + out.stderr
-        text = subprocess.run([sys.executable, "-m", "agent", "--root", str(host.root), "status"],
-                              capture_output=True, text=True, timeout=30, check=True).stdout
-        assert "phase:       ready" in text
-        status = dict(json.loads(out.stdout))
-        os.kill(int(status["pid"]), signal.SIGTERM)  # type: ignore[call-overload]
-        log, _ = daemon.communicate(timeout=30)
-        assert "stopped phase=ready" in log, log
-        return status
-    finally:
-        if daemon.poll() is None:  # the agent may sit outside umockdev-run's group: kill it by its lock's PID
-            lock = host.root / "run/nvidia-agent/agent.lock"
+class RunningAgent:
+    """`nvidia-agent daemon` running on a Host, asked over its socket, stopped with SIGTERM."""
+
+    def __init__(self, host: Host, env: Mapping[str, str] | None = None) -> None:
+        self.host = host
+        run_env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"} | dict(env or {})
+        self.proc = subprocess.Popen(host.argv("daemon"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=run_env, cwd=REPO_ROOT, start_new_session=True)
+
+    def status(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "agent", "--root", str(self.host.root), "status", *args],
+                              capture_output=True, text=True, timeout=120, check=False, cwd=REPO_ROOT)
+
+    def status_json(self, wait_s: float = 0) -> dict[str, object]:
+        out = self.status("--json", "--wait", str(wait_s))
+        return dict(json.loads(out.stdout)) if out.stdout else {}
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM the agent (by its lock's PID: it may sit outside umockdev-run's group); exit status and log."""
+        lock = self.host.root / "run/nvidia-agent/agent.lock"
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(lock.read_text()), signal.SIGTERM)
+        log, _ = self.proc.communicate(timeout=30)
+        return self.proc.returncode, log
+
+    def __enter__(self) -> RunningAgent:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.proc.poll() is None:
+            lock = self.host.root / "run/nvidia-agent/agent.lock"
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int(lock.read_text()), signal.SIGKILL)
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.communicate(timeout=30)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.communicate(timeout=30)
+
+
+def status_json(host: Host) -> dict[str, object]:
+    """Run the daemon until ready, ask `status --json` and `status` over the socket, stop it with SIGTERM."""
+    with RunningAgent(host) as agent:
+        out = agent.status("--json", "--wait", "60")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "phase:       ready" in agent.status().stdout
+        code, log = agent.stop()
+        assert (code, "stopped phase=ready" in log) == (0, True), log
+        return dict(json.loads(out.stdout))
 
 
 @pytest.fixture(scope="module")
