@@ -95,3 +95,40 @@ def test_no_bus_is_a_host_error_not_a_crash() -> None:
 
     with pytest.raises(HostError, match="systemd daemon-reload: no bus"):
         Systemd(bus_factory=broken).reload()
+
+
+def test_without_pygobject_the_bus_fails_as_a_host_error_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's plain `pip install .` brings pydbus but not PyGObject: starting a transient unit must
+    raise HostError (which the caller falls back from), never an ImportError that crashes the pass."""
+    import sys  # noqa: PLC0415
+
+    class Manager:
+        def StartTransientUnit(self, *args: object) -> None:  # noqa: N802 - systemd's method name
+            raise AssertionError("the variant types are built first")
+
+    class Bus:
+        def get(self, _name: str) -> dict[str, Manager]:
+            return {MANAGER: Manager()}
+
+    monkeypatch.setitem(sys.modules, "gi", None)  # `import gi...` raises ImportError
+    monkeypatch.delitem(sys.modules, "gi.repository", raising=False)
+    with pytest.raises(HostError, match="install PyGObject"):
+        Systemd(bus_factory=Bus).start_transient("x.service", ["/bin/true"], [])
+
+
+def test_persistenced_falls_back_to_spawning_without_the_bus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No usable bus: nvidia-persistenced is started directly instead of as a transient unit."""
+    from agent import persistenced  # noqa: PLC0415
+
+    (tmp_path / "tree/bin").mkdir(parents=True)
+    (tmp_path / "tree/bin/nvidia-persistenced").write_text("#!/bin/sh\n")
+    spawned: list[list[str]] = []
+    monkeypatch.setattr(persistenced, "PID_FILE", str(tmp_path / "run/nvidia-persistenced.pid"))
+    monkeypatch.setattr(persistenced.subp, "spawn", lambda argv, env=None: spawned.append(list(argv)) or 4242)
+
+    def no_bus() -> object:
+        raise ImportError("No module named 'gi'")
+
+    got = persistenced.ensure_persistenced(tmp_path / "tree", Path("/"), Systemd(bus_factory=no_bus))
+    assert got == 4242
+    assert spawned == [[str(tmp_path / "tree/bin/nvidia-persistenced"), "--verbose"]]
