@@ -103,7 +103,7 @@ def test_without_pygobject_the_bus_fails_as_a_host_error_not_a_crash(monkeypatch
     import sys  # noqa: PLC0415
 
     class Manager:
-        def StartTransientUnit(self, *args: object) -> None:  # noqa: N802 - systemd's method name
+        def StartTransientUnit(self, *args: object) -> None:
             raise AssertionError("the variant types are built first")
 
     class Bus:
