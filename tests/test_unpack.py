@@ -204,3 +204,27 @@ def test_modinfo_refuses_truncated_or_foreign_files(data: bytes) -> None:
     """Garbage is a ModinfoError (a ValueError), never an IndexError or a crash."""
     with pytest.raises(ValueError):
         parse_modinfo(data)
+
+
+def test_a_directory_replaced_by_a_file_then_more_entries(tmp_path: Path) -> None:
+    """A later entry replaces a whole directory (its subdirectories included) with a file, and entries in
+    many other directories follow: each lands where its name says, nothing else moves."""
+    entries: list[tuple[object, ...]] = [("nvidia-driver/", "dir"), ("nvidia-driver/x/", "dir"),
+                                         ("nvidia-driver/x/deep/", "dir"), ("nvidia-driver/x/deep/f", "file", b"1")]
+    entries += [(f"nvidia-driver/d{i}/f", "file", str(i).encode()) for i in range(80)]
+    entries += [("nvidia-driver/x", "file", b"now a file")]
+    entries += [(f"nvidia-driver/d{i}/g", "hardlink", f"nvidia-driver/d{i}/f") for i in range(80)]
+    staged = extract(tmp_path, tar_bytes(entries))
+    assert (staged.path / "x").read_bytes() == b"now a file"
+    for i in range(80):
+        assert (staged.path / f"d{i}/g").read_bytes() == str(i).encode()
+        assert (staged.path / f"d{i}/g").stat().st_ino == (staged.path / f"d{i}/f").stat().st_ino
+    assert staged.digests["d7/g"] == staged.digests["d7/f"]
+
+
+def test_a_hardlink_may_not_replace_the_directory_of_its_own_target(tmp_path: Path) -> None:
+    """`a` -> hardlink to `a/b/f` would delete its target first: refused as the image's fault."""
+    entries = [("nvidia-driver/", "dir"), ("nvidia-driver/a/b/f", "file", b"x"),
+               ("nvidia-driver/a", "hardlink", "nvidia-driver/a/b/f")]
+    with pytest.raises(ImageRejected, match="replace the directory that holds its own target"):
+        extract(tmp_path, tar_bytes(entries))

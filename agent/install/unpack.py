@@ -9,13 +9,15 @@ no driver image comes near (a real driver tree has under a thousand entries).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
 import hashlib
 import os
 import posixpath
 import stat
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -46,7 +48,6 @@ MAX_PATH_BYTES = 1024  # a path inside the tree
 MAX_COMPONENT_BYTES = 255
 MAX_DEPTH = 32
 MAX_LINK_HOPS = 40  # the kernel's own limit on symlinks followed in one lookup
-DIR_CACHE_ENTRIES = 64
 GZIP_TYPES = frozenset({
     "application/vnd.oci.image.layer.v1.tar+gzip",
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
@@ -97,14 +98,12 @@ class Staging:
         self.entries = 0  # tree entries applied
         self._root = -1
         self._digests: dict[str, str] = {}  # may hold stale paths; finish() keeps those still files
-        self._dirs: dict[str, int] = {}  # open descriptors of recently used directories
 
     def __enter__(self) -> Staging:
         self._root = os.open(self.path, _DIR_FLAGS)
         return self
 
     def __exit__(self, *_: object) -> None:
-        self._forget_dirs()
         if self._root >= 0:
             os.close(self._root)
             self._root = -1
@@ -191,22 +190,24 @@ class Staging:
             raise ImageRejected(f"more than {MAX_TREE_ENTRIES} entries in the driver tree; "
                                 "a driver image needs far fewer")
         rel = "/".join(parts)
-        parent = self._make_parents(parts[:-1], created)
+        if member.kind not in (DIR, FILE, SYMLINK, HARDLINK):
+            raise ImageRejected(f"{name}: {_KIND_NAMES.get(member.kind, member.kind)} not allowed in a driver tree")
+        if member.kind == SYMLINK:
+            check_symlink(rel, member.linkname, name)
         leaf = parts[-1]
         mode = member.mode & 0o755
-        if member.kind == DIR:
-            self._make_dir(parent, leaf, mode, name)
-        elif member.kind == FILE:
-            self._clear(parent, leaf, rel)
-            self._write(reader, member, parent, leaf, rel=rel, mode=mode)
-        elif member.kind == SYMLINK:
-            check_symlink(rel, member.linkname, name)
-            self._clear(parent, leaf, rel)
-            os.symlink(member.linkname, leaf, dir_fd=parent)
-        elif member.kind == HARDLINK:
-            self._link(member, parent, leaf, rel, name)
-        else:
-            raise ImageRejected(f"{name}: {_KIND_NAMES.get(member.kind, member.kind)} not allowed in a driver tree")
+        with self._opened(parts[:-1], created) as parent:
+            assert parent is not None  # noqa: S101 - create=True makes what is missing
+            if member.kind == DIR:
+                self._make_dir(parent, leaf, mode)
+            elif member.kind == FILE:
+                self._clear(parent, leaf, rel)
+                self._write(reader, member, parent, leaf, rel=rel, mode=mode)
+            elif member.kind == SYMLINK:
+                self._clear(parent, leaf, rel)
+                os.symlink(member.linkname, leaf, dir_fd=parent)
+            else:
+                self._link(member, parent, leaf, rel, name)
         created.add(rel)
 
     # --- one entry
@@ -228,7 +229,7 @@ class Staging:
             os.close(fd)
         self._digests[rel] = "sha256:" + digest.hexdigest()
 
-    def _make_dir(self, parent: int, leaf: str, mode: int, name: str) -> None:
+    def _make_dir(self, parent: int, leaf: str, mode: int) -> None:
         try:
             st = os.stat(leaf, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
@@ -249,74 +250,61 @@ class Staging:
             raise ImageRejected(f"{name}: hardlink to {member.linkname[:200]!r} outside the tree")
         check_tree_path(target, name)
         target_rel = "/".join(target)
-        holder = self._dir(target[:-1], None, create=False)
-        try:
-            st = None if holder is None else os.stat(target[-1], dir_fd=holder, follow_symlinks=False)
-        except FileNotFoundError:
-            st = None
-        if st is None or not stat.S_ISREG(st.st_mode):
-            raise ImageRejected(f"{name}: hardlink to {member.linkname[:200]!r}, "
-                                "which is not a file extracted before it")
-        if target_rel == rel:
-            return  # a link to itself: already there
-        self._clear(parent, leaf, rel)
-        holder = self._dir(target[:-1], None, create=False)  # _clear may have closed cached descriptors
-        assert holder is not None  # noqa: S101 - it held the target a moment ago and nothing removed it
-        os.link(target[-1], leaf, src_dir_fd=holder, dst_dir_fd=parent, follow_symlinks=False)
+        if target_rel.startswith(rel + "/"):
+            raise ImageRejected(f"{name}: hardlink would replace the directory that holds its own target")
+        with self._opened(target[:-1], None, create=False) as holder:
+            try:
+                st = None if holder is None else os.stat(target[-1], dir_fd=holder, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if holder is None or st is None or not stat.S_ISREG(st.st_mode):
+                raise ImageRejected(f"{name}: hardlink to {member.linkname[:200]!r}, "
+                                    "which is not a file extracted before it")
+            if target_rel == rel:
+                return  # a link to itself: already there
+            self._clear(parent, leaf, rel)
+            os.link(target[-1], leaf, src_dir_fd=holder, dst_dir_fd=parent, follow_symlinks=False)
         if target_rel in self._digests:
             self._digests[rel] = self._digests[target_rel]
 
     # --- directories, reached only through descriptors
 
-    def _make_parents(self, parts: list[str], created: set[str]) -> int:
-        """The directory that holds a new entry, made (with its parents) where missing."""
-        fd = self._dir(parts, created)
-        assert fd is not None  # noqa: S101 - create=True makes what is missing
-        return fd
+    @contextlib.contextmanager
+    def _opened(self, parts: list[str], created: set[str] | None, *,
+                create: bool = True) -> Iterator[int | None]:
+        """A descriptor of the directory at `parts`, walked to from the root one component at a time
+        with O_NOFOLLOW (made where missing, or None when create=False); closed afterwards.
 
-    def _dir(self, parts: list[str], created: set[str] | None, *, create: bool = True) -> int | None:
-        """A descriptor of the directory at `parts`, made if missing (create=True) or None."""
-        key = "/".join(parts)
-        cached = self._dirs.get(key)
-        if cached is not None:
-            return cached
+        No descriptor outlives the operation it was opened for, so none can point into a
+        directory that a later whiteout removed, nor be reused under another name.
+        """
         fd = self._root
-        for i, part in enumerate(parts):
-            try:
-                nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    nxt = -1
-                else:
+        try:
+            for i, part in enumerate(parts):
+                try:
+                    nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        yield None
+                        return
                     os.mkdir(part, 0o755, dir_fd=fd)
                     if created is not None:
                         created.add("/".join(parts[:i + 1]))
                     nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
+                except OSError as exc:
+                    where = f"{TREE_PREFIX}/{'/'.join(parts[:i + 1])}"
+                    if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+                        raise ImageRejected(f"{where}: a path passes through this symlink") from None
+                    if exc.errno == errno.ENOTDIR:
+                        raise ImageRejected(f"{where}: a path goes through it, but it is not a directory") from None
+                    raise
                 if fd != self._root:
                     os.close(fd)
-                where = f"{TREE_PREFIX}/{'/'.join(parts[:i + 1])}"
-                if exc.errno == 40:  # ELOOP: O_NOFOLLOW met a symlink
-                    raise ImageRejected(f"{TREE_PREFIX}/{key}: path passes through a symlink ({where})") from None
-                if exc.errno == 20:  # ENOTDIR
-                    raise ImageRejected(f"{TREE_PREFIX}/{key}: {where} is not a directory") from None
-                raise
+                fd = nxt
+            yield fd
+        finally:
             if fd != self._root:
                 os.close(fd)
-            if nxt < 0:
-                return None
-            fd = nxt
-        if fd == self._root:
-            return fd
-        if len(self._dirs) >= DIR_CACHE_ENTRIES:
-            self._forget_dirs()
-        self._dirs[key] = fd
-        return fd
-
-    def _forget_dirs(self) -> None:
-        for fd in self._dirs.values():
-            os.close(fd)
-        self._dirs.clear()
 
     def _clear(self, parent: int, leaf: str, rel: str) -> None:
         """Make room for a new entry at `leaf`: whatever is there goes, a directory with its contents."""
@@ -327,9 +315,9 @@ class Staging:
         self._unlink_or_remove(parent, leaf, st)
         self._digests.pop(rel, None)
 
-    def _unlink_or_remove(self, parent: int, leaf: str, st: os.stat_result) -> None:
+    @staticmethod
+    def _unlink_or_remove(parent: int, leaf: str, st: os.stat_result) -> None:
         if stat.S_ISDIR(st.st_mode):
-            self._forget_dirs()  # descriptors below it would point into a removed tree
             fd = os.open(leaf, _DIR_FLAGS, dir_fd=parent)
             try:
                 fs.empty_dir(fd)
@@ -341,23 +329,20 @@ class Staging:
 
     def _remove(self, parent_parts: list[str], leaf: str) -> None:
         """A whiteout: delete `leaf` in the directory at `parent_parts`, if both exist."""
-        parent = self._dir(parent_parts, None, create=False)
-        if parent is not None:
-            self._clear(parent, leaf, "/".join([*parent_parts, leaf]))
+        with self._opened(parent_parts, None, create=False) as parent:
+            if parent is not None:
+                self._clear(parent, leaf, "/".join([*parent_parts, leaf]))
 
     def _clear_children(self, parts: list[str], created: set[str]) -> None:
         """An opaque directory: hide what lower layers put in it, keep this layer's entries."""
-        directory = self._dir(parts, None, create=False)
-        if directory is None:
-            return
-        with os.scandir(directory) as it:
-            names = [e.name for e in it]
-        for leaf in names:
-            if "/".join([*parts, leaf]) not in created:
-                self._clear(directory, leaf, "/".join([*parts, leaf]))
-                directory = self._dir(parts, None, create=False)  # _clear may have dropped the cache
-                if directory is None:  # pragma: no cover - nothing removes the directory itself
-                    return
+        with self._opened(parts, None, create=False) as directory:
+            if directory is None:
+                return
+            with os.scandir(directory) as it:
+                names = [e.name for e in it]
+            for leaf in names:
+                if "/".join([*parts, leaf]) not in created:
+                    self._clear(directory, leaf, "/".join([*parts, leaf]))
 
     # --- the result
 

@@ -8,7 +8,8 @@ state it starts from):
 2. unchanged reboot: nothing pulled, modules loaded again, ready;
 3. busy module + different driver requested: the agent refuses to unload and names the holder;
 4. the real 535 driver (when built): installs and verifies, the load fails with the kernel's
-   own reason, the previous driver stays current;
+   own reason, the previous driver stays current and serving, the refusal is remembered (the
+   next pass does not unload the working driver again) until `systemctl reload`;
 5. reboot into the other kernel flavour: the agent installs the image built for it;
 
 and issue 4, the systemd contract, with stand-ins for kubelet and dcos-mesos-slave that record
@@ -17,8 +18,13 @@ whether the driver was there when they started (checked after 1 and after 2):
 6. restart and stop/start of the agent: the driver stays loaded and mounted throughout; reload
    reconciles in the same process;
 7. a wedged agent: systemd's watchdog kills and restarts it;
-8. no image for this host yet: kubelet starts after daemon.ready_timeout_s with a degraded
-   status, and the agent becomes ready without a restart once the image is published.
+8. a new driver.version without an image: the installed driver serves at once after a reboot
+   (READY, degraded), the new one installs without a restart when published;
+9. no image for this host yet and nothing installed: kubelet starts after
+   daemon.ready_timeout_s with a degraded status, and the agent becomes ready without a
+   restart once the image is published;
+10. a blackholed registry at boot with WatchdogSec=6s: READY on time, the watchdog never fires,
+   `systemctl stop` mid-pull is a success within seconds.
 
 Run: tests/vm/run  (or: python -m tests.vm.harness run first_boot kernel_changed).
 What each scenario leaves behind (status, journal, /proc/modules, /dev/nvidia*, mountinfo, ...)
@@ -447,9 +453,30 @@ def test_real_driver_load_fails(vm: Guest) -> None:
             f"status does not carry the kernel's reason {reason!r}: {text}"
         journal = vm.run(f"journalctl -u nvidia-agent --since=@{since:.0f} --no-pager -o cat", quiet=True)[1]
         assert (reason or "nvidia") in journal and re.search(errno_text, journal), journal[-3000:]
-        # the previous working driver stays current
+        # the previous working driver stays current, loaded and READY: status says it serves
         assert current_target(vm) == tree_for(DRIVER, kernel)
-        assert st.get("current") in (None, f"/opt/nvidia/{tree_for(DRIVER, kernel)}", tree_for(DRIVER, kernel)), st
+        assert st.get("serving") == f"/opt/nvidia/{tree_for(DRIVER, kernel)}", st
+        assert module_versions(vm).get("nvidia") == DRIVER
+        # the refusal is remembered: the next pass does not unload the working driver again
+        first = st["last_reconcile_at"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (st.get("last_reconcile_at") or 0) <= first:
+            time.sleep(2)
+            st = vm.status() or st
+        again = error_text(st)
+        harness.log(f"real: the next pass says: {again!r}")
+        assert "was refused by kernel" in again and "systemctl reload nvidia-agent" in again, again
+        journal = vm.run(f"journalctl -u nvidia-agent --since=@{since:.0f} --no-pager -o cat", quiet=True)[1]
+        assert journal.count("refusal_remembered") == 1, journal[-3000:]
+        assert len(re.findall(r"^(<\d>)?rolled_back\b", journal, re.M)) <= 1, "the working driver was unloaded again"
+        assert module_versions(vm).get("nvidia") == DRIVER
+        # an operator's reload tries once more
+        vm.run("systemctl reload nvidia-agent", check=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "refusal_forgotten" not in journal:
+            time.sleep(2)
+            journal = vm.run(f"journalctl -u nvidia-agent --since=@{since:.0f} --no-pager -o cat", quiet=True)[1]
+        assert "refusal_forgotten" in journal, journal[-3000:]
     finally:
         since = set_driver(vm, None)
     assert_serving(vm, settle(vm, since=since), DRIVER, kernel)
@@ -577,19 +604,54 @@ def test_watchdog_kills_wedged_agent(vm: Guest) -> None:
     assert a["WatchdogUSec"] == "2min" and a["StatusText"].startswith("ready"), a
 
 
+def test_new_driver_without_an_image_keeps_the_old_one_serving(vm: Guest) -> None:
+    """driver.version moves to a release whose image is not published for this kernel: after a reboot
+    the installed driver is loaded and mounted at once, kubelet starts with it (READY with a degraded
+    status), and the new driver installs without a restart once its image appears."""
+    settle(vm)
+    kernel = vm.kernels.amd64
+    late = f"late-{DRIVER2}-debian-12-{kernel}"
+    try:
+        if vm.kernel != kernel or not current_target(vm).startswith(f"{DRIVER}/"):
+            set_driver(vm, None)
+            settle(vm)
+        vm.run(f"rm -rf /opt/nvidia/{DRIVER2} /var/log/*.seen", check=True)
+        vm.put(OVERRIDE, f'[driver]\nversion = "{DRIVER2}"\n\n[image]\ntag_template = "late-{{driver}}-{{os}}"\n\n'
+                         "[daemon]\nready_timeout_s = 120\nretry_initial_s = 2.0\nretry_max_s = 4\n")
+        vm.reboot(kernel="amd64")
+        vm.wait_agent_active(timeout=180)
+        times = assert_ordered(vm, driver_seen=DRIVER)
+        waited = times["agent active"] - times["agent start"]
+        harness.timed("no new image: agent READY with the old driver after its start (guest clock)", waited)
+        assert waited < 60, f"READY {waited:.1f}s after start: the working driver should not wait for the new one"
+        text = status_text(vm)
+        harness.log(f"  StatusText: {text!r}")
+        assert text.startswith(f"degraded: serving /opt/nvidia/{tree_for(DRIVER, kernel)}"), text
+        rc, out = vm.run("nvidia-agent status", quiet=True)
+        harness.log(f"  nvidia-agent status (rc={rc}):\n{out}")
+        assert rc == 2 and re.search(rf"^serving:\s+/opt/nvidia/{re.escape(tree_for(DRIVER, kernel))}", out, re.M), out
+        assert late in out, out
+        assert module_versions(vm).get("nvidia") == DRIVER
+        published = vm.guest_time()
+        vm.tag_image("nvidia/driver", f"{DRIVER2}-debian-12-{kernel}", late)
+        st = settle(vm, timeout=120, since=published)
+        assert_serving(vm, st, DRIVER2, kernel)
+    finally:
+        since = set_driver(vm, None)
+    assert_serving(vm, settle(vm, since=since), DRIVER, vm.kernel)
+
+
 def test_no_image_yet_degraded_then_ready(vm: Guest) -> None:
-    """Boot with no image for this host in the registry: kubelet waits daemon.ready_timeout_s, no more;
-    once the image is published the agent becomes ready on its own, without a restart."""
+    """First boot with no image for this host in the registry and no driver installed: kubelet waits
+    daemon.ready_timeout_s, no more; once the image is published the agent becomes ready on its own,
+    without a restart."""
     settle(vm)
     kernel = vm.kernels.amd64
     timeout_s, retry_max_s = 20, 4
     late = f"late-{DRIVER2}-debian-12-{kernel}"
     try:
-        # DRIVER2 is not installed here, and no tag for it matches the template yet
-        if current_target(vm).startswith(f"{DRIVER2}/"):
-            set_driver(vm, None)
-            settle(vm)
-        vm.run(f"rm -rf /opt/nvidia/{DRIVER2} /var/log/*.seen", check=True)
+        # nothing installed that could serve meanwhile, and no tag matches the template yet
+        vm.run("rm -rf /opt/nvidia/* /var/log/*.seen", check=True)
         vm.put(OVERRIDE, f'[driver]\nversion = "{DRIVER2}"\n\n[image]\ntag_template = "late-{{driver}}-{{os}}"\n\n'
                          f"[daemon]\nready_timeout_s = {timeout_s}\nretry_initial_s = 2.0\n"
                          f"retry_max_s = {retry_max_s}\n")
@@ -642,3 +704,63 @@ def test_no_image_yet_degraded_then_ready(vm: Guest) -> None:
     finally:
         since = set_driver(vm, None)
     assert_serving(vm, settle(vm, since=since), DRIVER, vm.kernel)
+
+
+BLACKHOLE = "/etc/systemd/system/blackhole-registry.service"
+BLACKHOLE_PY = "/usr/local/bin/blackhole-registry"
+SHORT_WATCHDOG = "/etc/systemd/system/nvidia-agent.service.d/90-vm-short-watchdog.conf"
+
+
+def test_blackholed_registry_at_boot_keeps_the_contract(vm: Guest) -> None:
+    """A registry that accepts connections and never answers, at boot, with WatchdogSec=6s: READY
+    (degraded) comes at ready_timeout_s while the agent still retries, the watchdog never fires, and
+    `systemctl stop` mid-pull leaves the unit inactive, not failed, within a few seconds."""
+    settle(vm)
+    timeout_s = 20
+    try:
+        vm.put(BLACKHOLE_PY, "#!/usr/bin/python3\nimport socket\n"
+                             "s = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                             "s.bind(('127.0.0.1', 5001))\ns.listen(64)\nheld = []\n"
+                             "while True:\n    held.append(s.accept()[0])  # accept, read nothing, answer never\n",
+               mode="755")
+        vm.put(BLACKHOLE, f"[Unit]\nDescription=A registry that never answers (VM test)\n"
+                          f"Before=nvidia-agent.service\n[Service]\nExecStart={BLACKHOLE_PY}\n"
+                          "[Install]\nWantedBy=multi-user.target\n")
+        vm.put(SHORT_WATCHDOG, "[Service]\nWatchdogSec=6s\n")
+        vm.put(OVERRIDE, '[image]\nregistry = "127.0.0.1:5001"\nplain_http = ["127.0.0.1:5001"]\n'
+                         "timeout_s = 5.0\nattempts = 3\n\n"
+                         f"[daemon]\nready_timeout_s = {timeout_s}\nretry_initial_s = 2.0\nretry_max_s = 4\n")
+        vm.run("systemctl daemon-reload && systemctl enable -q blackhole-registry && rm -rf /opt/nvidia/*",
+               check=True)
+        vm.reboot(kernel="amd64")
+        vm.wait_agent_active(timeout=180)
+        a = vm.show("nvidia-agent", "ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic",
+                    "MainPID", "NRestarts", "WatchdogUSec")
+        waited = (int(a["ActiveEnterTimestampMonotonic"]) - int(a["ExecMainStartTimestampMonotonic"])) / 1e6
+        harness.timed("blackholed registry: degraded READY after the agent's start (guest clock)", waited)
+        assert a["WatchdogUSec"] == "6s", a
+        assert timeout_s - 1 <= waited <= timeout_s + 10, f"READY {waited:.1f}s after start, want ~{timeout_s}s"
+        time.sleep(36)  # six watchdog periods, with the pipeline stuck in reads that never return
+        b = vm.show("nvidia-agent", "MainPID", "NRestarts", "ActiveState", "SubState", "StatusText")
+        harness.log(f"  after 36 s more: {b}")
+        assert (b["MainPID"], b["NRestarts"], b["ActiveState"]) == (a["MainPID"], a["NRestarts"], "active"), (a, b)
+        journal = vm.journal()
+        assert "Watchdog timeout" not in vm.run("journalctl -b -u nvidia-agent --no-pager", quiet=True)[1]
+        assert journal.count("registry_retry") >= 3, journal[-3000:]  # still trying, READY or not
+        rc, out = vm.run("nvidia-agent status", quiet=True)
+        harness.log(f"  nvidia-agent status (rc={rc}):\n{out}")
+        assert rc == 2 and "127.0.0.1:5001" in out, out
+        t = time.monotonic()
+        vm.run("systemctl stop nvidia-agent", check=True, timeout=60)
+        stopped_s = time.monotonic() - t
+        harness.timed("blackholed registry: systemctl stop mid-pull (host wait)", stopped_s)
+        c = vm.show("nvidia-agent", "ActiveState", "Result", "ExecMainStatus")
+        assert (c["ActiveState"], c["Result"], c["ExecMainStatus"]) == ("inactive", "success", "0"), c
+        assert stopped_s < 12, f"stop took {stopped_s:.1f}s"
+    finally:
+        vm.run(f"systemctl disable -q --now blackhole-registry; rm -f {BLACKHOLE} {BLACKHOLE_PY} "
+               f"{SHORT_WATCHDOG} {OVERRIDE}; systemctl daemon-reload; systemctl reset-failed nvidia-agent; true")
+        since = vm.guest_time()
+        vm.run("systemctl restart --no-block nvidia-agent", check=True)
+    assert_serving(vm, settle(vm, since=since), DRIVER, vm.kernel)
+
