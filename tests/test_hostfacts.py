@@ -143,3 +143,35 @@ def test_probe_reads_kernel_os_and_modules_under_the_host_root(tmp_path: Path) -
     assert probe.os().id == "flatcar"
     assert read_modules(tmp_path / "sys/module") == {"nvidia": "535.261.03", "nvidia_uvm": ""}
     assert probe.gpus() == ()
+
+
+def test_a_symlinked_path_is_resolved_on_the_host_root(tmp_path: Path) -> None:
+    """`/lib64 -> usr/lib64` (Fedora) and an absolute `/lib64 -> /usr/lib64` both resolve to the host's
+    /usr/lib64 under the host root, never outside it; a missing part is kept as written."""
+    (tmp_path / "usr/lib64").mkdir(parents=True)
+    (tmp_path / "lib64").symlink_to("usr/lib64")
+    (tmp_path / "abs").symlink_to("/usr/lib64")
+    (tmp_path / "usr/escape").symlink_to("../../../../etc")
+    host = HostRoot(tmp_path)
+    assert host.resolve("/lib64") == "/usr/lib64"
+    assert host.resolve("/abs") == "/usr/lib64"
+    assert host.resolve("/usr/lib64") == "/usr/lib64"
+    assert host.resolve("/usr/escape/x") == "/etc/x"  # `..` stops at the host's root
+    assert host.resolve("/missing/dir") == "/missing/dir"
+    probe = HostProbe(host, udev=FakeUdev([]))
+    write(tmp_path / "proc/sys/kernel/osrelease", "6.6.6\n")
+    write(tmp_path / "etc/os-release", "ID=fedora\nVARIANT_ID=coreos\nOSTREE_VERSION=39.1\n")
+    assert probe.facts("/lib64").lib_dir == "/usr/lib64"
+
+
+def test_gpus_passed_through_to_vms_are_not_the_hosts(tmp_path: Path) -> None:
+    """A GPU bound to vfio-pci belongs to a VM: the host's facts leave it out (no device node, no
+    minor), and list it apart."""
+    bound = pci("0000:00:05.0", 0x10DE, 0x2330, 0x030200)
+    vfio = pci("0000:00:06.0", 0x10DE, 0x2330, 0x030200)
+    vfio.driver = "vfio-pci"  # type: ignore[attr-defined]
+    write(tmp_path / "proc/sys/kernel/osrelease", "6.6.6\n")
+    write(tmp_path / "etc/os-release", "ID=debian\nVERSION_ID=12\n")
+    facts = HostProbe(HostRoot(tmp_path), udev=FakeUdev([bound, vfio])).facts()
+    assert [g.pci_slot for g in facts.gpus] == ["0000:00:05.0"]
+    assert [(g.pci_slot, g.driver) for g in facts.passthrough] == [("0000:00:06.0", "vfio-pci")]

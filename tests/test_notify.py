@@ -296,3 +296,16 @@ def test_reload_asks_to_retry_a_refused_tree(tmp_path: Path, systemd: SystemdSoc
     triggers.request_stop()
     thread.join(10)
     assert (agent.calls, forgotten, result) == (2, [1], [0])
+
+
+def test_a_retry_sleep_ends_at_once_when_the_agent_stops() -> None:
+    """Backoff sleeps (the registry's tenacity retries sleep on Cancel) end with Cancelled the moment a
+    stop is requested, not when the sleep would have ended."""
+    from agent.errors import Cancelled  # noqa: PLC0415
+
+    cancel = Cancel()
+    threading.Timer(0.2, cancel.request).start()
+    started = time.monotonic()
+    with pytest.raises(Cancelled):
+        cancel.sleep(30)
+    assert time.monotonic() - started < 2

@@ -334,3 +334,18 @@ def test_a_settled_host_is_rechecked_quietly(tmp_path: Path) -> None:
     assert info(first) == ["units", "units_not_reloaded", "no-gpu"]
     assert info(again) == []
     assert (tmp_path / "etc/systemd/system/kubelet.service.d/50-nvidia-agent.conf").is_file()
+
+
+def test_a_crash_is_logged_with_its_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bug's traceback reaches the journal: the event line, then the traceback lines, each with the
+    same priority prefix (journald makes one entry per line)."""
+    log.configure(journal=True)
+    try:
+        raise KeyError("lost")
+    except KeyError:
+        structlog.get_logger("t").exception("reconcile_crashed", error="KeyError: 'lost'")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("<3>reconcile_crashed ")
+    assert all(line.startswith("<3>  ") for line in lines[1:])
+    assert any("Traceback (most recent call last)" in line for line in lines)
+    assert lines[-1] == "<3>  KeyError: 'lost'"

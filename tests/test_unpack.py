@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 from pathlib import Path
 
 import pytest
 
 from agent.config import DEFAULT_LIB64_ALLOW
-from agent.errors import ImageRejected, KernelMismatch
+from agent.errors import DigestMismatch, ImageRejected, KernelMismatch
 from agent.install.modinfo import ModInfo, parse_modinfo, read_modinfo
 from agent.install.unpack import GZIP_TYPES, ExtractedTree, Staging
 from agent.install.verify import load_order, parse_manifest, verify_tree
@@ -228,3 +230,53 @@ def test_a_hardlink_may_not_replace_the_directory_of_its_own_target(tmp_path: Pa
                ("nvidia-driver/a", "hardlink", "nvidia-driver/a/b/f")]
     with pytest.raises(ImageRejected, match="replace the directory that holds its own target"):
         extract(tmp_path, tar_bytes(entries))
+
+
+@pytest.mark.parametrize(("extra", "link", "message"), [
+    ({"lib64/libc.so.6": (b"evil libc", 0o644)}, None, r"lib64/libc\.so\.6 is not a driver library"),
+    ({"lib64/libstdc++.so.6": (b"x", 0o644)}, None, "is not a driver library"),
+    ({"lib64/libnvidia-foo/libc.so.6": (b"x", 0o644)}, None, "is not a driver library"),  # * stops at /
+    ({"bin/tool": (b"x", 0o755)}, ("lib64/libnvidia-tool.so.1", "../bin/tool"), "resolves outside lib64"),
+    ({}, ("lib64/libm.so.6", "libcuda.so.535.261.03"), "is not a driver library"),
+])
+def test_lib64_holds_only_driver_libraries(tmp_path: Path, extra: dict[str, tuple[bytes, int]],
+                                           link: tuple[str, str] | None, message: str) -> None:
+    """lib64 is overlaid onto the host's library directory: a libc, a libstdc++ or any other name the
+    allow-list does not know is refused, and a symlink there may not climb out of lib64 (the overlay
+    would resolve it from /usr/lib64, into the host's /usr)."""
+    entries = valid_tree_entries(extra_files=extra)
+    if link:
+        entries.append((f"nvidia-driver/{link[0]}", "symlink", link[1]))
+    with pytest.raises(ImageRejected, match=message):
+        verify(extract(tmp_path, tar_bytes(entries)))
+
+
+def test_lib64_subdirectories_and_links_inside_it_pass(tmp_path: Path) -> None:
+    """NVIDIA's own layout: gbm/nvidia-drm_gbm.so -> ../libnvidia-allocator.so.1 stays inside lib64."""
+    entries = valid_tree_entries(extra_files={"lib64/libnvidia-allocator.so.535.261.03": (b"a", 0o644)})
+    entries += [("nvidia-driver/lib64/gbm/", "dir"),
+                ("nvidia-driver/lib64/libnvidia-allocator.so.1", "symlink", "libnvidia-allocator.so.535.261.03"),
+                ("nvidia-driver/lib64/gbm/nvidia-drm_gbm.so", "symlink", "../libnvidia-allocator.so.1")]
+    verify(extract(tmp_path, tar_bytes(entries)))
+
+
+def test_the_allow_list_is_the_operators(tmp_path: Path) -> None:
+    """An operator can allow a name the defaults refuse (install.lib64_allow)."""
+    staged = extract(tmp_path, tar_bytes(valid_tree_entries(extra_files={"lib64/libvendor.so.1": (b"v", 0o644)})))
+    with pytest.raises(ImageRejected):
+        verify(staged)
+    verify_tree(staged.path, staged.tree, driver_version="535.261.03", kernel=KERNEL,
+                lib64_allow=(*DEFAULT_LIB64_ALLOW, "libvendor.so*"))
+
+
+def test_a_layer_that_is_not_what_the_config_says_is_refused(tmp_path: Path) -> None:
+    """The image config's diff_id is the digest of the uncompressed layer: another one is refused."""
+    layer = tar_bytes(valid_tree_entries())
+    (tmp_path / "blob").write_bytes(layer)
+    good = "sha256:" + hashlib.sha256(gzip.decompress(layer)).hexdigest()
+    (tmp_path / "a").mkdir()
+    with Staging(tmp_path / "a") as staging:
+        staging.extract_layer(tmp_path / "blob", GZ, diff_id=good)
+    (tmp_path / "b").mkdir()
+    with Staging(tmp_path / "b") as staging, pytest.raises(DigestMismatch, match="diff_id is sha256:0000"):
+        staging.extract_layer(tmp_path / "blob", GZ, diff_id="sha256:" + "0" * 64)
