@@ -32,6 +32,7 @@ class Installed:
     marker: TreeMarker | None
     current: str | None  # host path `current` resolves to
     current_marker: TreeMarker | None = None  # the marker of the tree `current` points at
+    trees: tuple[tuple[str, TreeMarker], ...] = ()  # every complete tree (host path, marker)
 
 
 # --- actions: plain data, carried out by agent.reconcile
@@ -136,13 +137,21 @@ def plan(settings: Settings, facts: HostFacts, installed: Installed, state: Stat
     actions: list[Action] = list(units)
     if fresh or refused:
         actions.append(InstallImage(target, refuse_digest=refused.digest if refused else None))
-    current = installed.current_marker
-    fallback = installed.current if (current is not None and installed.current != target.tree
-                                     and current.kernel == facts.kernel) else None
+    fallback = fallback_tree(installed, target.tree, facts.kernel)
     actions += activate(settings, facts, target.tree, installed.current, reinstalled=fresh or bool(refused),
                         fallback=fallback)
     return Plan(target, tuple(actions), no_gpu=False, kernel_changed_from=changed, fallback=fallback,
                 refused=refused)
+
+
+def fallback_tree(installed: Installed, target_tree: str, kernel: str) -> str | None:
+    """A tree to keep serving if the target cannot be had: `current` if it was built for this kernel,
+    else the newest installed tree that was (after an OS rollback, say); never the target itself."""
+    if installed.current not in (None, target_tree) and installed.current_marker is not None \
+            and installed.current_marker.kernel == kernel:
+        return installed.current
+    usable = [(m.installed_at, tree) for tree, m in installed.trees if m.kernel == kernel and tree != target_tree]
+    return max(usable)[1] if usable else None
 
 
 def plan_serving(settings: Settings, facts: HostFacts, tree: str, current: str | None) -> tuple[Action, ...]:

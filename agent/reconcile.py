@@ -29,7 +29,7 @@ from agent.errors import AgentError, Cancelled, HostError, cause_chain
 from agent.hostfacts import HostFacts, HostProbe, read_modules
 from agent.hostroot import HostRoot
 from agent.install.image import Unchanged, Want, install_image
-from agent.install.trees import current_target, prune_trees, remove_debris, switch_current
+from agent.install.trees import current_target, installed_trees, prune_trees, remove_debris, switch_current
 from agent.log import RepeatLimiter
 from agent.modules import ModulesRefused, load_modules
 from agent.persistenced import PID_FILE as PERSISTENCED_PID_FILE
@@ -89,6 +89,7 @@ class Agent:
         self.log = structlog.get_logger("nvidia-agent")
         self._errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
         self._last_outcome: tuple[Phase, str] | None = None
+        self._kernel_change_seen: tuple[str, str] | None = None  # logged once, not on every retry
 
     # --- reporting: one place that updates the log, the snapshot and systemd's STATUS=
 
@@ -152,7 +153,8 @@ class Agent:
             gpus=tuple(f"{g.pci_slot} {g.device_id:04x} ({g.kind})" for g in facts.gpus),
             os_key=target.os_key, install_path=target.tree, image=str(target.reference),
             current=installed.current, next_attempt_at=None)
-        if the_plan.kernel_changed_from:
+        if the_plan.kernel_changed_from and self._kernel_change_seen != (the_plan.kernel_changed_from, facts.kernel):
+            self._kernel_change_seen = (the_plan.kernel_changed_from, facts.kernel)
             self.log.info("kernel_changed", previous=the_plan.kernel_changed_from, tree=target.tree)
         if facts.passthrough:
             self.log.debug("gpus_passed_through", gpus=",".join(g.pci_slot for g in facts.passthrough))
@@ -173,7 +175,7 @@ class Agent:
         except AgentError as exc:
             self._remember_refusal(exc, the_plan, facts, state)
             if the_plan.fallback is not None:
-                self._serve(the_plan.fallback, cancel, exc)
+                self._serve(the_plan.fallback, target.tree, cancel, exc)
             raise
         for old in prune_trees(install_root, self.settings.install.keep_trees, {self.host(target.tree)},
                                target.driver, self._debris):
@@ -193,31 +195,35 @@ class Agent:
         return Phase.READY
 
     def _installed(self, target: Target) -> Installed:
-        current = current_target(self.host(self.settings.install.root))
+        install_root = self.host(self.settings.install.root)
+        current = current_target(install_root)
+        trees = tuple((self.host.host_view(tree), marker) for tree, marker in installed_trees(install_root))
         return Installed(read_marker(self.host(target.tree)), self.host.host_view(current) if current else None,
-                         read_marker(current) if current else None)
+                         read_marker(current) if current else None, trees)
 
     def _run(self, actions: tuple[Action, ...], facts: HostFacts, cancel: Cancel, target: Target | None) -> None:
         for action in actions:
             cancel.check("stopping: reconcile interrupted")
             self._execute(action, facts, cancel, target)
 
-    def _serve(self, tree: str, cancel: Cancel, error: AgentError) -> None:
-        """The target failed: keep the working tree this kernel already has loaded, mounted and READY."""
+    def _serve(self, tree: str, target: str, cancel: Cancel, error: AgentError) -> None:
+        """The target failed: keep (or make) a tree built for this kernel loaded, mounted and READY."""
+        install_root = self.host(self.settings.install.root)
+        current = current_target(install_root)
+        if current is not None and self.host.host_view(current) == target:
+            return  # the target became current after all: it is what runs, degraded or not
         self.log.warning("serving_previous", tree=tree, because=error.message)
         facts = self.probe.facts(self.settings.mount.target)
-        current = current_target(self.host(self.settings.install.root))
-        if current is None or self.host.host_view(current) != tree:
-            return  # the target became current after all: there is nothing older to serve
         try:
-            self._run(plan_serving(self.settings, facts, tree, tree), facts, cancel, None)
+            self._run(plan_serving(self.settings, facts, tree, self.host.host_view(current) if current else None),
+                      facts, cancel, None)
             self._check_result(tree, facts)
         except Cancelled:
             raise
         except AgentError as exc:
             self.log.error("serving_previous_failed", tree=tree, error=str(exc))
             return
-        marker = read_marker(current)
+        marker = read_marker(self.host(tree))
         self.snapshot = self.snapshot.evolve(serving=tree, current=tree,
                                              digest=marker.digest if marker else self.snapshot.digest)
 

@@ -121,12 +121,19 @@ LOAD = replace(S, modules=ModuleSettings(load=True))
 
 def test_a_working_tree_for_this_kernel_is_the_fallback_one_for_another_kernel_is_not() -> None:
     """While a new driver is installed, the current tree is kept to serve if it was built for the
-    running kernel (a driver.version change); after a kernel change the old tree cannot load."""
+    running kernel (a driver.version change); after a kernel change the old tree cannot load, but
+    another installed tree for this kernel can (the newest one)."""
     same_kernel = Installed(None, OLD_TREE, marker(OLD_TREE))
     assert plan(LOAD, facts(), same_kernel, State()).fallback == OLD_TREE
     other_kernel = Installed(None, OLD_TREE, marker(OLD_TREE, kernel="6.1.0-27-amd64"))
     assert plan(LOAD, facts(), other_kernel, State()).fallback is None
     assert plan(LOAD, facts(), Installed(marker(), TREE, marker()), State()).fallback is None
+    # booted back into a kernel whose tree is still installed (current names another kernel's): that one
+    older, newer = "/opt/nvidia/470.1/flatcar-3815.2.0-" + KERNEL, "/opt/nvidia/525.1/flatcar-3815.2.0-" + KERNEL
+    trees = ((older, replace(marker(older), installed_at=1.0)), (newer, replace(marker(newer), installed_at=2.0)),
+             (OLD_TREE, marker(OLD_TREE, kernel="6.1.0-27-amd64")), (TREE, marker()))
+    rolled_back = replace(other_kernel, trees=trees)
+    assert plan(LOAD, facts(), rolled_back, State()).fallback == newer
 
 
 def test_a_refused_digest_is_resolved_again_before_it_is_loaded_again() -> None:

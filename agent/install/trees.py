@@ -16,7 +16,7 @@ from pathlib import Path
 from agent import failpoints
 from agent.errors import HostError
 from agent.install import fs
-from agent.state import read_marker
+from agent.state import TreeMarker, read_marker
 
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
@@ -95,8 +95,8 @@ def trees_to_prune(trees: list[tuple[Path, float]], keep: int, protected: set[Pa
     return pruned
 
 
-def installed_trees(install_root: Path) -> list[tuple[Path, float]]:
-    """Every complete tree (one with a marker) under <install_root>/<driver>/<os>."""
+def installed_trees(install_root: Path) -> list[tuple[Path, TreeMarker]]:
+    """Every complete tree (one with a marker) under <install_root>/<driver>/<os>, with its marker."""
     found = []
     if install_root.is_dir():
         for driver_dir in install_root.iterdir():
@@ -105,13 +105,14 @@ def installed_trees(install_root: Path) -> list[tuple[Path, float]]:
             for tree in driver_dir.iterdir():
                 marker = read_marker(tree) if tree.is_dir() and not tree.is_symlink() else None
                 if marker is not None:
-                    found.append((tree, marker.installed_at))
+                    found.append((tree, marker))
     return found
 
 
 def prune_trees(install_root: Path, keep: int, protected: set[Path], driver: str, report: Report) -> list[Path]:
     """Remove old trees (renamed to trash first, so a crash mid-delete leaves only debris)."""
-    pruned = trees_to_prune(installed_trees(install_root), keep, protected, driver)
+    ages = [(tree, marker.installed_at) for tree, marker in installed_trees(install_root)]
+    pruned = trees_to_prune(ages, keep, protected, driver)
     for tree in pruned:
         trash = install_root / f"{TRASH_PREFIX}{tree.parent.name}-{tree.name}-{os.getpid()}"
         tree.rename(trash)

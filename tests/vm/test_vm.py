@@ -706,8 +706,7 @@ def test_no_image_yet_degraded_then_ready(vm: Guest) -> None:
     assert_serving(vm, settle(vm, since=since), DRIVER, vm.kernel)
 
 
-BLACKHOLE = "/etc/systemd/system/blackhole-registry.service"
-BLACKHOLE_PY = "/usr/local/bin/blackhole-registry"
+BLACKHOLE = "/etc/systemd/system/blackhole-registry"  # .socket and .service
 SHORT_WATCHDOG = "/etc/systemd/system/nvidia-agent.service.d/90-vm-short-watchdog.conf"
 
 
@@ -718,19 +717,17 @@ def test_blackholed_registry_at_boot_keeps_the_contract(vm: Guest) -> None:
     settle(vm)
     timeout_s = 20
     try:
-        vm.put(BLACKHOLE_PY, "#!/usr/bin/python3\nimport socket\n"
-                             "s = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-                             "s.bind(('127.0.0.1', 5001))\ns.listen(64)\nheld = []\n"
-                             "while True:\n    held.append(s.accept()[0])  # accept, read nothing, answer never\n",
-               mode="755")
-        vm.put(BLACKHOLE, f"[Unit]\nDescription=A registry that never answers (VM test)\n"
-                          f"Before=nvidia-agent.service\n[Service]\nExecStart={BLACKHOLE_PY}\n"
-                          "[Install]\nWantedBy=multi-user.target\n")
+        # systemd listens from sockets.target on; the kernel completes every TCP handshake into the
+        # backlog and nothing ever reads it: connections succeed, answers never come
+        vm.put(f"{BLACKHOLE}.socket", "[Unit]\nDescription=A registry that never answers (VM test)\n"
+                                      "[Socket]\nListenStream=127.0.0.1:5001\nBacklog=512\n"
+                                      "[Install]\nWantedBy=sockets.target\n")
+        vm.put(f"{BLACKHOLE}.service", "[Service]\nExecStart=/bin/sleep infinity\n")
         vm.put(SHORT_WATCHDOG, "[Service]\nWatchdogSec=6s\n")
         vm.put(OVERRIDE, '[image]\nregistry = "127.0.0.1:5001"\nplain_http = ["127.0.0.1:5001"]\n'
                          "timeout_s = 5.0\nattempts = 3\n\n"
                          f"[daemon]\nready_timeout_s = {timeout_s}\nretry_initial_s = 2.0\nretry_max_s = 4\n")
-        vm.run("systemctl daemon-reload && systemctl enable -q blackhole-registry && rm -rf /opt/nvidia/*",
+        vm.run("systemctl daemon-reload && systemctl enable -q blackhole-registry.socket && rm -rf /opt/nvidia/*",
                check=True)
         vm.reboot(kernel="amd64")
         vm.wait_agent_active(timeout=180)
@@ -758,8 +755,9 @@ def test_blackholed_registry_at_boot_keeps_the_contract(vm: Guest) -> None:
         assert (c["ActiveState"], c["Result"], c["ExecMainStatus"]) == ("inactive", "success", "0"), c
         assert stopped_s < 12, f"stop took {stopped_s:.1f}s"
     finally:
-        vm.run(f"systemctl disable -q --now blackhole-registry; rm -f {BLACKHOLE} {BLACKHOLE_PY} "
-               f"{SHORT_WATCHDOG} {OVERRIDE}; systemctl daemon-reload; systemctl reset-failed nvidia-agent; true")
+        vm.run(f"systemctl disable -q --now blackhole-registry.socket blackhole-registry.service; "
+               f"rm -f {BLACKHOLE}.socket {BLACKHOLE}.service {SHORT_WATCHDOG} {OVERRIDE}; systemctl daemon-reload; "
+               "systemctl reset-failed nvidia-agent; true")
         since = vm.guest_time()
         vm.run("systemctl restart --no-block nvidia-agent", check=True)
     assert_serving(vm, settle(vm, since=since), DRIVER, vm.kernel)
