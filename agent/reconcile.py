@@ -25,7 +25,7 @@ from agent.devices import (
     plan_nodes,
     wait_gpus_bound,
 )
-from agent.errors import AgentError, Cancelled, HostError, cause_chain
+from agent.errors import AgentError, Cancelled, HostError, RegistryUnavailable, cause_chain
 from agent.hostfacts import HostFacts, HostProbe, read_modules
 from agent.hostroot import HostRoot
 from agent.install.image import Unchanged, Want, install_image
@@ -284,15 +284,22 @@ class Agent:
                 self.registry, t.reference, platform=self.platform, install_root=install_root,
                 tree=self.host(t.tree), store=self.store, want=want, cancelled=cancel, refuse_digest=refuse,
                 on_phase=lambda name, ctx: self._phase(Phase(name), **ctx))
-        except Unchanged as unchanged:
-            refusal = load_state(self.host(STATE_FILE)).refused
-            reason = refusal.reason if refusal else "the kernel refused its modules"
-            raise Refused(f"driver {t.driver} ({unchanged.digest}) was refused by kernel {t.kernel}: {reason}",
-                          hint="not retried until the image, modules.parameters or the kernel change; "
-                               "to try again now: systemctl reload nvidia-agent") from None
+        except Unchanged:
+            raise self._refused(t, refuse) from None
+        except RegistryUnavailable as exc:
+            if refuse is None:
+                raise
+            raise self._refused(t, refuse) from exc  # whether the image changed cannot be known now
         self.snapshot = self.snapshot.evolve(image=str(t.reference), digest=result.marker.digest)
         self.log.info("installed", tree=t.tree, digest=result.marker.digest,
                       modules=",".join(m.name for m in result.verified.modules))
+
+    def _refused(self, t: Target, digest: str | None) -> Refused:
+        refusal = load_state(self.host(STATE_FILE)).refused
+        reason = refusal.reason if refusal else "the kernel refused its modules"
+        return Refused(f"driver {t.driver} ({digest}) was refused by kernel {t.kernel}: {reason}",
+                       hint="not retried until the image, modules.parameters or the kernel change; "
+                            "to try again now: systemctl reload nvidia-agent")
 
     def _load(self, action: LoadModules, facts: HostFacts, cancel: Cancel) -> None:
         self._phase(Phase.LOADING, f"modules from {action.tree}")
