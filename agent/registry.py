@@ -504,7 +504,7 @@ class RegistryClient:
         with self._open(ref, url, what, headers, missing) as resp:
             if have and resp.status_code == 206:
                 expected = f"bytes {have}-{desc.size - 1}/{desc.size}"
-                if resp.headers.get("Content-Range", "").replace(" */", "/") != expected:
+                if resp.headers.get("Content-Range", "") != expected:
                     raise DigestMismatch(f"{what}: asked for bytes {have}- and got "
                                          f"{resp.headers.get('Content-Range')!r}, not {expected!r}")
                 log.info("blob_resumed", blob=desc.digest, offset=have, size=desc.size)
