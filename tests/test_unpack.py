@@ -280,3 +280,16 @@ def test_a_layer_that_is_not_what_the_config_says_is_refused(tmp_path: Path) -> 
     (tmp_path / "b").mkdir()
     with Staging(tmp_path / "b") as staging, pytest.raises(DigestMismatch, match="diff_id is sha256:0000"):
         staging.extract_layer(tmp_path / "blob", GZ, diff_id="sha256:" + "0" * 64)
+
+
+def test_symlink_resolution_is_bounded_for_the_whole_tree() -> None:
+    """Thousands of links with long targets, chained: checking them stops at a step budget with one clear
+    refusal instead of minutes of work."""
+    from agent.install.unpack import LinkResolver  # noqa: PLC0415
+
+    deep = "/".join(["d"] * 500)
+    links = {f"l{i}": f"l{i + 1}/{deep}" for i in range(39)} | {"l39": "x"}
+    resolver = LinkResolver(links, max_steps=100_000)
+    with pytest.raises(ImageRejected, match="take too long to resolve"):
+        for i in range(40):
+            resolver.resolve(f"l{i}", floor=0)

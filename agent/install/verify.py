@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.errors import ImageRejected, KernelMismatch
 from agent.install.modinfo import ModInfo, ModinfoError, read_modinfo, vermagic_matches
-from agent.install.unpack import TREE_PREFIX, ExtractedTree, resolve
+from agent.install.unpack import TREE_PREFIX, ExtractedTree, LinkResolver
 from agent.reference import DIGEST_RE
 
 MANIFEST = "manifest.json"
@@ -134,6 +134,7 @@ def check_lib64(extracted: ExtractedTree, allow: Sequence[str]) -> None:
     if LIB64 not in extracted.dirs:
         raise ImageRejected("the tree has no lib64/ directory", hint="see docs/driver-image.md")
     prefix = LIB64 + "/"
+    resolver = LinkResolver(extracted.links)
     for rel in sorted((*extracted.files, *extracted.links)):
         if not rel.startswith(prefix):
             continue
@@ -144,7 +145,7 @@ def check_lib64(extracted: ExtractedTree, allow: Sequence[str]) -> None:
                 "onto the host's library directory", hint="remove it from the image, or add its name to "
                 "install.lib64_allow if it truly belongs to the driver")
         if rel in extracted.links:
-            resolve(rel, extracted.links, floor=1)
+            resolver.resolve(rel, floor=1)
 
 
 def library_allowed(name: str, patterns: Sequence[str]) -> bool:
