@@ -255,7 +255,8 @@ class TarReader:
         if header.typeflag in (b"L", b"K"):
             value = _cstring(data)
             if len(value) > MAX_NAME_BYTES:
-                raise ImageRejected(f"{where}: GNU long name of {len(value)} bytes (more than {MAX_NAME_BYTES})")
+                raise ImageRejected(f"{_decode(value[:200])!r} (GNU long name in {where}): the name is "
+                                    f"{len(value)} bytes, longer than {MAX_NAME_BYTES}")
             pending["path" if header.typeflag == b"L" else "linkpath"] = _decode(value)
             return
         records = parse_pax(data, where)
@@ -268,9 +269,12 @@ class TarReader:
             return  # comments, mtimes and the like apply to nothing the agent keeps
         for key in ("path", "linkpath"):
             if key in records:
-                if "\0" in records[key] or len(records[key].encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
-                    raise ImageRejected(f"{where}: pax {key} is longer than {MAX_NAME_BYTES} bytes or holds NUL")
-                pending[key] = records[key]
+                value = records[key]
+                size = len(value.encode("utf-8", "surrogateescape"))
+                if "\0" in value or size > MAX_NAME_BYTES:
+                    problem = "holds NUL" if "\0" in value else f"is {size} bytes, longer than {MAX_NAME_BYTES}"
+                    raise ImageRejected(f"{value[:200]!r} (pax {key} in {where}): the name {problem}")
+                pending[key] = value
         if "size" in records:
             size = records["size"]
             if not (size.isdigit() and size.isascii()) or len(size) > MAX_SIZE_DIGITS:
