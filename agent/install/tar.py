@@ -253,11 +253,7 @@ class TarReader:
 
     def _extended(self, header: _Header, data: bytes, pending: dict[str, str], where: str) -> None:
         if header.typeflag in (b"L", b"K"):
-            value = _cstring(data)
-            if len(value) > MAX_NAME_BYTES:
-                raise ImageRejected(f"{_decode(value[:200])!r} (GNU long name in {where}): the name is "
-                                    f"{len(value)} bytes, longer than {MAX_NAME_BYTES}")
-            pending["path" if header.typeflag == b"L" else "linkpath"] = _decode(value)
+            pending["path" if header.typeflag == b"L" else "linkpath"] = _decode(_cstring(data))
             return
         records = parse_pax(data, where)
         if any(k.startswith(SPARSE_PREFIX) for k in records):
@@ -269,12 +265,7 @@ class TarReader:
             return  # comments, mtimes and the like apply to nothing the agent keeps
         for key in ("path", "linkpath"):
             if key in records:
-                value = records[key]
-                size = len(value.encode("utf-8", "surrogateescape"))
-                if "\0" in value or size > MAX_NAME_BYTES:
-                    problem = "holds NUL" if "\0" in value else f"is {size} bytes, longer than {MAX_NAME_BYTES}"
-                    raise ImageRejected(f"{value[:200]!r} (pax {key} in {where}): the name {problem}")
-                pending[key] = value
+                pending[key] = records[key]  # checked with the member it names (_member_from)
         if "size" in records:
             size = records["size"]
             if not (size.isdigit() and size.isascii()) or len(size) > MAX_SIZE_DIGITS:
@@ -286,8 +277,11 @@ class TarReader:
         linkname = pending.get("linkpath", header.linkname)
         size = int(pending["size"]) if "size" in pending else header.size
         where = f"{name[:200]!r} (tar header at byte {offset})"
-        if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
-            raise ImageRejected(f"{where}: name longer than {MAX_NAME_BYTES} bytes")
+        for what, value in (("name", name), ("link target", linkname)):
+            length = len(value.encode("utf-8", "surrogateescape"))
+            if "\0" in value or length > MAX_NAME_BYTES:
+                problem = "holds NUL" if "\0" in value else f"is {length} bytes, longer than {MAX_NAME_BYTES}"
+                raise ImageRejected(f"{where}: its {what} {problem}")
         if header.typeflag in _REFUSED_TYPES:
             raise ImageRejected(f"{where}: {_REFUSED_TYPES[header.typeflag]} is not supported in a driver image")
         kind = _TYPES.get(header.typeflag)

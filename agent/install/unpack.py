@@ -246,7 +246,10 @@ class Staging:
             os.close(fd)
 
     def _link(self, member: Member, parent: int, leaf: str, rel: str, name: str) -> None:
-        target = tree_parts(member.linkname)
+        try:
+            target = tree_parts(member.linkname)
+        except ImageRejected as exc:
+            raise ImageRejected(f"{name}: hardlink target {exc.message}") from None
         if not target:
             raise ImageRejected(f"{name}: hardlink to {member.linkname[:200]!r} outside the tree")
         check_tree_path(target, name)
