@@ -164,6 +164,7 @@ class Staging:
                 self._clear_children([], created)
             return  # outside /nvidia-driver/: not ours, never written
         name = repr(member.name[:200])
+        check_tree_path(parts, name)  # whiteouts too: their directories are walked to
         base = parts[-1] if parts else ""
         if base == OPAQUE:
             rel_dir = "/".join(parts[:-1])
@@ -185,7 +186,6 @@ class Staging:
             if member.kind != DIR:
                 raise ImageRejected(f"{name}: the tree root must be a directory")
             return
-        check_tree_path(parts, name)
         self.entries += 1
         if self.entries > MAX_TREE_ENTRIES:
             raise ImageRejected(f"more than {MAX_TREE_ENTRIES} entries in the driver tree; "
