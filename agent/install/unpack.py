@@ -161,7 +161,7 @@ class Staging:
         parts = tree_parts(member.name)
         if parts is None:
             if member.name.strip("/") in (WHITEOUT + TREE_PREFIX, OPAQUE):  # the whole tree hidden
-                self._clear_children([], created)
+                self._clear_children([], created, repr(member.name[:200]))
             return  # outside /nvidia-driver/: not ours, never written
         name = repr(member.name[:200])
         check_tree_path(parts, name)  # whiteouts too: their directories are walked to
@@ -170,7 +170,7 @@ class Staging:
             rel_dir = "/".join(parts[:-1])
             if rel_dir not in opaque:
                 opaque.add(rel_dir)
-                self._clear_children(parts[:-1], created)
+                self._clear_children(parts[:-1], created, name)
             return
         if base.startswith(WHITEOUT):
             target = base[len(WHITEOUT):]
@@ -178,7 +178,7 @@ class Staging:
                 raise ImageRejected(f"{name}: not a valid whiteout (it names {target!r})")
             rel = "/".join([*parts[:-1], target])
             if rel not in created:  # a whiteout hides lower layers only (OCI image spec)
-                self._remove(parts[:-1], target)
+                self._remove(parts[:-1], target, name)
             return
         if member.mode & 0o7000:
             raise ImageRejected(f"{name}: setuid, setgid or sticky bit set (mode {member.mode:o})")
@@ -197,7 +197,7 @@ class Staging:
             check_symlink(rel, member.linkname, name)
         leaf = parts[-1]
         mode = member.mode & 0o755
-        with self._opened(parts[:-1], created) as parent:
+        with self._opened(parts[:-1], created, member=name) as parent:
             assert parent is not None  # noqa: S101 - create=True makes what is missing
             if member.kind == DIR:
                 self._make_dir(parent, leaf, mode)
@@ -256,7 +256,7 @@ class Staging:
         target_rel = "/".join(target)
         if target_rel.startswith(rel + "/"):
             raise ImageRejected(f"{name}: hardlink would replace the directory that holds its own target")
-        with self._opened(target[:-1], None, create=False) as holder:
+        with self._opened(target[:-1], None, create=False, member=f"{name} (hardlink target)") as holder:
             try:
                 st = None if holder is None else os.stat(target[-1], dir_fd=holder, follow_symlinks=False)
             except FileNotFoundError:
@@ -274,8 +274,8 @@ class Staging:
     # --- directories, reached only through descriptors
 
     @contextlib.contextmanager
-    def _opened(self, parts: list[str], created: set[str] | None, *,
-                create: bool = True) -> Iterator[int | None]:
+    def _opened(self, parts: list[str], created: set[str] | None, *, create: bool = True,
+                member: str = "") -> Iterator[int | None]:
         """A descriptor of the directory at `parts`, walked to from the root one component at a time
         with O_NOFOLLOW (made where missing, or None when create=False); closed afterwards.
 
@@ -296,11 +296,11 @@ class Staging:
                         created.add("/".join(parts[:i + 1]))
                     nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
-                    where = f"{TREE_PREFIX}/{'/'.join(parts[:i + 1])}"
+                    where = f"{member}: {TREE_PREFIX}/{'/'.join(parts[:i + 1])}"
                     if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
-                        raise ImageRejected(f"{where}: a path passes through this symlink") from None
+                        raise ImageRejected(f"{where} is a symlink, and a path may not pass through one") from None
                     if exc.errno == errno.ENOTDIR:
-                        raise ImageRejected(f"{where}: a path goes through it, but it is not a directory") from None
+                        raise ImageRejected(f"{where} is not a directory, and the path goes through it") from None
                     raise
                 if fd != self._root:
                     os.close(fd)
@@ -331,15 +331,15 @@ class Staging:
         else:
             os.unlink(leaf, dir_fd=parent)
 
-    def _remove(self, parent_parts: list[str], leaf: str) -> None:
+    def _remove(self, parent_parts: list[str], leaf: str, name: str) -> None:
         """A whiteout: delete `leaf` in the directory at `parent_parts`, if both exist."""
-        with self._opened(parent_parts, None, create=False) as parent:
+        with self._opened(parent_parts, None, create=False, member=name) as parent:
             if parent is not None:
                 self._clear(parent, leaf, "/".join([*parent_parts, leaf]))
 
-    def _clear_children(self, parts: list[str], created: set[str]) -> None:
+    def _clear_children(self, parts: list[str], created: set[str], name: str) -> None:
         """An opaque directory: hide what lower layers put in it, keep this layer's entries."""
-        with self._opened(parts, None, create=False) as directory:
+        with self._opened(parts, None, create=False, member=name) as directory:
             if directory is None:
                 return
             with os.scandir(directory) as it:
@@ -455,8 +455,8 @@ class LinkResolver:
             if part == "..":
                 if len(done) <= floor:
                     where = "the tree" if floor == 0 else "/".join(base)
-                    target = self.links.get(rel, "")[:200]
-                    raise ImageRejected(f"{name}: symlink -> {target!r} resolves outside {where}")
+                    raise ImageRejected(f"{name}: symlink -> {self.links.get(rel, '')[:200]!r} "
+                                        f"resolves outside {where}")
                 done.pop()
                 continue
             candidate = "/".join([*done, part])
