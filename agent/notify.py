@@ -7,6 +7,8 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 
+SEND_TIMEOUT_S = 2.0
+
 
 class Notifier:
     """Sends notify datagrams when systemd asked for them; does nothing otherwise."""
@@ -33,6 +35,7 @@ class Notifier:
         address = "\0" + self.address[1:] if self.address.startswith("@") else self.address
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.settimeout(SEND_TIMEOUT_S)  # a notify socket nobody drains must not stall the agent
                 sock.sendto(message, address)
         except OSError:
             return False

@@ -137,21 +137,25 @@ def plan(settings: Settings, facts: HostFacts, installed: Installed, state: Stat
     actions: list[Action] = list(units)
     if fresh or refused:
         actions.append(InstallImage(target, refuse_digest=refused.digest if refused else None))
-    fallback = fallback_tree(installed, target.tree, facts.kernel)
+    fallback = fallback_tree(installed, target.tree, facts.kernel, state.working.get(facts.kernel))
     actions += activate(settings, facts, target.tree, installed.current, reinstalled=fresh or bool(refused),
                         fallback=fallback)
     return Plan(target, tuple(actions), no_gpu=False, kernel_changed_from=changed, fallback=fallback,
                 refused=refused)
 
 
-def fallback_tree(installed: Installed, target_tree: str, kernel: str) -> str | None:
-    """A tree to keep serving if the target cannot be had: `current` if it was built for this kernel,
-    else the newest installed tree that was (after an OS rollback, say); never the target itself."""
+def fallback_tree(installed: Installed, target_tree: str, kernel: str, last_working: str | None) -> str | None:
+    """A tree known to work with this kernel, to keep serving if the target cannot be had: `current`
+    if it was built for this kernel (it became current only after its modules loaded), else the
+    tree that was last READY with this kernel (after a boot back into it), if still installed.
+    Never the target itself, and never a tree merely installed: the kernel may refuse that one."""
     if installed.current not in (None, target_tree) and installed.current_marker is not None \
             and installed.current_marker.kernel == kernel:
         return installed.current
-    usable = [(m.installed_at, tree) for tree, m in installed.trees if m.kernel == kernel and tree != target_tree]
-    return max(usable)[1] if usable else None
+    if last_working is not None and last_working != target_tree and any(
+            tree == last_working and marker.kernel == kernel for tree, marker in installed.trees):
+        return last_working
+    return None
 
 
 def plan_serving(settings: Settings, facts: HostFacts, tree: str, current: str | None) -> tuple[Action, ...]:

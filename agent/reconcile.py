@@ -182,10 +182,12 @@ class Agent:
             self.log.info("pruned", tree=self.host.host_view(old))
         now = time.time()
         changed = the_plan.kernel_changed_from
+        kept = {tree for tree, _ in installed_trees(install_root)}
+        working = {k: v for k, v in state.working.items() if self.host(v) in kept} | {facts.kernel: target.tree}
         save_state(self.host(STATE_FILE), State(
             last_kernel=facts.kernel, last_os_key=target.os_key, last_ready_at=now,
             previous_kernel=changed or state.previous_kernel,
-            kernel_changed_at=now if changed else state.kernel_changed_at))
+            kernel_changed_at=now if changed else state.kernel_changed_at, working=working))
         failpoints.hit("state.written")
         self.snapshot = self.snapshot.evolve(last_error=None, kernel_changed_from=changed or state.previous_kernel,
                                              ready_since=self.snapshot.ready_since or now)

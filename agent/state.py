@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,8 @@ class State:
     previous_kernel: str | None = None  # the kernel before the last change the agent handled
     kernel_changed_at: float | None = None
     refused: Refusal | None = None
+    # The tree that was last READY for each kernel: what keeps serving if that kernel's target fails.
+    working: dict[str, str] = field(default_factory=dict)
 
 
 def load_state(path: Path) -> State:
@@ -108,9 +110,12 @@ def load_state(path: Path) -> State:
         value = doc.get(key)
         return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
+    working = doc.get("working")
     return State(last_kernel=text("last_kernel"), last_os_key=text("last_os_key"), last_ready_at=when("last_ready_at"),
                  previous_kernel=text("previous_kernel"), kernel_changed_at=when("kernel_changed_at"),
-                 refused=_refusal(doc.get("refused")))
+                 refused=_refusal(doc.get("refused")),
+                 working={k: v for k, v in working.items() if isinstance(k, str) and isinstance(v, str)}
+                 if isinstance(working, dict) else {})
 
 
 def _refusal(doc: Any) -> Refusal | None:

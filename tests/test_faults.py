@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,22 +125,30 @@ def test_a_slow_drip_completes_and_status_shows_the_pull(tmp_path: Path, registr
 
 
 class NotifySocket:
-    """systemd's notify socket, for the agent process to send READY= and STATUS= to."""
+    """systemd's notify socket, drained as PID 1 drains it, for the agent to send READY= and STATUS= to."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
         self.sock.settimeout(0.1)
+        self.received: list[dict[str, str]] = []
+        self.closed = False
+        self.reader = threading.Thread(target=self._drain, daemon=True)
+        self.reader.start()
 
-    def messages(self) -> list[dict[str, str]]:
-        out: list[dict[str, str]] = []
-        while True:
+    def _drain(self) -> None:
+        while not self.closed:
             try:
                 data = self.sock.recv(65536)
             except TimeoutError:
-                return out
-            out.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+                continue
+            self.received.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+
+    def messages(self) -> list[dict[str, str]]:
+        self.closed = True
+        self.reader.join(5)
+        return self.received
 
 
 def test_a_new_driver_without_an_image_keeps_the_old_one_serving(tmp_path: Path, registry: RegistryServer,

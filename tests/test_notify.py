@@ -309,3 +309,19 @@ def test_a_retry_sleep_ends_at_once_when_the_agent_stops() -> None:
     with pytest.raises(Cancelled):
         cancel.sleep(30)
     assert time.monotonic() - started < 2
+
+
+def test_a_notify_socket_nobody_drains_does_not_stall_the_agent(systemd: SystemdSocket,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full notify socket (a busy or stuck PID 1; the kernel queues only ~10 datagrams) costs a send
+    SEND_TIMEOUT_S at most: the message is dropped, the agent goes on."""
+    from agent import notify  # noqa: PLC0415
+
+    monkeypatch.setattr(notify, "SEND_TIMEOUT_S", 0.2)
+    n = Notifier(str(systemd.path))
+    sent = 0
+    started = time.monotonic()
+    while n.send(STATUS=f"pulling: {sent}") and sent < 10_000:
+        sent += 1
+    assert 0 < sent < 10_000, "the queue never filled"
+    assert time.monotonic() - started < 5

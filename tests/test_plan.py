@@ -122,18 +122,22 @@ LOAD = replace(S, modules=ModuleSettings(load=True))
 def test_a_working_tree_for_this_kernel_is_the_fallback_one_for_another_kernel_is_not() -> None:
     """While a new driver is installed, the current tree is kept to serve if it was built for the
     running kernel (a driver.version change); after a kernel change the old tree cannot load, but
-    another installed tree for this kernel can (the newest one)."""
+    the tree that last worked with this kernel can."""
     same_kernel = Installed(None, OLD_TREE, marker(OLD_TREE))
     assert plan(LOAD, facts(), same_kernel, State()).fallback == OLD_TREE
     other_kernel = Installed(None, OLD_TREE, marker(OLD_TREE, kernel="6.1.0-27-amd64"))
     assert plan(LOAD, facts(), other_kernel, State()).fallback is None
     assert plan(LOAD, facts(), Installed(marker(), TREE, marker()), State()).fallback is None
-    # booted back into a kernel whose tree is still installed (current names another kernel's): that one
-    older, newer = "/opt/nvidia/470.1/flatcar-3815.2.0-" + KERNEL, "/opt/nvidia/525.1/flatcar-3815.2.0-" + KERNEL
-    trees = ((older, replace(marker(older), installed_at=1.0)), (newer, replace(marker(newer), installed_at=2.0)),
+    # booted back into a kernel (current names another kernel's tree): the tree last READY with this
+    # kernel serves, if still installed; a newer tree that never worked here (the kernel may refuse it) does not
+    worked, untried = "/opt/nvidia/470.1/flatcar-3815.2.0-" + KERNEL, "/opt/nvidia/525.1/flatcar-3815.2.0-" + KERNEL
+    trees = ((worked, replace(marker(worked), installed_at=1.0)), (untried, replace(marker(untried), installed_at=2.0)),
              (OLD_TREE, marker(OLD_TREE, kernel="6.1.0-27-amd64")), (TREE, marker()))
     rolled_back = replace(other_kernel, trees=trees)
-    assert plan(LOAD, facts(), rolled_back, State()).fallback == newer
+    assert plan(LOAD, facts(), rolled_back, State(working={KERNEL: worked})).fallback == worked
+    assert plan(LOAD, facts(), rolled_back, State()).fallback is None
+    gone = replace(rolled_back, trees=trees[1:])
+    assert plan(LOAD, facts(), gone, State(working={KERNEL: worked})).fallback is None
 
 
 def test_a_refused_digest_is_resolved_again_before_it_is_loaded_again() -> None:
