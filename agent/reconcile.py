@@ -114,7 +114,6 @@ class Agent:
         started = time.monotonic()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(driver=self.settings.driver.version)
-        self.snapshot = self.snapshot.evolve(serving=None)
         try:
             outcome = self._reconcile(cancel)
         except Cancelled as exc:  # stopping: nothing failed, nothing half-done (staging is removed)
@@ -124,6 +123,7 @@ class Agent:
             outcome = self._failed(exc, transient_default=exc.transient)
         except Exception as exc:  # a bug: report it with its traceback, keep the daemon alive, retry later
             self.log.exception("reconcile_crashed", error=f"{type(exc).__name__}: {exc}")
+            self.snapshot = self.snapshot.evolve(serving=None)  # a crash leaves what runs unknown
             outcome = self._failed(exc, transient_default=False)
         self.snapshot = self.snapshot.evolve(last_reconcile_at=time.time())
         self.log.debug("reconcile_done", phase=outcome.value, duration_s=round(time.monotonic() - started, 3))
@@ -165,6 +165,7 @@ class Agent:
         try:
             self._run(the_plan.actions, facts, cancel, target)
             if the_plan.no_gpu:
+                self.snapshot = self.snapshot.evolve(serving=None)
                 self._phase(Phase.NO_GPU, "no NVIDIA GPU (PCI vendor 0x10de, class 0x0300/0x0302) on this host")
                 return Phase.NO_GPU
             if the_plan.blocked:
@@ -176,6 +177,8 @@ class Agent:
             self._remember_refusal(exc, the_plan, facts, state)
             if the_plan.fallback is not None:
                 self._serve(the_plan.fallback, target.tree, cancel, exc)
+            else:
+                self.snapshot = self.snapshot.evolve(serving=None)
             raise
         for old in prune_trees(install_root, self.settings.install.keep_trees, {self.host(target.tree)},
                                target.driver, self._debris):
@@ -189,7 +192,8 @@ class Agent:
             previous_kernel=changed or state.previous_kernel,
             kernel_changed_at=now if changed else state.kernel_changed_at, working=working))
         failpoints.hit("state.written")
-        self.snapshot = self.snapshot.evolve(last_error=None, kernel_changed_from=changed or state.previous_kernel,
+        self.snapshot = self.snapshot.evolve(last_error=None, serving=None,
+                                             kernel_changed_from=changed or state.previous_kernel,
                                              ready_since=self.snapshot.ready_since or now)
         self._errors.forget()
         self._phase(Phase.READY, f"driver {target.driver} for {target.os_key}", tree=target.tree,
@@ -213,6 +217,7 @@ class Agent:
         install_root = self.host(self.settings.install.root)
         current = current_target(install_root)
         if current is not None and self.host.host_view(current) == target:
+            self.snapshot = self.snapshot.evolve(serving=None)
             return  # the target became current after all: it is what runs, degraded or not
         self.log.warning("serving_previous", tree=tree, because=error.message)
         facts = self.probe.facts(self.settings.mount.target)
@@ -224,6 +229,7 @@ class Agent:
             raise
         except AgentError as exc:
             self.log.error("serving_previous_failed", tree=tree, error=str(exc))
+            self.snapshot = self.snapshot.evolve(serving=None)
             return
         marker = read_marker(self.host(tree))
         self.snapshot = self.snapshot.evolve(serving=tree, current=tree,

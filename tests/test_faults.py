@@ -155,22 +155,31 @@ def test_a_new_driver_without_an_image_keeps_the_old_one_serving(tmp_path: Path,
                                                                  host: Host) -> None:
     """driver.version moves to a release nobody published for this kernel: the installed tree keeps
     working (current, mounted), READY=1 goes out with a degraded status naming it, and status says
-    `degraded` with `serving` until the new image exists."""
+    `degraded` with `serving` until the new image exists, through every retry pass too (a registry
+    answering 503 with Retry-After keeps each pass in flight long enough to be seen)."""
     push_driver(tmp_path, registry.host, K1)
     assert host.once().returncode == 0
-    host.configure(registry.host, '[driver]\nversion = "550.54.14"\n')
-    notify = NotifySocket(tmp_path / "notify")
-    with RunningAgent(host, env={"NOTIFY_SOCKET": str(notify.path)}) as agent:
-        deadline = time.monotonic() + 60
-        status: dict[str, object] = {}
-        while time.monotonic() < deadline and not status.get("serving"):
-            status = agent.status_json()
-            time.sleep(0.2)
-        text = agent.status().stdout
-        agent.stop()
+    with FlakyProxy(registry.host, faults=(Fault.storm(503, retry_after=1, when=manifests),)) as proxy:
+        host.configure(proxy.host, '[driver]\nversion = "550.54.14"\n')
+        notify = NotifySocket(tmp_path / "notify")
+        with RunningAgent(host, env={"NOTIFY_SOCKET": str(notify.path)}) as agent:
+            deadline = time.monotonic() + 60
+            status: dict[str, object] = {}
+            while time.monotonic() < deadline and not (status.get("serving") and status["phase"] == "degraded"):
+                status = agent.status_json()
+                text = agent.status().stdout
+                time.sleep(0.1)
+            # the retries that follow (every <= 2 s here) re-check the tree: it is served through them
+            later: list[dict[str, object]] = []
+            while time.monotonic() < deadline and len({s["last_reconcile_at"] for s in later}) < 3:
+                later.append(agent.status_json())
+                time.sleep(0.05)
+            agent.stop()
     assert status["phase"] == "degraded" and status["serving"] == tree_path(K1), status
     assert status["current"] == tree_path(K1)
     assert "serving:     " + tree_path(K1) in text
+    assert {s["phase"] for s in later} - {"degraded"}, "no retry pass was seen in flight"
+    assert all(s["serving"] == tree_path(K1) for s in later), [s for s in later if not s["serving"]]
     ready = [m for m in notify.messages() if m.get("READY") == "1"]
     assert len(ready) == 1 and ready[0]["STATUS"].startswith(f"degraded: serving {tree_path(K1)}"), ready
     assert len(host.our_mounts()) == 1 and f"{tree_path(K1)}/lib64:" in host.our_mounts()[0]
