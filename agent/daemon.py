@@ -33,6 +33,8 @@ LOOP_TICK_S = 5.0  # the main loop looks at the worker at least this often
 EXTEND_S = 60.0  # EXTEND_TIMEOUT_USEC while starting; refreshed every EXTEND_S / 3
 STOP_GRACE_S = 5.0  # a stop waits this long for the pass to reach a checkpoint, then exits anyway
 STALL_LIMIT_S = 600.0  # a pass silent this long is hung (every wait in it is bounded far below)
+MOUNTS_SETTLE_S = 1.0  # after a mount change, the overlay is looked at this much later (a sysext refresh is two)
+MOUNTINFO = "/proc/self/mountinfo"
 ERROR_LOG_PERIOD_S = 3600.0
 
 
@@ -78,19 +80,28 @@ def next_delay_s(failures: int, initial_s: float, max_s: float) -> float:
 
 
 class Triggers:
-    """What wakes the main loop: stop (SIGTERM/SIGINT) or reconcile now (SIGHUP).
+    """What wakes the main loop: stop (SIGTERM/SIGINT), reconcile now (SIGHUP), a mount change.
 
     Signal handlers only set flags: a handler that took a lock (threading.Event.set) could
     deadlock against the very wait it interrupts. The wake-up goes through a socketpair that
-    signal.set_wakeup_fd writes to from C, and the loop waits on it with select.
+    signal.set_wakeup_fd writes to from C, and the loop waits on it with select. A mount or
+    unmount anywhere in the agent's namespace marks /proc/self/mountinfo exceptional for select
+    (proc_pid_mountinfo(5)): systemd-sysext merging over /usr hides the overlay on /usr/lib64.
     """
 
     def __init__(self) -> None:
         self.stop_requested = False
         self.reconcile_requested = False
+        self.mounts_changed = False
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
         self._w.setblocking(False)
+        self._mountinfo: IO[bytes] | None = None
+
+    def watch_mounts(self, path: str = MOUNTINFO) -> None:
+        """Wake on every mount change from now on (a no-op where the file cannot be opened)."""
+        with contextlib.suppress(OSError):
+            self._mountinfo = open(path, "rb")  # noqa: SIM115 - held open for the process's life
 
     @classmethod
     def install(cls) -> Triggers:
@@ -122,7 +133,10 @@ class Triggers:
         """Sleep up to `timeout_s`, or until a signal, a request or a poke arrives."""
         if self.stop_requested:
             return
-        ready, _, _ = select.select([self._r], [], [], max(0.0, timeout_s))
+        watched = [self._mountinfo] if self._mountinfo is not None else []
+        ready, _, changed = select.select([self._r], [], watched, max(0.0, timeout_s))
+        if changed:
+            self.mounts_changed = True
         if ready:
             with contextlib.suppress(BlockingIOError):
                 while self._r.recv(4096):
@@ -235,6 +249,39 @@ class Worker:
         return "".join(traceback.format_stack(frame)) if frame else ""
 
 
+class OverlayWatch:
+    """After a mount change, look once it settles whether the overlay is still what shows.
+
+    A node mounts all day (every container start): only a change that hides the overlay (a
+    later mount over the library directory or an ancestor, as systemd-sysext's merge on /usr)
+    brings a pass, at once instead of at the next check interval.
+    """
+
+    def __init__(self, agent: Agent, triggers: Triggers, log: Any) -> None:
+        self._agent, self._triggers, self._log = agent, triggers, log
+        self._look_at: float | None = None
+
+    def hidden(self, busy: bool) -> bool:
+        """Whether a pass is due because the overlay is hidden (looked at only between passes)."""
+        if busy:
+            return False
+        now = time.monotonic()
+        if self._triggers.mounts_changed and self._look_at is None:
+            self._triggers.mounts_changed = False
+            self._look_at = now + MOUNTS_SETTLE_S
+        if self._look_at is None or now < self._look_at:
+            return False
+        self._look_at = None
+        if self._agent.snapshot.phase is not Phase.READY or self._agent.overlay_shown():
+            return False
+        self._log.warning("overlay_hidden", detail="a later mount covers the library directory "
+                          "(a systemd-sysext merge on /usr?); mounting the overlay on top again")
+        return True
+
+    def wait_s(self, busy: bool) -> float | None:
+        return None if busy or self._look_at is None else self._look_at - time.monotonic()
+
+
 def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Triggers,
                notifier: Notifier | None = None, cancel: Cancel | None = None) -> ExitCode:
     """Serve status and reconcile until stopped (or once). Returns the exit status.
@@ -250,10 +297,13 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
     server = StatusServer(socket_path, lambda: agent.snapshot, on_error=_status_error(log))
     server.start()
     worker = Worker(agent, cancel, triggers.poke)
+    if agent.settings.mount.enabled and not once:
+        triggers.watch_mounts()
     log.info("started", socket=str(socket_path), once=once, pid=os.getpid(),
              watchdog_s=notifier.watchdog_s, ready_timeout_s=readiness.timeout_s)
     failures = 0
     next_pass = time.monotonic()
+    watch = OverlayWatch(agent, triggers, log)
     try:
         while True:
             phase = worker.take()
@@ -265,6 +315,8 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
                 next_pass = time.monotonic() + delay
                 agent.snapshot = agent.snapshot.evolve(
                     next_attempt_at=time.time() + delay if phase not in (Phase.READY, Phase.NO_GPU) else None)
+            if watch.hidden(worker.busy):
+                next_pass = time.monotonic()
             if triggers.reconcile_requested and not worker.busy:
                 triggers.reconcile_requested = False
                 agent.forget_refusal()
@@ -282,7 +334,8 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
                 log.warning("test_wedge", seconds=os.environ[WEDGE_ENV])
                 time.sleep(float(os.environ[WEDGE_ENV]))  # deliberately starves the watchdog
             waits = [LOOP_TICK_S, readiness.wait_cap_s(), notifier.ping_interval_s,
-                     None if worker.busy else next_pass - time.monotonic()]
+                     None if worker.busy else next_pass - time.monotonic(),
+                     watch.wait_s(worker.busy)]
             triggers.wait(min(w for w in waits if w is not None))
             if triggers.stop_requested:
                 return ExitCode.OK  # a stop is success, whatever the pass was doing

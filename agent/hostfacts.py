@@ -50,6 +50,8 @@ class Mount:
     fs_type: str
     source: str
     options: dict[str, str]
+    mount_id: int = 0  # mountinfo's first two fields: what is stacked on, or mounted inside, what
+    parent_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,22 +66,43 @@ class HostFacts:
     lib_dir: str = "/usr/lib64"  # mount.target with its symlinks resolved (what mountinfo shows)
     passthrough: tuple[GPU, ...] = ()
 
-    def mount_at(self, mount_point: str) -> Mount | None:
-        return top_mount(self.mounts, mount_point)
-
     @property
     def lib_mount(self) -> Mount | None:
-        """The topmost mount on the library directory the overlay goes onto."""
-        return top_mount(self.mounts, self.lib_dir)
+        """The mount whose files show at the library directory the overlay goes onto, if it is
+        mounted there (None when the directory shows a mount of one of its ancestors)."""
+        seen = visible_mount(self.mounts, self.lib_dir)
+        return seen if seen is not None and seen.mount_point == self.lib_dir else None
 
 
-def top_mount(mounts: Iterable[Mount], mount_point: str) -> Mount | None:
-    """The topmost mount at `mount_point` (mountinfo lists stacked mounts in order)."""
-    found = None
+def _covers(mount_point: str, path: str) -> bool:
+    return path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+
+
+def visible_mount(mounts: tuple[Mount, ...], path: str) -> Mount | None:
+    """The mount whose files a lookup of `path` reaches: the one that covers it last.
+
+    A path is resolved from the root down. At each mount, the next one is the child (by
+    mountinfo's parent id) mounted at the shortest ancestor of `path` (a mount stacked on the
+    same point is a child of the one beneath it). So a mount on `/usr` made after one on
+    `/usr/lib64` (systemd-sysext's merge) hides it: the older mount stays listed, its parent
+    is no longer on the way. Mounts whose parent is not listed (outside a host root) are
+    where the walk starts.
+    """
+    ids = {m.mount_id for m in mounts}
+    children: dict[int | None, list[Mount]] = {}
     for m in mounts:
-        if m.mount_point == mount_point:
-            found = m
-    return found
+        parent = m.parent_id if m.parent_id in ids and m.parent_id != m.mount_id else None
+        children.setdefault(parent, []).append(m)
+    here: Mount | None = None
+    walked: set[int] = set()
+    while True:
+        ways = [m for m in children.get(here.mount_id if here else None, ()) if m.mount_id not in walked
+                and _covers(m.mount_point, path)]
+        if not ways:
+            return here
+        shortest = min(len(m.mount_point) for m in ways)
+        here = [m for m in ways if len(m.mount_point) == shortest][-1]  # the later of twins
+        walked.add(here.mount_id)
 
 
 def parse_os_release(text: str) -> dict[str, str]:
@@ -138,7 +161,9 @@ def parse_mountinfo(text: str) -> tuple[Mount, ...]:
         for opt in (lf[5] + "," + rf[2]).split(","):
             k, _, v = opt.partition("=")
             options[k] = _unescape(v)
-        mounts.append(Mount(_unescape(lf[4]), rf[0], _unescape(rf[1]), options))
+        if not (lf[0].isdigit() and lf[1].isdigit()):
+            continue
+        mounts.append(Mount(_unescape(lf[4]), rf[0], _unescape(rf[1]), options, int(lf[0]), int(lf[1])))
     return tuple(mounts)
 
 
@@ -158,7 +183,7 @@ def host_view_mounts(mounts: tuple[Mount, ...], host: HostRoot) -> tuple[Mount, 
         options = dict(m.options)
         if "lowerdir" in options:
             options["lowerdir"] = ":".join(view(p) or p for p in options["lowerdir"].split(":"))
-        out.append(Mount(point, m.fs_type, m.source, options))
+        out.append(Mount(point, m.fs_type, m.source, options, m.mount_id, m.parent_id))
     return tuple(out)
 
 

@@ -26,7 +26,7 @@ from agent.devices import (
     wait_gpus_bound,
 )
 from agent.errors import AgentError, Cancelled, HostError, RegistryUnavailable, cause_chain
-from agent.hostfacts import HostFacts, HostProbe, read_modules
+from agent.hostfacts import HostFacts, HostProbe, read_modules, visible_mount
 from agent.hostroot import HostRoot
 from agent.install.image import Unchanged, Want, install_image
 from agent.install.trees import current_target, installed_trees, prune_trees, remove_debris, switch_current
@@ -90,6 +90,7 @@ class Agent:
         self._errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
         self._last_outcome: tuple[Phase, str] | None = None
         self._kernel_change_seen: tuple[str, str] | None = None  # logged once, not on every retry
+        self._overlay: tuple[str, str] | None = None  # (lower, library dir) the last check found shown
 
     # --- reporting: one place that updates the log, the snapshot and systemd's STATUS=
 
@@ -128,6 +129,19 @@ class Agent:
         self.snapshot = self.snapshot.evolve(last_reconcile_at=time.time())
         self.log.debug("reconcile_done", phase=outcome.value, duration_s=round(time.monotonic() - started, 3))
         return outcome
+
+    def overlay_shown(self) -> bool:
+        """Whether the library directory still shows the overlay the last pass checked (cheap: one
+        read of mountinfo). True when there is none to show (mounting disabled, nothing READY yet)."""
+        if self._overlay is None:
+            return True
+        lower, lib_dir = self._overlay
+        try:
+            seen = visible_mount(self.probe.mounts(), lib_dir)
+        except OSError:
+            return False  # cannot tell: let a pass look
+        top = seen if seen is not None and seen.mount_point == lib_dir else None
+        return mounts.classify(top, lower) is mounts.MountState.OURS
 
     def forget_refusal(self) -> None:
         """The operator asked (systemctl reload): try a tree the kernel refused once more."""
@@ -392,6 +406,7 @@ class Agent:
             top = self.probe.facts(self.settings.mount.target).lib_mount
             if mounts.classify(top, lib64) is not mounts.MountState.OURS:
                 raise HostError(f"overlay of {lib64} is not mounted on {facts.lib_dir}")
+            self._overlay = (lib64, facts.lib_dir)
             self.snapshot = self.snapshot.evolve(mount=f"{lib64} over {facts.lib_dir}")
 
     def _failed(self, exc: BaseException, *, transient_default: bool) -> Phase:

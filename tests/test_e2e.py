@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,19 @@ import pytest
 from support.flaky_proxy import FlakyProxy, blobs, manifests
 from support.images import push_hostile_image, push_index
 from support.registry import RegistryServer
-from support.sandbox import DRIVER, K1, K2, REPO, Host, push_driver, status_json, tag, tree_path, write
+from support.sandbox import (
+    DRIVER,
+    K1,
+    K2,
+    REPO,
+    Host,
+    RunningAgent,
+    push_driver,
+    status_json,
+    tag,
+    tree_path,
+    write,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -187,3 +200,32 @@ def test_second_daemon_refuses_to_start(host: Host, tmp_path: Path, registry: Re
         run = host.once()
     assert run.returncode == 75
     assert "pid 4242" in run.stderr
+
+
+def test_a_later_mount_over_usr_is_noticed_and_the_overlay_put_back_on_top(tmp_path: Path, registry: RegistryServer,
+                                                                         host: Host) -> None:
+    """An overlay mounted on /usr after the agent's (what systemd-sysext's merge does) hides the driver's
+    libraries although the agent's mount stays listed: the agent notices the mount change at once (not
+    at the next check_interval_s, 300 s here), mounts its overlay on top again, and stays ready."""
+    push_driver(tmp_path, registry.host, K1)
+    extension = write(tmp_path / "extension/usr/bin/tool", "#!/bin/sh\n").parent.parent
+    usr, lib = host.root / "usr", f"libcuda.so.{DRIVER}"
+    with RunningAgent(host) as agent:
+        assert agent.status_json(wait_s=60)["phase"] == "ready"
+        assert lib in host.in_ns("ls", str(usr / "lib64"))
+        host.in_ns("mount", "-t", "overlay", "sysext", "-o", f"ro,lowerdir={extension}:{usr}", str(usr))
+        hidden_at = time.monotonic()
+        seen = ""
+        while time.monotonic() < hidden_at + 30 and lib not in seen:
+            seen = host.in_ns("ls", str(usr / "lib64"))
+            time.sleep(0.2)
+        shown_after = time.monotonic() - hidden_at
+        assert "tool" in host.in_ns("ls", str(usr / "bin"))  # the extension stays merged beneath
+        status = agent.status_json()
+        code, log = agent.stop()
+    assert code == 0, log
+    assert lib in seen, f"the driver's libraries stayed hidden for 30 s:\n{log}"
+    assert shown_after < 10, shown_after
+    assert "overlay_hidden" in log, log
+    assert status["phase"] == "ready", status
+    assert len(host.our_mounts()) == 2  # the hidden one is left alone; the new one is on top

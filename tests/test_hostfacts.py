@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.hostfacts import (
     GPU,
@@ -17,7 +19,7 @@ from agent.hostfacts import (
     parse_mountinfo,
     parse_os_release,
     read_modules,
-    top_mount,
+    visible_mount,
 )
 from agent.hostroot import HostRoot
 from tests.conftest import FIXTURES, write
@@ -72,13 +74,95 @@ def test_mountinfo_fixture_with_overlays() -> None:
     assert spaced[0].source == "/dev/x y"
 
 
-def test_top_mount_is_the_last_stacked_one() -> None:
-    """Stacked mounts at one point: the later mountinfo line is the one visible."""
+def test_visible_mount_is_the_last_stacked_one() -> None:
+    """Stacked mounts at one point: the one stacked on top (a child of the other) is visible."""
     mounts = parse_mountinfo(
-        "1 0 0:1 / /usr/lib64 ro - ext4 /dev/a ro\n2 1 0:2 / /usr/lib64 ro - overlay nvidia-agent ro,lowerdir=/x:/y\n")
-    top = top_mount(mounts, "/usr/lib64")
-    assert top is not None
-    assert top.source == "nvidia-agent"
+        "1 0 0:1 / / rw - ext4 /dev/a rw\n"
+        "2 1 0:2 / /usr/lib64 ro - ext4 /dev/b ro\n"
+        "3 2 0:3 / /usr/lib64 ro - overlay nvidia-agent ro,lowerdir=/x:/y\n")
+    top = visible_mount(mounts, "/usr/lib64")
+    assert top is not None and top.source == "nvidia-agent"
+    assert visible_mount(mounts, "/usr/lib64/libc.so.6") == top
+    assert visible_mount(mounts, "/usr/lib").mount_point == "/"  # type: ignore[union-attr]
+
+
+# systemd-sysext merge after the agent's overlay (systemd 252, as seen in the VM guest): the merge
+# mounts on /usr, on top of the mount that holds /usr; the agent's /usr/lib64 overlay stays
+# listed but its parent is no longer on the way to /usr/lib64.
+SYSEXT_OVER_OURS = (
+    "21 1 254:1 / / rw,relatime - ext4 /dev/vda rw\n"
+    "40 21 0:35 / /usr/lib64 ro,relatime - overlay nvidia-agent ro,lowerdir=/opt/nvidia/t/lib64:/usr/lib64\n"
+    "52 21 0:41 / /usr ro,nodev,relatime - overlay sysext "
+    "ro,lowerdir=/run/systemd/sysext/meta/usr:/run/systemd/sysext/extensions/x/usr:/usr\n")
+
+
+def test_a_mount_on_an_ancestor_made_later_hides_ours() -> None:
+    """The sysext overlay on /usr covers /usr/lib64: ours is listed, but not what /usr/lib64 shows."""
+    mounts = parse_mountinfo(SYSEXT_OVER_OURS)
+    assert visible_mount(mounts, "/usr/lib64").source == "sysext"  # type: ignore[union-attr]
+    again = parse_mountinfo(SYSEXT_OVER_OURS + "60 52 0:50 / /usr/lib64 ro - overlay nvidia-agent "
+                            "ro,lowerdir=/opt/nvidia/t/lib64:/usr/lib64\n")
+    seen = visible_mount(again, "/usr/lib64")
+    assert seen is not None and seen.mount_id == 60  # mounted again, on top of the merge: shown
+
+
+def test_the_walk_starts_at_mounts_whose_parent_is_not_listed() -> None:
+    """Under a host root the namespace's own root is filtered out; a parent cycle does not hang."""
+    mounts = parse_mountinfo("7 3 0:1 / /usr rw - ext4 /dev/a rw\n8 7 0:2 / /usr/lib64 ro - tmpfs t ro\n")
+    assert visible_mount(mounts, "/usr/lib64").mount_id == 8  # type: ignore[union-attr]
+    assert visible_mount(mounts, "/etc") is None
+    cycle = parse_mountinfo("5 6 0:1 / /a rw - ext4 x rw\n6 5 0:2 / /a rw - ext4 y rw\n")
+    assert visible_mount(cycle, "/a/b") is None  # no mount to start from: none is known to be visible
+
+
+PATHS = ("/", "/usr", "/usr/lib64", "/usr/lib", "/opt", "/usr/lib64/gbm")
+
+
+class MountTable:
+    """A namespace's mounts as the kernel keeps them: a new mount's parent is the mount a lookup
+    of its point ends on; a lookup crosses, component by component, every mount on the way."""
+
+    def __init__(self) -> None:
+        self.mounts = [(1, 0, "/")]  # (id, parent, point)
+        self.next_id = 100
+
+    def lookup(self, path: str) -> int:
+        here, prefix = 1, "/"
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts) + 1):
+            prefix = "/" + "/".join(parts[:depth])
+            while (on := [m for m, parent, point in self.mounts if parent == here and point == prefix]):
+                here = on[-1]
+        return here
+
+    def mount(self, point: str) -> None:
+        self.next_id += 1
+        self.mounts.append((self.next_id, self.lookup(point), point))
+
+    def umount(self, point: str) -> None:
+        top = self.lookup(point)
+        if top != 1 and {m: p for m, _, p in self.mounts}[top] == point \
+                and not any(parent == top for _, parent, _ in self.mounts):
+            self.mounts = [m for m in self.mounts if m[0] != top]
+
+    def mountinfo(self) -> str:
+        return "".join(f"{m} {parent} 0:{m} / {point} rw - tmpfs t{m} rw\n" for m, parent, point in self.mounts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from(PATHS)), max_size=14), st.randoms(use_true_random=False))
+def test_visible_mount_agrees_with_a_path_walk(ops: list[tuple[bool, str]], rng: object) -> None:
+    """Any sequence of mounts and unmounts over nested points, listed in any order: the mount
+    visible_mount names is the one a component-by-component lookup ends on."""
+    table = MountTable()
+    for is_mount, point in ops:
+        table.mount(point) if is_mount else table.umount(point)
+    lines = table.mountinfo().splitlines(keepends=True)
+    rng.shuffle(lines[1:])  # type: ignore[attr-defined]
+    mounts = parse_mountinfo("".join(lines))
+    for path in PATHS:
+        seen = visible_mount(mounts, path)
+        assert seen is not None and seen.mount_id == table.lookup(path), (path, table.mounts)
 
 
 def test_mounts_are_seen_as_host_paths_under_a_host_root(tmp_path: Path) -> None:

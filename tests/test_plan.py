@@ -33,10 +33,12 @@ S = Settings(image=ImageSettings(registry="registry.example:5000"), modules=Modu
 
 
 def facts(*, gpus: tuple[GPU, ...] = (H100,), lower: str | None = None, modules_supported: bool = True,
-          kernel: str = KERNEL) -> HostFacts:
-    mounts = (Mount("/usr/lib64", "ext4", "/dev/sda", {"ro": ""}),)
+          kernel: str = KERNEL, sysext_on_top: bool = False) -> HostFacts:
+    mounts = (Mount("/", "ext4", "/dev/sda", {"rw": ""}, 1, 0), Mount("/usr", "ext4", "/dev/sdb", {"ro": ""}, 2, 1))
     if lower is not None:
-        mounts += (Mount("/usr/lib64", "overlay", "nvidia-agent", {"lowerdir": f"{lower}:/usr/lib64"}),)
+        mounts += (Mount("/usr/lib64", "overlay", "nvidia-agent", {"lowerdir": f"{lower}:/usr/lib64"}, 3, 2),)
+    if sysext_on_top:  # systemd-sysext merged after the overlay: ours is listed, hidden
+        mounts += (Mount("/usr", "overlay", "sysext", {"lowerdir": "/run/systemd/sysext/meta/usr:/usr"}, 4, 2),)
     return HostFacts(FLATCAR, kernel, "amd64", gpus, {}, mounts, modules_supported)
 
 
@@ -54,6 +56,8 @@ CASES = [
     ("first boot", facts(), Installed(None, None), (INSTALL, SWITCH, MOUNT, Ldconfig())),
     ("unchanged reboot: mount gone", facts(), Installed(marker(), TREE), (MOUNT, Ldconfig())),
     ("unchanged, all in place", facts(lower=f"{TREE}/lib64"), Installed(marker(), TREE), ()),
+    ("unchanged, but a sysext merge hides the overlay", facts(lower=f"{TREE}/lib64", sysext_on_top=True),
+     Installed(marker(), TREE), (MOUNT, Ldconfig())),
     ("installed but current elsewhere", facts(lower=f"{TREE}/lib64"), Installed(marker(), OLD_TREE), (SWITCH,)),
     ("kernel update: new tree, old mount is stale", facts(lower=f"{OLD_TREE}/lib64"), Installed(None, OLD_TREE),
      (INSTALL, SWITCH, Unmount("/usr/lib64", "shows another tree"), MOUNT, Ldconfig())),
