@@ -66,6 +66,7 @@ class InstallSettings:
     root: str = "/opt/nvidia"
     keep_trees: int = 3
     lib64_allow: tuple[str, ...] = DEFAULT_LIB64_ALLOW
+    bin_dir: str = "auto"  # links to the driver's tools: auto (/opt/bin on Flatcar, else /usr/local/bin), "" none
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,15 @@ def _optional_host_path(value: Any) -> str:
     return "" if value == "" else _host_path(value)
 
 
+def _bin_dir(value: Any) -> str:
+    if value == "auto":
+        return "auto"
+    try:
+        return _optional_host_path(value)
+    except ValueError:
+        raise ValueError('"auto", "" (no links), or an absolute, normalized path such as /opt/bin') from None
+
+
 def _registry(value: Any) -> str:
     if value == "":
         return ""
@@ -209,7 +219,8 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
     },
     "install": {"root": _host_path, "keep_trees": _integer(1, 100),
                 "lib64_allow": _string_list(LIB_PATTERN_RE,
-                                            "glob patterns relative to lib64, such as \"libnvidia-*.so*\"")},
+                                            "glob patterns relative to lib64, such as \"libnvidia-*.so*\""),
+                "bin_dir": _bin_dir},
     "mount": {"enabled": _boolean, "target": _host_path, "ldconfig": _boolean},
     "modules": {"load": _boolean, "parameters": _parameters},
     "units": {"before": _string_list(UNIT_NAME_RE, "unit names such as \"kubelet.service\"")},

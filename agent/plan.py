@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from agent.config import Settings
@@ -11,6 +12,7 @@ from agent.hostfacts import HostFacts, os_key
 from agent.mount import MountState, classify
 from agent.reference import Reference, render_tag
 from agent.state import Refusal, State, TreeMarker
+from agent.tools import bin_dir_for, plan_links
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class Installed:
     current: str | None  # host path `current` resolves to
     current_marker: TreeMarker | None = None  # the marker of the tree `current` points at
     trees: tuple[tuple[str, TreeMarker], ...] = ()  # every complete tree (host path, marker)
+    current_tools: frozenset[str] | None = None  # the known tools in `current`'s bin/ (None: no current)
+    links: Mapping[str, str | None] = field(default_factory=dict)  # tool -> what install.bin_dir holds for it
 
 
 # --- actions: plain data, carried out by agent.reconcile
@@ -83,11 +87,16 @@ class StartPersistenced:
 
 
 @dataclass(frozen=True)
+class LinkTools:
+    bin_dir: str  # link the tools of the tree `current` names here (and unlink what it lacks)
+
+
+@dataclass(frozen=True)
 class WriteUnits:
     before: tuple[str, ...]  # units that must wait for the agent's READY
 
 
-Action = (WriteUnits | InstallImage | SwitchCurrent | Unmount | MountOverlay | Ldconfig | LoadModules
+Action = (WriteUnits | InstallImage | SwitchCurrent | LinkTools | Unmount | MountOverlay | Ldconfig | LoadModules
           | CreateDeviceNodes | StartPersistenced)
 
 
@@ -138,8 +147,10 @@ def plan(settings: Settings, facts: HostFacts, installed: Installed, state: Stat
     if fresh or refused:
         actions.append(InstallImage(target, refuse_digest=refused.digest if refused else None))
     fallback = fallback_tree(installed, target.tree, facts.kernel, state.working.get(facts.kernel))
+    bin_dir = bin_dir_for(settings.install.bin_dir, facts.os.id)
+    linked = bin_dir is None or not plan_links(settings.install.root, installed.current_tools, installed.links)
     actions += activate(settings, facts, target.tree, installed.current, reinstalled=fresh or bool(refused),
-                        fallback=fallback)
+                        fallback=fallback, linked=linked)
     return Plan(target, tuple(actions), no_gpu=False, kernel_changed_from=changed, fallback=fallback,
                 refused=refused)
 
@@ -160,12 +171,13 @@ def fallback_tree(installed: Installed, target_tree: str, kernel: str, last_work
 
 def plan_serving(settings: Settings, facts: HostFacts, tree: str, current: str | None) -> tuple[Action, ...]:
     """Keep an installed tree working (the fallback while the target cannot be had): no install."""
-    return tuple(activate(settings, facts, tree, current, reinstalled=False, fallback=None))
+    return tuple(activate(settings, facts, tree, current, reinstalled=False, fallback=None, linked=False))
 
 
 def activate(settings: Settings, facts: HostFacts, tree: str, current: str | None, *, reinstalled: bool,
-             fallback: str | None) -> list[Action]:
-    """Load, switch `current`, overlay and make nodes for an installed `tree`, skipping what is in place."""
+             fallback: str | None, linked: bool) -> list[Action]:
+    """Load, switch `current`, link tools, overlay and make nodes for an installed `tree`, skipping what
+    is in place (`linked`: the tool links already match `current`, and `current` stays)."""
     lib64 = str(PurePosixPath(tree) / "lib64")
     actions: list[Action] = []
     if settings.modules.load:
@@ -174,6 +186,9 @@ def activate(settings: Settings, facts: HostFacts, tree: str, current: str | Non
         actions.append(LoadModules(tree, dict(settings.modules.parameters), fallback))
     if reinstalled or current != tree:
         actions.append(SwitchCurrent(tree))
+    bin_dir = bin_dir_for(settings.install.bin_dir, facts.os.id)
+    if bin_dir is not None and (reinstalled or current != tree or not linked):
+        actions.append(LinkTools(bin_dir))
     if settings.mount.enabled:
         state_now = classify(facts.lib_mount, lib64)
         # A reinstall exchanges the tree under a live mount: remount so it shows the new files.

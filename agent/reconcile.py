@@ -40,6 +40,7 @@ from agent.plan import (
     Installed,
     InstallImage,
     Ldconfig,
+    LinkTools,
     LoadModules,
     MountOverlay,
     Plan,
@@ -56,6 +57,7 @@ from agent.plan import (
 from agent.registry import Platform, RegistryClient
 from agent.state import STATE_FILE, Refusal, State, load_state, read_marker, save_state
 from agent.status import LastError, Phase, Snapshot
+from agent.tools import apply_links, bin_dir_for, plan_links, read_links, tools_in
 from agent.units import UNIT_DIR, apply_dropins
 
 CACHE_DIR = "/var/cache/nvidia-agent"
@@ -159,7 +161,7 @@ class Agent:
         structlog.contextvars.bind_contextvars(kernel=facts.kernel, os=f"{facts.os.id}-{facts.os.version}")
         state = load_state(self.host(STATE_FILE))
         target = target_for(self.settings, facts)
-        installed = self._installed(target)
+        installed = self._installed(target, facts)
         the_plan = plan(self.settings, facts, installed, state)
         self.snapshot = self.snapshot.evolve(
             os=facts.os.pretty_name, kernel=facts.kernel,
@@ -214,12 +216,15 @@ class Agent:
                     digest=self.snapshot.digest)
         return Phase.READY
 
-    def _installed(self, target: Target) -> Installed:
+    def _installed(self, target: Target, facts: HostFacts) -> Installed:
         install_root = self.host(self.settings.install.root)
         current = current_target(install_root)
         trees = tuple((self.host.host_view(tree), marker) for tree, marker in installed_trees(install_root))
+        bin_dir = bin_dir_for(self.settings.install.bin_dir, facts.os.id)
         return Installed(read_marker(self.host(target.tree)), self.host.host_view(current) if current else None,
-                         read_marker(current) if current else None, trees)
+                         read_marker(current) if current else None, trees,
+                         current_tools=tools_in(current) if current else None,
+                         links=read_links(self.host(bin_dir)) if bin_dir else {})
 
     def _run(self, actions: tuple[Action, ...], facts: HostFacts, cancel: Cancel, target: Target | None) -> None:
         for action in actions:
@@ -294,10 +299,25 @@ class Agent:
                 self._nodes(slots)
             case WriteUnits(before=units):
                 self._write_units(units)
+            case LinkTools(bin_dir=bin_dir):
+                self._link_tools(bin_dir)
             case StartPersistenced(tree=tree):
                 started = ensure_persistenced(self.host(tree), self.host.root, self.systemd)
                 outcome = {"pid": started} if isinstance(started, int) else {"skipped": started}
                 self.log.info("persistenced", **outcome)
+
+    def _link_tools(self, bin_dir: str) -> None:
+        """Make install.bin_dir show the tools of the tree `current` names (none if there is none)."""
+        current = current_target(self.host(self.settings.install.root))
+        changes = plan_links(self.settings.install.root, tools_in(current) if current else None,
+                             read_links(self.host(bin_dir)))
+        if changes.foreign:
+            self.log.warning("tool_name_taken", bin_dir=bin_dir, tools=",".join(changes.foreign),
+                             detail="a file or a link not made by the agent has the name; left alone")
+        if changes:
+            apply_links(self.host(bin_dir), changes)
+            self.log.info("tools_linked", bin_dir=bin_dir, linked=",".join(t for t, _ in changes.make) or None,
+                          removed=",".join(changes.remove) or None)
 
     def _install(self, t: Target, refuse: str | None, cancel: Cancel, install_root: Path) -> None:
         want = Want(t.driver, t.os_key, t.kernel, self.settings.install.lib64_allow)

@@ -51,6 +51,9 @@ def test_first_run_installs_mounts_and_reports_then_runs_offline(tmp_path: Path,
     assert f"libcuda.so.{DRIVER}" not in os.listdir(host.root / "usr/lib64")
     assert len(host.our_mounts()) == 1
     assert (host.root / "etc/ld.so.cache").is_file()
+    # The tools: linked through `current` on PATH (install.bin_dir "auto" is /usr/local/bin on Ubuntu)
+    assert os.readlink(host.root / "usr/local/bin/nvidia-smi") == "/opt/nvidia/current/bin/nvidia-smi"
+    assert "tools_linked" in first.stdout
 
     status = status_json(host)
     assert status["phase"] == "ready"
@@ -66,6 +69,7 @@ def test_first_run_installs_mounts_and_reports_then_runs_offline(tmp_path: Path,
     assert again.returncode == 0, again.stdout + again.stderr
     assert "pulling" not in again.stdout
     assert len(host.our_mounts()) == 1, "an unchanged run must not stack another overlay"
+    assert "tools_linked" not in again.stdout  # in place: not touched again
 
 
 def test_kernel_change_installs_the_matching_image_and_keeps_the_old_tree(tmp_path: Path, registry: RegistryServer,

@@ -6,13 +6,14 @@ from dataclasses import replace
 
 import pytest
 
-from agent.config import ImageSettings, ModuleSettings, MountSettings, Settings
+from agent.config import ImageSettings, InstallSettings, ModuleSettings, MountSettings, Settings
 from agent.hostfacts import GPU, HostFacts, Mount, OSInfo
 from agent.plan import (
     CreateDeviceNodes,
     Installed,
     InstallImage,
     Ldconfig,
+    LinkTools,
     LoadModules,
     MountOverlay,
     StartPersistenced,
@@ -29,7 +30,8 @@ KERNEL = "6.1.0-28-amd64"
 TREE = f"/opt/nvidia/535.261.03/flatcar-3815.2.0-{KERNEL}"
 OLD_TREE = "/opt/nvidia/535.261.03/flatcar-3760.2.0-6.1.0-27-amd64"
 H100 = GPU("0000:00:05.0", 0x2330, 0x030200)
-S = Settings(image=ImageSettings(registry="registry.example:5000"), modules=ModuleSettings(load=False))
+S = Settings(image=ImageSettings(registry="registry.example:5000"), modules=ModuleSettings(load=False),
+             install=InstallSettings(bin_dir=""))  # tool links have tests of their own below
 
 
 def facts(*, gpus: tuple[GPU, ...] = (H100,), lower: str | None = None, modules_supported: bool = True,
@@ -169,3 +171,27 @@ def test_a_symlinked_mount_target_is_compared_by_its_real_path() -> None:
     assert plan(settings, mounted, Installed(marker(), TREE), State()).actions == (UNITS,)
     fresh = plan(settings, replace(facts(), lib_dir="/usr/lib64"), Installed(marker(), TREE), State())
     assert fresh.actions == (UNITS, MountOverlay(f"{TREE}/lib64", "/usr/lib64"), Ldconfig())
+
+
+LINKED = S.install.root + "/current/bin/nvidia-smi"
+WITH_LINKS = replace(S, install=InstallSettings(bin_dir="auto"))
+
+
+@pytest.mark.parametrize(("name", "installed", "link"), [
+    ("first boot: link after the switch", Installed(None, None), True),
+    ("current stays and its tools are linked", Installed(marker(), TREE, marker(), current_tools=frozenset(
+        {"nvidia-smi"}), links={"nvidia-smi": LINKED}), False),
+    ("current stays, a link is missing", Installed(marker(), TREE, marker(), current_tools=frozenset(
+        {"nvidia-smi"}), links={"nvidia-smi": None}), True),
+    ("current stays, a link names a tool it lacks", Installed(marker(), TREE, marker(), current_tools=frozenset(),
+                                                              links={"nvidia-smi": LINKED}), True),
+    ("current stays, the name is another tool's", Installed(marker(), TREE, marker(), current_tools=frozenset(
+        {"nvidia-smi"}), links={"nvidia-smi": "/usr/bin/nvidia-smi"}), False),
+])
+def test_tool_links_are_planned_only_when_they_differ(name: str, installed: Installed, link: bool) -> None:
+    """install.bin_dir "auto" is /opt/bin on Flatcar; links go through `current`, so a pass where
+    `current` and its tools stay plans none; a foreign nvidia-smi is never a reason to act."""
+    actions = plan(WITH_LINKS, facts(lower=f"{TREE}/lib64"), installed, State()).actions
+    assert (LinkTools("/opt/bin") in actions) is link, actions
+    if link and any(isinstance(a, SwitchCurrent) for a in actions):
+        assert actions.index(LinkTools("/opt/bin")) == actions.index(SWITCH) + 1

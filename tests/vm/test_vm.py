@@ -230,6 +230,9 @@ def assert_serving(g: Guest, st: dict[str, Any], driver: str, kernel: str) -> No
     assert "/usr/lib64/libnvidia-ml.so.1" in ldd, ldd
     rc, smi = g.run("/opt/nvidia/current/bin/nvidia-smi")
     assert rc == 0 and driver in smi, smi
+    # and by name from a login shell (install.bin_dir "auto": /usr/local/bin on Debian)
+    rc, smi = g.run("su - -c nvidia-smi", quiet=True)
+    assert rc == 0 and driver in smi, smi
 
 
 def seen(g: Guest, unit: str) -> dict[str, str]:
@@ -610,13 +613,13 @@ def test_new_driver_without_an_image_keeps_the_old_one_serving(vm: Guest) -> Non
     status), and the new driver installs without a restart once its image appears."""
     settle(vm)
     kernel = vm.kernels.amd64
-    late = f"late-{DRIVER2}-debian-12-{kernel}"
+    late = f"kept-{DRIVER2}-debian-12-{kernel}"  # a tag of its own: the no-image scenario publishes late-
     try:
         if vm.kernel != kernel or not current_target(vm).startswith(f"{DRIVER}/"):
             set_driver(vm, None)
             settle(vm)
         vm.run(f"rm -rf /opt/nvidia/{DRIVER2} /var/log/*.seen", check=True)
-        vm.put(OVERRIDE, f'[driver]\nversion = "{DRIVER2}"\n\n[image]\ntag_template = "late-{{driver}}-{{os}}"\n\n'
+        vm.put(OVERRIDE, f'[driver]\nversion = "{DRIVER2}"\n\n[image]\ntag_template = "kept-{{driver}}-{{os}}"\n\n'
                          "[daemon]\nready_timeout_s = 120\nretry_initial_s = 2.0\nretry_max_s = 4\n")
         vm.reboot(kernel="amd64")
         vm.wait_agent_active(timeout=180)
