@@ -769,3 +769,43 @@ def test_blackholed_registry_at_boot_keeps_the_contract(vm: Guest) -> None:
         vm.run("systemctl restart --no-block nvidia-agent", check=True)
     assert_serving(vm, settle(vm, since=since), DRIVER, vm.kernel)
 
+
+
+EXTENSION = "/var/lib/extensions/vmtest"
+
+
+def test_sysext_merge_over_the_overlay_is_undone(vm: Guest) -> None:
+    """systemd-sysext merging an extension mounts an overlay on /usr, on top of the agent's overlay on
+    /usr/lib64, which stays listed but hidden: the agent notices the mount change, mounts its overlay on
+    top again within seconds (check_interval_s is 300), and the extension's files stay visible too.
+    A refresh (unmerge, merge) likewise. Last in the file: what it leaves mounted is undone by unmerge."""
+    settle(vm)
+    lib = f"/usr/lib64/libnvidia-ml.so.{DRIVER}"
+    shown = f"test -e {lib} && test -x /usr/bin/vmtest-tool"
+    try:
+        vm.run(f"mkdir -p {EXTENSION}/usr/lib/extension-release.d {EXTENSION}/usr/bin && "
+               f"echo ID=_any > {EXTENSION}/usr/lib/extension-release.d/extension-release.vmtest && "
+               f"printf '#!/bin/sh\\necho vmtest\\n' > {EXTENSION}/usr/bin/vmtest-tool && "
+               f"chmod 755 {EXTENSION}/usr/bin/vmtest-tool", check=True)
+        for verb in ("merge", "refresh"):
+            vm.run(f"systemd-sysext {verb}", check=True)
+            t0 = time.monotonic()
+            hidden = vm.run(f"test -e {lib}", quiet=True)[0] != 0
+            while vm.run(shown, quiet=True)[0] != 0 and time.monotonic() - t0 < 60:
+                time.sleep(0.5)
+            took = time.monotonic() - t0
+            harness.timed(f"systemd-sysext {verb}: the driver's libraries shown again (host wait)", took)
+            harness.log(f"  right after {verb} the libraries were {'hidden' if hidden else 'already back'}")
+            assert vm.run(shown, quiet=True)[0] == 0, vm.run("findmnt -R /usr", quiet=True)[1]
+            assert took < 20, f"the overlay came back {took:.1f}s after systemd-sysext {verb}"
+        _, mountinfo = vm.run("cat /proc/self/mountinfo", quiet=True)
+        harness.log(f"  mountinfo after merge and refresh:\n{mountinfo}")
+        journal = vm.journal()
+        assert journal.count("overlay_hidden") >= 2, journal[-3000:]
+        st = vm.status()
+        assert st is not None and st["phase"] == "ready", st
+    finally:
+        vm.run(f"systemd-sysext unmerge; rm -rf {EXTENSION}; true")
+    st = settle(vm)
+    assert vm.run(f"test -e {lib}", quiet=True)[0] == 0
+    assert st["phase"] == "ready"
