@@ -667,9 +667,10 @@ def test_no_image_yet_degraded_then_ready(vm: Guest) -> None:
         times = assert_ordered(vm, driver_seen=None)
         waited = times["agent active"] - times["agent start"]
         harness.timed("no image: agent READY (degraded) after its start (guest clock)", waited)
-        assert timeout_s <= waited <= timeout_s + 45, f"READY {waited:.1f}s after start, ready_timeout_s={timeout_s}"
+        # the deadline runs from the process's start in /proc (clock ticks), systemd's from its fork
+        assert timeout_s - 1 <= waited <= timeout_s + 45, f"READY {waited:.1f}s after start, timeout {timeout_s}s"
         for unit in STANDINS:
-            assert times[f"{unit} start"] >= times["agent start"] + timeout_s, (unit, times)
+            assert times[f"{unit} start"] >= times["agent start"] + timeout_s - 1, (unit, times)
         for unit in STANDINS:
             assert seen(vm, unit)["module"] == "no", seen(vm, unit)
         # what an operator sees. Between retries (every retry_max_s here) the phase is degraded;
@@ -788,6 +789,7 @@ def test_sysext_merge_over_the_overlay_is_undone(vm: Guest) -> None:
                f"printf '#!/bin/sh\\necho vmtest\\n' > {EXTENSION}/usr/bin/vmtest-tool && "
                f"chmod 755 {EXTENSION}/usr/bin/vmtest-tool", check=True)
         for verb in ("merge", "refresh"):
+            since = vm.guest_time()
             vm.run(f"systemd-sysext {verb}", check=True)
             t0 = time.monotonic()
             hidden = vm.run(f"test -e {lib}", quiet=True)[0] != 0
@@ -798,6 +800,9 @@ def test_sysext_merge_over_the_overlay_is_undone(vm: Guest) -> None:
             harness.log(f"  right after {verb} the libraries were {'hidden' if hidden else 'already back'}")
             assert vm.run(shown, quiet=True)[0] == 0, vm.run("findmnt -R /usr", quiet=True)[1]
             assert took < 20, f"the overlay came back {took:.1f}s after systemd-sysext {verb}"
+            # the pass that mounted it goes on (modules, nodes); a mount change in the middle of it
+            # would be caught by its own check, a retry later: let it finish before the next verb
+            assert settle(vm, since=since)["phase"] == "ready"
         _, mountinfo = vm.run("cat /proc/self/mountinfo", quiet=True)
         harness.log(f"  mountinfo after merge and refresh:\n{mountinfo}")
         journal = vm.journal()
