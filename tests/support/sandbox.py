@@ -54,6 +54,7 @@ class Host:
         self.base = base
         self.root = base / "root"
         self.ns_dir = base / "ns"
+        self.command = [sys.executable, "-m", "agent"]  # or a frozen build (tests/test_sysext.py)
         write(self.root / "etc/os-release", UBUNTU)
         write(self.root / "etc/ld.so.conf", "/usr/lib64\n")  # a lib64 host's linker searches /usr/lib64
         write(self.root / "usr/lib64/libhost.so.1", b"host library")
@@ -85,8 +86,7 @@ class Host:
 
     def argv(self, *args: str) -> list[str]:
         return ["nsenter", f"--mount={self.ns_dir / 'mnt'}", "--", "umockdev-run", "-d",
-                str(FIXTURES / "udev/gpus.umockdev"), "--", sys.executable, "-m", "agent", "--root", str(self.root),
-                *args]
+                str(FIXTURES / "udev/gpus.umockdev"), "--", *self.command, "--root", str(self.root), *args]
 
     def agent(self, *args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         run_env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"} | dict(env or {})
