@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"nvidia-agent {__version__}")
     parser.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
-                        help="host root every host path hangs off (default /; /host in a container)")
+                        help="host root every host path hangs off (default /; tests use a sandboxed root)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("daemon", help="reconcile now, then keep the driver matched (what the unit runs)",

@@ -224,7 +224,7 @@ class Agent:
         return Installed(read_marker(self.host(target.tree)), self.host.host_view(current) if current else None,
                          read_marker(current) if current else None, trees,
                          current_tools=tools_in(current) if current else None,
-                         links=read_links(self.host(bin_dir)) if bin_dir else {})
+                         links=read_links(self.host(self.host.resolve(bin_dir))) if bin_dir else {})
 
     def _run(self, actions: tuple[Action, ...], facts: HostFacts, cancel: Cancel, target: Target | None) -> None:
         for action in actions:
@@ -309,13 +309,13 @@ class Agent:
     def _link_tools(self, bin_dir: str) -> None:
         """Make install.bin_dir show the tools of the tree `current` names (none if there is none)."""
         current = current_target(self.host(self.settings.install.root))
-        changes = plan_links(self.settings.install.root, tools_in(current) if current else None,
-                             read_links(self.host(bin_dir)))
+        where = self.host(self.host.resolve(bin_dir))  # /usr/local -> /var/usrlocal (Fedora CoreOS), on the host
+        changes = plan_links(self.settings.install.root, tools_in(current) if current else None, read_links(where))
         if changes.foreign:
             self.log.warning("tool_name_taken", bin_dir=bin_dir, tools=",".join(changes.foreign),
                              detail="a file or a link not made by the agent has the name; left alone")
         if changes:
-            apply_links(self.host(bin_dir), changes)
+            apply_links(where, changes)
             self.log.info("tools_linked", bin_dir=bin_dir, linked=",".join(t for t, _ in changes.make) or None,
                           removed=",".join(changes.remove) or None)
 

@@ -35,6 +35,8 @@ def test_first_run_installs_mounts_and_reports_then_runs_offline(tmp_path: Path,
                                                                  host: Host) -> None:
     """First run pulls, installs, points current, overlays lib64; an unchanged rerun needs no registry."""
     digest = push_driver(tmp_path, registry.host, K1)
+    (host.root / "var/usrlocal").mkdir(parents=True)
+    (host.root / "usr/local").symlink_to("/var/usrlocal")  # as on Fedora CoreOS: absolute, the host's own /var
     first = host.once()
     assert first.returncode == 0, first.stdout + first.stderr
     assert host.current() == f"{DRIVER}/ubuntu-22.04-{K1}"
@@ -51,8 +53,9 @@ def test_first_run_installs_mounts_and_reports_then_runs_offline(tmp_path: Path,
     assert f"libcuda.so.{DRIVER}" not in os.listdir(host.root / "usr/lib64")
     assert len(host.our_mounts()) == 1
     assert (host.root / "etc/ld.so.cache").is_file()
-    # The tools: linked through `current` on PATH (install.bin_dir "auto" is /usr/local/bin on Ubuntu)
-    assert os.readlink(host.root / "usr/local/bin/nvidia-smi") == "/opt/nvidia/current/bin/nvidia-smi"
+    # The tools: linked through `current` on PATH (install.bin_dir "auto" is /usr/local/bin on Ubuntu),
+    # its symlinks followed on the host root, never out of it
+    assert os.readlink(host.root / "var/usrlocal/bin/nvidia-smi") == "/opt/nvidia/current/bin/nvidia-smi"
     assert "tools_linked" in first.stdout
 
     status = status_json(host)
