@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from agent.hostfacts import (
     GPU,
+    HostFacts,
     HostProbe,
+    OSInfo,
     find_gpus,
     host_view_mounts,
     os_info,
@@ -22,6 +24,7 @@ from agent.hostfacts import (
     visible_mount,
 )
 from agent.hostroot import HostRoot
+from agent.mount import MountState, classify
 from tests.conftest import FIXTURES, write
 
 KERNEL = "6.1.0-28-amd64"
@@ -104,6 +107,20 @@ def test_a_mount_on_an_ancestor_made_later_hides_ours() -> None:
                             "ro,lowerdir=/opt/nvidia/t/lib64:/usr/lib64\n")
     seen = visible_mount(again, "/usr/lib64")
     assert seen is not None and seen.mount_id == 60  # mounted again, on top of the merge: shown
+
+
+def test_a_real_sysext_merge_hides_the_first_overlay_and_shows_the_second() -> None:
+    """Captured in the VM guest: the agent's first overlay (161) stays listed under sysext's /usr (171);
+    what /usr/lib64 shows is the one mounted again on top (173). Before that remount, nothing of ours."""
+    text = (FIXTURES / "mountinfo/debian12-sysext-over-agent-overlay").read_text()
+    lower = "/opt/nvidia/535.999.01/debian-12-6.1.0-57-amd64/lib64"
+    seen = visible_mount(parse_mountinfo(text), "/usr/lib64")
+    assert seen is not None and (seen.mount_id, seen.parent_id, seen.source) == (173, 171, "nvidia-agent")
+    before = parse_mountinfo("".join(line + "\n" for line in text.splitlines() if not line.startswith("173 ")))
+    assert [m.mount_id for m in before if m.source == "nvidia-agent"] == [161]
+    assert visible_mount(before, "/usr/lib64").source == "sysext"  # type: ignore[union-attr]
+    facts = HostFacts(OSInfo("debian", "12", "Debian", coreos_family=False), "k", "amd64", (), {}, before, True)
+    assert facts.lib_mount is None and classify(facts.lib_mount, lower) is MountState.ABSENT
 
 
 def test_the_walk_starts_at_mounts_whose_parent_is_not_listed() -> None:
