@@ -272,7 +272,8 @@ class OverlayWatch:
         if self._look_at is None or now < self._look_at:
             return False
         self._look_at = None
-        if self._agent.snapshot.phase is not Phase.READY or self._agent.overlay_shown():
+        snap = self._agent.snapshot
+        if (snap.phase is not Phase.READY and not snap.serving) or self._agent.overlay_shown():
             return False
         self._log.warning("overlay_hidden", detail="a later mount covers the library directory "
                           "(a systemd-sysext merge on /usr?); mounting the overlay on top again")

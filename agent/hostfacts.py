@@ -167,6 +167,12 @@ def parse_mountinfo(text: str) -> tuple[Mount, ...]:
     return tuple(mounts)
 
 
+def read_mountinfo(path: Path = Path("/proc/self/mountinfo")) -> str:
+    """mountinfo as text: paths are bytes (only space, tab, newline and backslash are escaped), so
+    a mount point that is not UTF-8 keeps its bytes as surrogates instead of failing the read."""
+    return os.fsdecode(path.read_bytes())
+
+
 def host_view_mounts(mounts: tuple[Mount, ...], host: HostRoot) -> tuple[Mount, ...]:
     """Keep mounts under the host root and rename their paths to host paths."""
     def view(path: str) -> str | None:
@@ -275,7 +281,7 @@ class HostProbe:
 
         Our own mount namespace is the one we act in, whatever the host root.
         """
-        return host_view_mounts(parse_mountinfo(Path("/proc/self/mountinfo").read_text()), self.host)
+        return host_view_mounts(parse_mountinfo(read_mountinfo()), self.host)
 
     def facts(self, lib_dir: str = "/usr/lib64") -> HostFacts:
         """What the host runs; `lib_dir` (mount.target) is resolved through its symlinks."""

@@ -90,6 +90,7 @@ class Agent:
         self.snapshot = Snapshot(version=__version__, driver=settings.driver.version)
         self.log = structlog.get_logger("nvidia-agent")
         self._errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
+        self._link_errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
         self._last_outcome: tuple[Phase, str] | None = None
         self._kernel_change_seen: tuple[str, str] | None = None  # logged once, not on every retry
         self._overlay: tuple[str, str] | None = None  # (lower, library dir) the last check found shown
@@ -140,8 +141,8 @@ class Agent:
         lower, lib_dir = self._overlay
         try:
             seen = visible_mount(self.probe.mounts(), lib_dir)
-        except OSError:
-            return False  # cannot tell: let a pass look
+        except Exception:  # the main thread asks: whatever fails, a pass looks and reports it
+            return False
         top = seen if seen is not None and seen.mount_point == lib_dir else None
         return mounts.classify(top, lower) is mounts.MountState.OURS
 
@@ -314,10 +315,16 @@ class Agent:
         if changes.foreign:
             self.log.warning("tool_name_taken", bin_dir=bin_dir, tools=",".join(changes.foreign),
                              detail="a file or a link not made by the agent has the name; left alone")
-        if changes:
+        if not changes:
+            return
+        try:
             apply_links(where, changes)
-            self.log.info("tools_linked", bin_dir=bin_dir, linked=",".join(t for t, _ in changes.make) or None,
-                          removed=",".join(changes.remove) or None)
+        except HostError as exc:  # the driver works without them: never a reason to fail the pass
+            if self._link_errors.should_log(exc.message)[0]:
+                self.log.warning("tools_not_linked", error=exc.message, hint=exc.hint)
+            return
+        self.log.info("tools_linked", bin_dir=bin_dir, linked=",".join(t for t, _ in changes.make) or None,
+                      removed=",".join(changes.remove) or None)
 
     def _install(self, t: Target, refuse: str | None, cancel: Cancel, install_root: Path) -> None:
         want = Want(t.driver, t.os_key, t.kernel, self.settings.install.lib64_allow)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +35,21 @@ class SubpError(HostError):
         self.stderr = stderr
 
 
+def host_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a host program: `base` (default: the agent's own), less what a frozen
+    runtime changed. PyInstaller's launcher puts its bundle first on LD_LIBRARY_PATH (the
+    caller's value kept in LD_LIBRARY_PATH_ORIG): a host `mount` or `modprobe` must load the
+    host's libraries, not the bundle's copies built for another host."""
+    env = dict(os.environ if base is None else base)
+    if getattr(sys, "frozen", False):
+        original = env.pop("LD_LIBRARY_PATH_ORIG", None)
+        if original:
+            env["LD_LIBRARY_PATH"] = original
+        else:
+            env.pop("LD_LIBRARY_PATH", None)
+    return env
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -54,7 +71,7 @@ def run(
             text=True,
             timeout=timeout_s,
             check=False,
-            env=dict(env) if env is not None else None,
+            env=host_env(env),
             input=input_text,
             stdin=None if input_text is not None else subprocess.DEVNULL,
         )
@@ -73,7 +90,7 @@ def spawn(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> int:
     try:
         proc = subprocess.Popen(
             tuple(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, env=dict(env) if env is not None else None, close_fds=True)
+            start_new_session=True, env=host_env(env), close_fds=True)
     except OSError as exc:
         raise SubpError(tuple(argv), 127, "", str(exc)) from exc
     return proc.pid

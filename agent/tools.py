@@ -3,9 +3,9 @@
     /opt/bin/nvidia-smi -> /opt/nvidia/current/bin/nvidia-smi
 
 A link names `current`, not a tree, so it switches with `current` in the same rename. The agent
-owns only links that point into its install root: a file, or a link elsewhere (a distribution's
-nvidia-smi), is never touched. A tool the current tree lacks, or every tool when no tree is
-current, has its link removed.
+owns only the links it makes, exactly `<root>/current/bin/<tool>`: a file, or any other link (a
+distribution's nvidia-smi, an operator's link to one tree), is never touched. A tool the current
+tree lacks, or every tool when no tree is current, has its link removed.
 """
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ def plan_links(install_root: str, present: frozenset[str] | None, found: Mapping
     base = PurePosixPath(install_root)
     make, remove, foreign = [], [], []
     for tool in TOOLS:
-        want = str(base / "current/bin" / tool) if present is not None and tool in present else None
+        link = str(base / "current/bin" / tool)
+        want = link if present is not None and tool in present else None
         have = found.get(tool)
-        ours = have is not None and have != "" and PurePosixPath(have).is_relative_to(base)
+        ours = have == link
         if have is not None and not ours:
             if want is not None:
                 foreign.append(tool)
@@ -91,8 +92,8 @@ def read_links(bin_dir: Path) -> dict[str, str | None]:
         path = bin_dir / tool
         try:
             found[tool] = os.readlink(path)
-        except FileNotFoundError:
-            found[tool] = None
+        except (FileNotFoundError, NotADirectoryError):
+            found[tool] = None  # absent (making it will say why, if bin_dir itself is unusable)
         except OSError:
             found[tool] = ""  # exists, not a link (EINVAL), or unreadable: not ours either way
     return found
@@ -108,7 +109,12 @@ def apply_links(bin_dir: Path, changes: LinkChanges) -> None:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             tmp.symlink_to(target)
-            tmp.rename(bin_dir / tool)
+            try:
+                tmp.rename(bin_dir / tool)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
         for tool in changes.remove:
             with contextlib.suppress(FileNotFoundError):
                 (bin_dir / tool).unlink()

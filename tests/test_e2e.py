@@ -236,3 +236,17 @@ def test_a_later_mount_over_usr_is_noticed_and_the_overlay_put_back_on_top(tmp_p
     assert "overlay_hidden" in log, log
     assert status["phase"] == "ready", status
     assert len(host.our_mounts()) == 2  # the hidden one is left alone; the new one is on top
+
+
+def test_tools_that_cannot_be_linked_are_a_warning_not_a_failure(tmp_path: Path, registry: RegistryServer,
+                                                                  host: Host) -> None:
+    """install.bin_dir unwritable (a merged system extension makes all of /usr read-only): the driver is
+    installed, mounted and READY all the same; the log says what to set, once."""
+    push_driver(tmp_path, registry.host, K1)
+    write(host.root / "blocked", "a file where the directory would be\n")
+    host.configure(registry.host, '[install]\nbin_dir = "/blocked/bin"\n')
+    first = host.once()
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.count("tools_not_linked") == 1 and "install.bin_dir" in first.stdout, first.stdout
+    assert host.current() == f"{DRIVER}/ubuntu-22.04-{K1}"
+    assert len(host.our_mounts()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from agent.hostfacts import (
     parse_mountinfo,
     parse_os_release,
     read_modules,
+    read_mountinfo,
     visible_mount,
 )
 from agent.hostroot import HostRoot
@@ -121,6 +123,15 @@ def test_a_real_sysext_merge_hides_the_first_overlay_and_shows_the_second() -> N
     assert visible_mount(before, "/usr/lib64").source == "sysext"  # type: ignore[union-attr]
     facts = HostFacts(OSInfo("debian", "12", "Debian", coreos_family=False), "k", "amd64", (), {}, before, True)
     assert facts.lib_mount is None and classify(facts.lib_mount, lower) is MountState.ABSENT
+
+
+def test_a_mount_point_that_is_not_utf8_is_read_not_fatal(tmp_path: Path) -> None:
+    """mountinfo escapes only space, tab, newline and backslash: other bytes arrive raw."""
+    path = tmp_path / "mountinfo"
+    path.write_bytes(b"1 0 0:1 / / rw - ext4 /dev/a rw\n2 1 0:2 / /mnt/\xff rw - tmpfs x rw\n")
+    mounts = parse_mountinfo(read_mountinfo(path))
+    assert os.fsencode(mounts[1].mount_point) == b"/mnt/\xff"
+    assert visible_mount(mounts, "/usr/lib64").mount_id == 1  # type: ignore[union-attr]
 
 
 def test_the_walk_starts_at_mounts_whose_parent_is_not_listed() -> None:

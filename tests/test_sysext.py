@@ -17,7 +17,7 @@ import pytest
 from test_units_bus import systemd_bus  # noqa: F401 - the fixture: a private system bus with systemd on it
 
 from support.registry import RegistryServer
-from support.sandbox import DRIVER, K1, REPO_ROOT, Host, RunningAgent, push_driver, tree_path
+from support.sandbox import DRIVER, K1, REPO_ROOT, Host, RunningAgent, push_driver, tree_path, write
 
 pytestmark = pytest.mark.integration
 NAME = "nvidia-agent"
@@ -120,8 +120,15 @@ def test_the_frozen_agent_does_the_main_job_without_a_python(tmp_path: Path, reg
     report, with the extension's binary in a namespace where no python3 runs: the runtime is its own."""
     push_driver(tmp_path, registry.host, K1)
     pythonless.command = [str(sysext.exe)]
-    first = pythonless.once()
+    # host programs must get the caller's library path, not the bundle's (PyInstaller puts it first)
+    record = tmp_path / "mount-env"
+    wrappers = write(tmp_path / "wrappers/mount", f'#!/bin/sh\necho "${{LD_LIBRARY_PATH-unset}}" >> {record}\n'
+                                                  'exec /usr/bin/mount "$@"\n').parent
+    (wrappers / "mount").chmod(0o755)
+    first = pythonless.once(env={"PATH": f"{wrappers}:/usr/sbin:/usr/bin:/sbin:/bin"})
     assert first.returncode == 0, first.stdout + first.stderr
+    seen = record.read_text().splitlines()
+    assert seen and not [line for line in seen if str(sysext.tree) in line], seen
     assert "units_not_reloaded" not in first.stdout, first.stdout
     assert "Reload" in [call[1] for call in systemd_bus.GetCalls()]  # type: ignore[attr-defined]
     assert pythonless.current() == f"{DRIVER}/ubuntu-22.04-{K1}"

@@ -36,7 +36,7 @@ def test_links_converge_and_never_touch_what_is_not_ours(held: dict[str, str | N
     found = {tool: ours(tool) if value == "ours" else value for tool, value in held.items()}
     changes = plan_links(ROOT, present, found)
     touched = {t for t, _ in changes.make} | set(changes.remove)
-    foreign = {t for t, v in found.items() if v is not None and not v.startswith(ROOT + "/")}
+    foreign = {t for t, v in found.items() if v is not None and v != ours(t)}  # only its own exact links
     assert not touched & foreign
     assert set(changes.foreign) == foreign & (present or frozenset())
     after = dict(found) | dict(changes.make) | dict.fromkeys(changes.remove)
@@ -59,16 +59,27 @@ def test_apply_makes_replaces_and_removes_only_planned_links(tmp_path: Path) -> 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nvidia-debugdump").write_text("a distribution's copy\n")
-    os.symlink(f"{ROOT}/535.1/x/bin/nvidia-smi", bin_dir / "nvidia-smi")
+    os.symlink(f"{ROOT}/535.1/x/bin/nvidia-persistenced", bin_dir / "nvidia-persistenced")  # an operator's
     os.symlink(ours("nvidia-modprobe"), bin_dir / "nvidia-modprobe")
-    changes = plan_links(ROOT, frozenset({"nvidia-smi", "nvidia-debugdump"}), read_links(bin_dir))
+    changes = plan_links(ROOT, frozenset({"nvidia-smi", "nvidia-debugdump", "nvidia-persistenced"}),
+                         read_links(bin_dir))
     assert changes == LinkChanges(make=(("nvidia-smi", ours("nvidia-smi")),), remove=("nvidia-modprobe",),
-                                  foreign=("nvidia-debugdump",))
+                                  foreign=("nvidia-persistenced", "nvidia-debugdump"))
     apply_links(bin_dir, changes)
     assert os.readlink(bin_dir / "nvidia-smi") == ours("nvidia-smi")
     assert not (bin_dir / "nvidia-modprobe").exists()
     assert (bin_dir / "nvidia-debugdump").read_text() == "a distribution's copy\n"
-    assert sorted(p.name for p in bin_dir.iterdir()) == ["nvidia-debugdump", "nvidia-smi"]  # no temporaries
+    assert os.readlink(bin_dir / "nvidia-persistenced") == f"{ROOT}/535.1/x/bin/nvidia-persistenced"
+    assert sorted(p.name for p in bin_dir.iterdir()) == ["nvidia-debugdump", "nvidia-persistenced", "nvidia-smi"]
+
+
+def test_a_link_that_cannot_be_renamed_leaves_no_temporary(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    (bin_dir / "nvidia-smi").mkdir(parents=True)  # rename of a link over a directory fails (EISDIR)
+    (bin_dir / "nvidia-smi" / "x").write_text("")
+    with pytest.raises(HostError):
+        apply_links(bin_dir, LinkChanges(make=(("nvidia-smi", ours("nvidia-smi")),)))
+    assert sorted(p.name for p in bin_dir.iterdir()) == ["nvidia-smi"]
 
 
 def test_an_unwritable_bin_dir_says_what_to_set(tmp_path: Path) -> None:
