@@ -7,6 +7,7 @@ The build (PyInstaller, then mksquashfs) runs once per session, ~1-2 min on 2 co
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,20 @@ NAME = "nvidia-agent"
 HOST_LIBS = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1", "libutil.so.1",
              "ld-linux-x86-64.so.2", "libudev.so.1"}
 SIZE_BUDGET_MIB = 40
+# What a running frozen agent may map from outside the extension: glibc, libudev, the C locale
+# data, devices, and umockdev's preload library (the test's fake /sys; it needs only libc).
+HOST_FILES = re.compile(r"^/dev/|^/usr/lib/locale/|.*/gconv/|.*/(?:lib(?:c|m|pthread|dl|rt|util)\.so\.\d+|"
+                        r"ld-linux-x86-64\.so\.2|libudev\.so\.1[.\d]*|libumockdev-preload\.so[.\d]*)$")
+
+
+def mapped_files(pid: int) -> set[str]:
+    """The files a process has mapped (/proc/<pid>/maps)."""
+    paths = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            paths.add(fields[5].removesuffix(" (deleted)"))
+    return paths
 
 
 class Built:
@@ -133,10 +148,17 @@ def test_the_frozen_agent_does_the_main_job_without_a_python(tmp_path: Path, reg
     assert "Reload" in [call[1] for call in systemd_bus.GetCalls()]  # type: ignore[attr-defined]
     assert pythonless.current() == f"{DRIVER}/ubuntu-22.04-{K1}"
     assert f"libcuda.so.{DRIVER}" in pythonless.in_ns("ls", str(pythonless.root / "usr/lib64")).split()
+    for dropins in (pythonless.root / "etc/systemd/system").glob("*.d"):
+        shutil.rmtree(dropins)  # the daemon writes them again and reloads systemd: GLib and Gio get loaded
     with RunningAgent(pythonless) as agent:
         status = agent.status_json(wait_s=60)
+        maps = mapped_files(int((pythonless.root / "run/nvidia-agent/agent.lock").read_text()))
         code, log = agent.stop()
     assert status["phase"] == "ready" and status["current"] == tree_path(K1), status
     assert code == 0, log
+    # what the running agent really loaded (dlopen, typelibs' libraries, ctypes), not only ELF NEEDED
+    assert any(Path(path).name.startswith("libgio-2.0") for path in maps), sorted(maps)
+    from_host = sorted(path for path in maps if not path.startswith(f"{sysext.tree}/") and not HOST_FILES.match(path))
+    assert not from_host, from_host
     helped = subprocess.run([str(sysext.exe), "--help"], capture_output=True, text=True, check=False, env={})
     assert helped.returncode == 0 and "daemon" in helped.stdout, helped.stderr
