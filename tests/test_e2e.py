@@ -250,3 +250,33 @@ def test_tools_that_cannot_be_linked_are_a_warning_not_a_failure(tmp_path: Path,
     assert first.stdout.count("tools_not_linked") == 1 and "install.bin_dir" in first.stdout, first.stdout
     assert host.current() == f"{DRIVER}/ubuntu-22.04-{K1}"
     assert len(host.our_mounts()) == 1
+
+
+def test_a_hidden_overlay_is_put_back_while_serving_the_previous_tree(tmp_path: Path, registry: RegistryServer,
+                                                                       host: Host) -> None:
+    """Degraded but serving (the new driver has no image), with retries a minute apart: a mount over /usr
+    that hides the served tree's libraries is undone at once, not at the next retry."""
+    push_driver(tmp_path, registry.host, K1)
+    assert host.once().returncode == 0
+    host.configure(registry.host, '[driver]\nversion = "550.54.14"\n')
+    write(host.root / "etc/nvidia-agent/config.d/60-slow-retry.toml",
+          "[daemon]\nretry_initial_s = 60\nretry_max_s = 60\n")
+    extension = write(tmp_path / "extension/usr/bin/tool", "#!/bin/sh\n").parent.parent
+    usr, lib = host.root / "usr", f"libcuda.so.{DRIVER}"
+    with RunningAgent(host) as agent:
+        deadline = time.monotonic() + 60
+        status: dict[str, object] = {}
+        while time.monotonic() < deadline and not (status.get("serving") and status["phase"] == "degraded"):
+            status = agent.status_json()
+            time.sleep(0.2)
+        assert status.get("serving") == tree_path(K1), status
+        host.in_ns("mount", "-t", "overlay", "sysext", "-o", f"ro,lowerdir={extension}:{usr}", str(usr))
+        hidden_at, seen = time.monotonic(), ""
+        while time.monotonic() < hidden_at + 30 and lib not in seen:
+            seen = host.in_ns("ls", str(usr / "lib64"))
+            time.sleep(0.2)
+        shown_after = time.monotonic() - hidden_at
+        code, log = agent.stop()
+    assert code == 0, log
+    assert lib in seen and shown_after < 15, (shown_after, log)
+    assert "overlay_hidden" in log, log
