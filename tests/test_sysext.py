@@ -76,8 +76,8 @@ def test_the_image_holds_the_agent_its_unit_and_an_any_os_release(sysext: Built,
     assert "ID=_any" in release and "ARCHITECTURE=x86-64" in release
     unit = (usr / "lib/systemd/system/nvidia-agent.service").read_text()
     assert f"ExecStart=/usr/bin/{NAME} daemon" in unit
-    assert "Upholds=nvidia-agent.service" in (usr / "lib/systemd/system/multi-user.target.d/10-nvidia-agent.conf"
-                                              ).read_text()
+    dropin = (usr / "lib/systemd/system/multi-user.target.d/10-nvidia-agent.conf").read_text().splitlines()
+    assert {"Wants=nvidia-agent.service", "Upholds=nvidia-agent.service"} <= set(dropin), dropin
     assert (usr / f"lib/{NAME}/config.d/00-defaults.toml").read_bytes() == \
         (REPO_ROOT / "etc/nvidia-agent/00-defaults.toml").read_bytes()
     assert (usr / f"share/doc/{NAME}/README.md").is_file()
