@@ -4,11 +4,15 @@ The guest is Debian 12 with systemd as PID 1, booted straight from one of two ke
 same release (`<ver>-amd64` and `<ver>-cloud-amd64`), so a reboot into the other one is a real
 "kernel changed" boot. It has no network (`-nic none`); its driver images come from Debian's
 docker-registry running *inside* the guest on 127.0.0.1:5000, filled on this host at build
-time. The agent is installed the way a user would: a wheel in a venv, the unit from
-`units/`, the defaults from `etc/`. Fake NVIDIA PCI devices come from `fake_gpu_pci.ko`
+time. The agent is installed the way a user would: in the `debian` variant a wheel in a venv,
+the unit from `units/`, the defaults from `etc/` (README's plain-distribution recipe); in the
+`fcos` and `flatcar` variants, a host that looks like CoreOS (no python3 at all, /usr mounted
+read-only, /usr/local -> /var/usrlocal) gets only the system extension that packaging/build-sysext
+builds, placed by the Ignition config packaging/deploy/<variant>.ign, and merged at boot by the real
+systemd-sysext.service. Fake NVIDIA PCI devices come from `fake_gpu_pci.ko`
 (see tests/vm/guest/), loaded early by `fake-gpu.service`.
 
-    python -m tests.vm.harness setup              # build or reuse the cached guest image
+    python -m tests.vm.harness setup [--variant fcos]  # build or reuse the cached guest image
     python -m tests.vm.harness run first_boot ... # run scenarios of tests/vm/test_vm.py
     python -m tests.vm.harness shell [--kernel cloud]  # boot a guest, type commands into it
 
@@ -259,9 +263,26 @@ def vmlinuz(kver: str) -> Path:
     return kernel_dir(kver) / "boot" / f"vmlinuz-{kver}"
 
 
+# The initrd's /init. With `nvagent.usr=ro` on the kernel command line /usr is bound read-only
+# before systemd starts, as Fedora CoreOS's initrd (ostree-prepare-root) leaves it; an fstab entry
+# would be remounted by systemd-remount-fs, racing usr.mount, and could take / read-only with it.
+INITRD_INIT = (
+    "#!/bin/sh\n"
+    "mount -t proc p /proc; mount -t sysfs s /sys; mount -t devtmpfs d /dev\n"
+    "for m in $(cat /modlist); do insmod /lib/modules/$m 2>/dev/null; done\n"
+    "i=0; while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done\n"
+    "mount -t ext4 -o rw /dev/vda /newroot || { echo 'initrd: cannot mount /dev/vda'; sh; }\n"
+    "case \" $(cat /proc/cmdline) \" in *' nvagent.usr=ro '*)\n"
+    "  mount -o bind /newroot/usr /newroot/usr && mount -o remount,bind,ro /newroot/usr"
+    " || { echo 'initrd: cannot bind /usr read-only'; sh; } ;;\n"
+    "esac\n"
+    "umount /proc /sys; mount --move /dev /newroot/dev\n"
+    "exec switch_root /newroot /sbin/init\n")
+
+
 def initrd(kver: str) -> Path:
     """A busybox initrd: virtio + ext4 modules of kver, then switch_root into systemd."""
-    out = CACHE / f"initrd-{kver}-{digest(json.dumps(GUEST['initrd_modules']))}.cpio.gz"
+    out = CACHE / f"initrd-{kver}-{digest(json.dumps(GUEST['initrd_modules']), INITRD_INIT)}.cpio.gz"
     if out.exists():
         return out
     k = kernel_dir(kver)
@@ -282,14 +303,7 @@ def initrd(kver: str) -> Path:
         for p in paths:
             shutil.copy(p, w / "lib/modules" / Path(p).name)
         (w / "modlist").write_text("".join(Path(p).name + "\n" for p in paths))
-        (w / "init").write_text(
-            "#!/bin/sh\n"
-            "mount -t proc p /proc; mount -t sysfs s /sys; mount -t devtmpfs d /dev\n"
-            "for m in $(cat /modlist); do insmod /lib/modules/$m 2>/dev/null; done\n"
-            "i=0; while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done\n"
-            "mount -t ext4 -o rw /dev/vda /newroot || { echo 'initrd: cannot mount /dev/vda'; sh; }\n"
-            "umount /proc /sys; mount --move /dev /newroot/dev\n"
-            "exec switch_root /newroot /sbin/init\n")
+        (w / "init").write_text(INITRD_INIT)
         (w / "init").chmod(0o755)
         files = sh("find", ".", cwd=w).stdout
         cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=w, input=files.encode(),
@@ -618,8 +632,19 @@ def _guest_ids(root: Path, user: str) -> tuple[int, int]:
     raise RuntimeError(f"no user {user} in the guest")
 
 
-def build_image(force: bool = False) -> Path:
-    """Build (or reuse) the guest disk image; returns the raw image path. Prints timings."""
+VARIANTS = ("debian", "fcos", "flatcar")
+
+
+def build_image(force: bool = False, variant: str = "debian") -> Path:
+    """Build (or reuse) a guest disk image; returns the raw image path. Prints timings.
+
+    debian: the agent installed as README's plain-distribution recipe does (a venv from wheels).
+    fcos, flatcar: a host like CoreOS (no python3, /usr read-only, /usr/local -> /var/usrlocal) with
+    the agent only as the system extension that packaging/build-sysext builds, placed by the
+    Ignition config packaging/deploy/<variant>.ign applied as Ignition's files stage would.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown guest variant {variant!r}: {', '.join(VARIANTS)}")
     t = time.monotonic()
     CACHE.mkdir(parents=True, exist_ok=True)
     kernels = host_packages()
@@ -628,24 +653,36 @@ def build_image(force: bool = False) -> Path:
         initrd(kver)
     base = rootfs(kernels)
     images = driver_images(kernels)
-    wheels = agent_wheels()
-    deps = CACHE / f"wheels-deps-{digest((REPO / 'pyproject.toml').read_bytes())}"
-    key = digest(base.name, images.name, wheels.name, deps.name, *GUEST_FILES, Path(__file__),
-                 VM_TOML, REGISTRY_YML, REGISTRY_UNIT, FAKE_GPU_UNIT, STANDIN_SCRIPT, STANDIN_UNIT)
-    img = CACHE / f"guest-{key}.raw"
+    common = [base.name, images.name, Path(__file__), VM_TOML, REGISTRY_YML, REGISTRY_UNIT, FAKE_GPU_UNIT,
+              STANDIN_SCRIPT, STANDIN_UNIT]
+    if variant == "debian":
+        wheels = agent_wheels()
+        deps = CACHE / f"wheels-deps-{digest((REPO / 'pyproject.toml').read_bytes())}"
+        key = digest(*common, wheels.name, deps.name, *GUEST_FILES)
+    else:
+        raw = agent_sysext()
+        key = digest(*common, raw.parent.name, *SYSEXT_GUEST_FILES)
+    img = CACHE / f"guest-{variant}-{key}.raw"
     if img.exists() and not force:
         log(f"guest image cache hit: {img.name}")
     else:
-        with step("guest image (agent install + mkfs)"):
-            _assemble(base, images, wheels=wheels, deps=deps, img=img)
-        for old in CACHE.glob("guest-*.raw"):
+        with step(f"guest image {variant} (agent install + mkfs)"):
+            if variant == "debian":
+                _assemble(base, images, wheels=wheels, deps=deps, img=img)
+            else:
+                _assemble_coreos_like(base, images, raw=raw, variant=variant, img=img)
+        for old in CACHE.glob(f"guest-{variant}-*.raw"):
             if old != img:
                 old.unlink()
     meta = {"image": str(img), "kernels": {"amd64": kernels.amd64, "cloud": kernels.cloud},
             "images": json.loads((images / "images.json").read_text()), "key": key}
-    (CACHE / "image.json").write_text(json.dumps(meta, indent=2))
+    _meta_path(variant).write_text(json.dumps(meta, indent=2))
     timed("setup total", time.monotonic() - t)
     return img
+
+
+def _meta_path(variant: str) -> Path:
+    return CACHE / ("image.json" if variant == "debian" else f"image-{variant}.json")
 
 
 def _assemble(base: Path, images: Path, *, wheels: Path, deps: Path, img: Path) -> None:
@@ -667,6 +704,13 @@ def _assemble(base: Path, images: Path, *, wheels: Path, deps: Path, img: Path) 
     put(root, "usr/lib/nvidia-agent/config.d/00-defaults.toml",
         (REPO / "etc/nvidia-agent/00-defaults.toml").read_bytes())
     put(root, "etc/nvidia-agent/config.d/50-vm.toml", VM_TOML)
+    _test_infrastructure(root, images)
+    sh("systemctl", f"--root={root}", "enable", "-q", "nvidia-agent.service")
+    _mkfs(root, img)
+
+
+def _test_infrastructure(root: Path, images: Path) -> None:
+    """What the scenarios need beside the agent: the registry inside the guest, fake GPUs, stand-ins."""
     put(root, "etc/ld.so.conf.d/lib64.conf", "/usr/lib64\n")  # like a lib64 distro
     (root / "usr/lib64").mkdir(exist_ok=True)
     # the registry inside the guest, with the images pushed on this host
@@ -686,8 +730,11 @@ def _assemble(base: Path, images: Path, *, wheels: Path, deps: Path, img: Path) 
     put(root, STANDIN_SEEN, STANDIN_SCRIPT, mode=0o755)
     for unit in STANDINS:
         put(root, f"etc/systemd/system/{unit}.service", STANDIN_UNIT)
-    sh("systemctl", f"--root={root}", "enable", "-q", "nvidia-agent.service", "docker-registry.service",
-       "fake-gpu.service", *(f"{u}.service" for u in STANDINS))
+    sh("systemctl", f"--root={root}", "enable", "-q", "docker-registry.service", "fake-gpu.service",
+       *(f"{u}.service" for u in STANDINS))
+
+
+def _mkfs(root: Path, img: Path) -> None:
     img.unlink(missing_ok=True)
     tmp = img.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
@@ -697,10 +744,66 @@ def _assemble(base: Path, images: Path, *, wheels: Path, deps: Path, img: Path) 
     shutil.rmtree(root)
 
 
-def current_image() -> tuple[Path, Kernels]:
-    meta_p = CACHE / "image.json"
+# Every Python package of the Debian rootfs: a CoreOS-like guest has none (the extension brings its own).
+PYTHON_PACKAGES = ["python3", "python3-minimal", "python3.11", "python3.11-minimal", "libpython3.11-minimal",
+                   "libpython3.11-stdlib", "libpython3-stdlib", "python3-gi", "python3-venv", "python3.11-venv",
+                   "python3-distutils", "python3-lib2to3", "python3-pip-whl", "python3-setuptools-whl"]
+SYSEXT_GUEST_FILES = [REPO / "packaging/deploy", HERE.parent / "support/ignition.py"]
+EXTENSION_URL = "https://downloads.example.com/nvidia-agent/"
+
+
+def _assemble_coreos_like(base: Path, images: Path, *, raw: Path, variant: str, img: Path) -> None:
+    """The Debian rootfs made to look like CoreOS, then the recipe packaging/deploy/<variant>.ign applied."""
+    sys.path.insert(0, str(REPO)) if str(REPO) not in sys.path else None
+    from tests.support import ignition  # noqa: PLC0415 - stdlib only, beside the harness
+
+    root = CACHE / f"img-root-{variant}"
+    shutil.rmtree(root, ignore_errors=True)
+    sh("cp", "-a", base, root)  # a real copy: dpkg below appends to files the cache holds
+    (root / ".complete").unlink()
+    _chroot(root, "DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq --auto-remove "
+                  + " ".join(PYTHON_PACKAGES) + " >/dev/null; rm -rf /usr/lib/python3 /usr/local/lib/python3*;"
+                  " ! command -v python3 && ! ls /usr/bin/python* /usr/lib/python3* 2>/dev/null")
+    # /usr/local is /var/usrlocal, as on Fedora CoreOS: the one writable place on root's PATH
+    shutil.move(root / "usr/local", root / "var/usrlocal")
+    (root / "usr/local").symlink_to("../var/usrlocal")
+    # /usr is bound read-only by the initrd (Guest passes nvagent.usr=ro for this variant)
+    put(root, "etc/nvidia-agent/config.d/55-vm.toml", VM_TOML)  # after the recipe's 50-registry.toml
+    _test_infrastructure(root, images)
+    if variant == "flatcar":  # what Flatcar itself ships: the merge at boot and its ensure-sysext.service
+        put(root, "usr/lib/systemd/system/ensure-sysext.service",
+            (REPO / "packaging/deploy/ensure-sysext.service").read_bytes())
+        sh("systemctl", f"--root={root}", "enable", "-q", "systemd-sysext.service", "ensure-sysext.service")
+    config = json.loads((REPO / f"packaging/deploy/{variant}.ign").read_text())
+    written = ignition.apply(config, root, {EXTENSION_URL + raw.name: raw})
+    log(f"applied packaging/deploy/{variant}.ign: {', '.join(written)}")
+    _mkfs(root, img)
+
+
+SYSEXT_SOURCES = [*AGENT_SOURCES, REPO / "packaging/build-sysext", *GUEST_FILES]
+
+
+def agent_sysext() -> Path:
+    """The system extension image, built by packaging/build-sysext (cached by what goes in it)."""
+    d = CACHE / f"sysext-{digest(*SYSEXT_SOURCES)}"
+    if (d / ".complete").exists():
+        return next(d.glob("nvidia-agent-*.raw"))
+    py = REPO / ".venv/bin/python"
+    with step("system extension (packaging/build-sysext)"):
+        shutil.rmtree(d, ignore_errors=True)
+        sh(py if py.exists() else sys.executable, REPO / "packaging/build-sysext", "--out", d)
+        (d / ".complete").touch()
+    for old in CACHE.glob("sysext-*"):
+        if old != d:
+            shutil.rmtree(old, ignore_errors=True)
+    return next(d.glob("nvidia-agent-*.raw"))
+
+
+def current_image(variant: str = "debian") -> tuple[Path, Kernels]:
+    meta_p = _meta_path(variant)
     if not meta_p.exists():
-        raise RuntimeError(f"no guest image in {CACHE}: run `python -m tests.vm.harness setup`")
+        raise RuntimeError(f"no {variant} guest image in {CACHE}: run `python -m tests.vm.harness setup "
+                           f"--variant {variant}`")
     meta = json.loads(meta_p.read_text())
     img = Path(meta["image"])
     if not img.exists():
@@ -761,9 +864,10 @@ class QGA:
 class Guest:
     """One scenario's guest: its own copy-on-write disk (kept across reboots), one kernel per boot."""
 
-    def __init__(self, kernel: str | None = "amd64", name: str = "guest", workdir: Path | None = None,
-                 boot_timeout: float = 600, max_runtime: int = 3600) -> None:
-        self.image, self.kernels = current_image()
+    def __init__(self, kernel: str | None = "amd64", name: str = "guest", workdir: Path | None = None, *,
+                 boot_timeout: float = 600, max_runtime: int = 3600, variant: str = "debian") -> None:
+        self.variant = variant
+        self.image, self.kernels = current_image(variant)
         self.kernel = self.kernels.pick(kernel)
         self.name = name
         self.dir = workdir or Path(tempfile.mkdtemp(prefix=f"{name}-", dir=CACHE / "runs" if _mk(CACHE / "runs")
@@ -799,7 +903,8 @@ class Guest:
                 "-display", "none", "-no-reboot", "-nic", "none",
                 "-serial", f"file:{self.dir / f'console-{self.boots}.log'}",
                 "-kernel", str(vmlinuz(self.kernel)), "-initrd", str(initrd(self.kernel)),
-                "-append", "root=/dev/vda rw console=ttyS0 panic=-1 quiet",
+                "-append", "root=/dev/vda rw console=ttyS0 panic=-1 quiet"
+                + (" nvagent.usr=ro" if self.variant != "debian" else ""),
                 "-drive", f"file={self.disk},if=virtio,format=qcow2,cache=unsafe",
                 "-chardev", f"socket,path={qga},server=on,wait=off,id=qga0",
                 "-device", "virtio-serial", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
@@ -1056,20 +1161,34 @@ DEMO_COMMANDS = (
     "nvidia-smi",
     "systemctl cat kubelet.service | tail -4",
 )
+# what makes the CoreOS-like guest what it is, shown before the agent's side
+COREOS_DEMO_COMMANDS = (
+    "command -v python3 || echo 'no python3 on this host'",
+    "findmnt -n -o TARGET,FSTYPE,OPTIONS /usr",
+    "systemd-sysext status",
+    "ls -l /etc/extensions /opt/extensions/nvidia-agent",
+    "readlink -f /proc/$(systemctl show -P MainPID nvidia-agent)/exe",
+)
 
 
-def demo(kernel: str) -> int:
+def demo(kernel: str, variant: str = "fcos") -> int:
     """Boot the guest; the agent (a systemd service) pulls, installs, loads; print what an operator sees."""
-    build_image()
-    with Guest(kernel=kernel, name="demo") as g:
+    build_image(variant=variant)
+    with Guest(kernel=kernel, name="demo", variant=variant) as g:
         g.wait_agent_active()
         failed = 0
-        for cmd in DEMO_COMMANDS:
+        commands = (COREOS_DEMO_COMMANDS if variant != "debian" else ()) + DEMO_COMMANDS
+        for cmd in commands:
             rc, out = g.run(cmd, timeout=120, quiet=True)
             print(f"\n$ {cmd}\n{out.rstrip()}" + (f"\n[exit {rc}]" if rc else ""))
-            failed += cmd == "nvidia-agent status" and rc != 0
+            failed += cmd in ("nvidia-agent status", "nvidia-smi") and rc != 0
     print_timings()
     return 1 if failed else 0
+
+
+VARIANT_HELP = ("debian: the agent from a venv (README's plain-distribution recipe); fcos, flatcar: a CoreOS-like "
+                "host (no python3, /usr read-only) with the agent only as the system extension, placed by "
+                "packaging/deploy/<variant>.ign")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1078,32 +1197,36 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("setup", help="build or reuse the cached guest image")
     s.add_argument("--force", action="store_true", help="rebuild the final image even on a cache hit")
-    r = sub.add_parser("run", help="run scenarios (test names of tests/vm/test_vm.py, without test_)")
+    s.add_argument("--variant", choices=VARIANTS, default="debian", help=VARIANT_HELP)
+    r = sub.add_parser("run", help="run scenarios (test names of tests/vm/test_vm*.py, without test_)")
     r.add_argument("scenarios", nargs="*")
     r.add_argument("pytest_args", nargs=argparse.REMAINDER)
     d = sub.add_parser("demo", help="the agent's main job on a VM host: boot, let the agent install and load the "
                                     "driver from the guest's own registry, show what an operator sees, power off")
     d.add_argument("--kernel", default="amd64", help="amd64 (default), cloud, or an exact release")
+    d.add_argument("--variant", choices=VARIANTS, default="fcos", help=VARIANT_HELP + " (default: fcos)")
     h = sub.add_parser("shell", help="boot a guest on a fresh disk and run commands typed on stdin")
     h.add_argument("--kernel", default="amd64", help="amd64 (default), cloud, or an exact release")
+    h.add_argument("--variant", choices=VARIANTS, default="debian", help=VARIANT_HELP)
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("the VM harness needs root (debootstrap, chroot, mkfs)", file=sys.stderr)
         return 1
     if a.cmd == "setup":
-        build_image(force=a.force)
+        build_image(force=a.force, variant=a.variant)
         print_timings()
         return 0
     if a.cmd == "run":
         py = REPO / ".venv/bin/python"
         cmd = [str(py) if py.exists() else sys.executable, "-m", "pytest", "-m", "vm", "-s",
-               str(HERE / "test_vm.py")]
+               str(HERE / "test_vm.py"), str(HERE / "test_vm_sysext.py")]
         if a.scenarios:
             cmd += ["-k", " or ".join(a.scenarios)]
         return subprocess.run(cmd + a.pytest_args, cwd=REPO, check=False).returncode
     if a.cmd == "demo":
-        return demo(a.kernel)
-    with Guest(kernel=a.kernel, name="shell") as g:
+        return demo(a.kernel, a.variant)
+    build_image(variant=a.variant)
+    with Guest(kernel=a.kernel, name="shell", variant=a.variant) as g:
         print(f"guest up ({g.kernel}); workdir {g.dir}; type commands, EOF or 'exit' to power off",
               file=sys.stderr)
         for line in sys.stdin:
