@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from test_units_bus import systemd_bus  # noqa: F401 - the fixture: a private sy
 
 from support.registry import RegistryServer
 from support.sandbox import DRIVER, K1, REPO_ROOT, Host, RunningAgent, push_driver, tree_path, write
+from tests.vm import harness
 
 pytestmark = pytest.mark.integration
 NAME = "nvidia-agent"
@@ -49,17 +51,15 @@ class Built:
 
 
 @pytest.fixture(scope="module")
-def sysext(tmp_path_factory: pytest.TempPathFactory) -> Built:
+def sysext() -> Built:
     for tool in ("mksquashfs", "unsquashfs", "readelf"):
         assert shutil.which(tool), f"{tool} missing: .ci/setup installs squashfs-tools and binutils"
-    base = tmp_path_factory.mktemp("sysext")
-    out = subprocess.run([sys.executable, str(REPO_ROOT / "packaging/build-sysext"), "--out", str(base / "out"),
-                          "--keep-tree", str(base / "tree")], capture_output=True, text=True, timeout=1200,
-                         check=False)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    images = list((base / "out").glob(f"{NAME}-*-x86-64.raw"))
-    assert len(images) == 1, images
-    return Built(images[0], base / "tree")
+    # packaging/build-sysext, run once for this tier and the VM tier (cached by what goes into it)
+    image = harness.agent_sysext()
+    version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert image.name == f"{NAME}-{version}-x86-64.raw", image
+    assert (image.parent / "tree/usr/bin" / NAME).is_symlink(), "the build keeps the tree it packed"
+    return Built(image, image.parent / "tree")
 
 
 def test_the_image_holds_the_agent_its_unit_and_an_any_os_release(sysext: Built, tmp_path: Path,

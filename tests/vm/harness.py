@@ -784,14 +784,17 @@ SYSEXT_SOURCES = [*AGENT_SOURCES, REPO / "packaging/build-sysext", *GUEST_FILES]
 
 
 def agent_sysext() -> Path:
-    """The system extension image, built by packaging/build-sysext (cached by what goes in it)."""
+    """The system extension image, built by packaging/build-sysext (cached by what goes in it); the
+    tree it was packed from is kept beside it as `tree/` (tests/test_sysext.py runs the agent from it)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
     d = CACHE / f"sysext-{digest(*SYSEXT_SOURCES)}"
     if (d / ".complete").exists():
         return next(d.glob("nvidia-agent-*.raw"))
     py = REPO / ".venv/bin/python"
     with step("system extension (packaging/build-sysext)"):
         shutil.rmtree(d, ignore_errors=True)
-        sh(py if py.exists() else sys.executable, REPO / "packaging/build-sysext", "--out", d)
+        sh(py if py.exists() else sys.executable, REPO / "packaging/build-sysext", "--out", d, "--keep-tree",
+           d / "tree")
         (d / ".complete").touch()
     for old in CACHE.glob("sysext-*"):
         if old != d:
@@ -970,8 +973,7 @@ class Guest:
                 self.qga.cmd("guest-shutdown", mode="powerdown")
                 self.proc.wait(timeout)
             except Exception:  # a wedged guest: the disk is per scenario, losing it is fine
-                self.proc.kill()
-                self.proc.wait()
+                _kill(self.proc)
             timed(f"{self.name}: shutdown", time.monotonic() - t)
         if self.qga:
             self.qga.close()
@@ -985,8 +987,7 @@ class Guest:
         try:
             self.proc.wait(180)  # -no-reboot: qemu exits when the guest reboots
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            _kill(self.proc)
         self.qga.close()
         self.qga = None
         timed(f"{self.name}: reboot (shutdown part)", time.monotonic() - t)
@@ -1134,8 +1135,17 @@ def _kill_leftover_guests() -> None:
     """Never leave a guest running behind a dead test run (only ours, by PID)."""
     for proc in _RUNNING:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            _kill(proc)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """Kill `timeout` and the qemu under it: killing `timeout --foreground` alone leaves qemu running."""
+    for children in Path(f"/proc/{proc.pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError, ValueError):
+            for child in children.read_text().split():
+                os.kill(int(child), signal.SIGKILL)
+    proc.kill()
+    proc.wait()
 
 
 def _mk(p: Path) -> bool:
