@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 from agent.bus import MANAGER, Systemd
 from agent.errors import HostError
 from agent.units import DROPIN, apply_dropins, dropin_text, plan_dropins
+from tests.support.bus import private_system_bus
 
 KUBELET, MESOS = "kubelet.service", "dcos-mesos-slave.service"
 
@@ -48,28 +48,14 @@ def test_dropins_on_disk_have_literal_ordering(tmp_path: Path) -> None:
 def systemd_bus(tmp_path: Path) -> Iterator[object]:
     """A private dbus-daemon as the system bus, with python-dbusmock's systemd template on it."""
     dbusmock = pytest.importorskip("dbusmock")
-    config = tmp_path / "bus.conf"
-    config.write_text(f"""<busconfig><type>system</type><listen>unix:path={tmp_path}/bus</listen>
-<policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/>
-<allow own="*"/></policy></busconfig>""")
-    daemon = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address"],
-                              stdout=subprocess.PIPE, text=True)
-    address = daemon.stdout.readline().strip()  # type: ignore[union-attr]
-    old = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
-    os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = address
-    mock, obj = dbusmock.DBusTestCase.spawn_server_template("systemd", {}, stdout=subprocess.DEVNULL)
-    obj.AddMethod(MANAGER, "Reload", "", "", "")
-    try:
-        yield obj
-    finally:
-        mock.terminate()
-        mock.wait()
-        daemon.terminate()
-        daemon.wait()
-        if old is None:
-            os.environ.pop("DBUS_SYSTEM_BUS_ADDRESS", None)
-        else:
-            os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = old
+    with private_system_bus(tmp_path):
+        mock, obj = dbusmock.DBusTestCase.spawn_server_template("systemd", {}, stdout=subprocess.DEVNULL)
+        obj.AddMethod(MANAGER, "Reload", "", "", "")
+        try:
+            yield obj
+        finally:
+            mock.terminate()
+            mock.wait()
 
 
 @pytest.mark.integration
