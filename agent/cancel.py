@@ -11,6 +11,13 @@ from agent.errors import Cancelled
 BEAT_SLICE_S = 5.0  # a sleep still shows the worker alive at least this often
 
 
+def next_delay_s(failures: int, initial_s: float, max_s: float) -> float:
+    """Exponential backoff: initial, 2x, 4x, ... capped at max."""
+    if failures <= 0:
+        return 0.0
+    return float(min(max_s, initial_s * (2 ** min(failures - 1, 30))))
+
+
 class Cancel:
     """Set once by the daemon's main thread when the agent stops; read by the worker.
 

@@ -1,14 +1,15 @@
-"""The `nvidia-agent` command: daemon, status, config."""
+"""The `nvidia-agent` command: daemon, status, config, preflight."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import structlog
@@ -19,14 +20,16 @@ from agent.config import CONFIG_DIRS, Settings, load_settings
 from agent.credentials import Credentials
 from agent.daemon import LOCK_FILE, LockHeld, Triggers, acquire_lock, run_daemon
 from agent.devices import pci_monitor
-from agent.errors import ConfigError, ExitCode
-from agent.hostfacts import HostProbe
+from agent.errors import AgentError, ConfigError, ExitCode
+from agent.hostfacts import HostProbe, oci_arch
 from agent.hostroot import HostRoot
 from agent.notify import Notifier
+from agent.plan import target_for_boot
 from agent.reconcile import Agent
-from agent.registry import RegistryClient
+from agent.registry import Platform, RegistryClient
 from agent.status import SOCKET_FILE, Phase, query, render_text
 from agent.trust import session_for, trust_context
+from agent.update.preflight import check_image
 
 DESCRIPTION = """\
 Keeps the prebuilt NVIDIA driver that matches the running kernel installed
@@ -69,6 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("config", help="validate the configuration and print the merged result as JSON",
                    description="Exit 0 with the effective settings, or 78 naming the file, key and what is valid.")
+
+    p = sub.add_parser(
+        "preflight", help="check that a driver image for an OS version and kernel exists and verifies",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Before rolling an OS release out to GPU nodes: resolve, pull and verify (digests, the\n"
+                    "manifest's files, every module's vermagic against KERNEL) the image this host's\n"
+                    "configuration would ask for after booting that OS and kernel, in a scratch directory\n"
+                    "that is removed afterwards. Nothing on the host changes; no daemon is needed.\n\n"
+                    "  nvidia-agent preflight --os-version 3815.2.1 --kernel 6.6.21-flatcar\n\n"
+                    "Exit 0: the image exists and verifies. 1: it does not (missing, unreachable, or\n"
+                    "rejected: the reason is printed). 78: bad configuration.")
+    p.add_argument("--os-version", required=True, metavar="V", help="the OS version the node will boot "
+                   "(VERSION_ID, or OSTREE_VERSION on Fedora/RHEL CoreOS)")
+    p.add_argument("--kernel", required=True, metavar="K", help="the kernel release it will boot (uname -r)")
+    p.add_argument("--os-id", metavar="ID", help="the OS id (default: this host's, from os-release)")
+    p.add_argument("--workdir", type=Path, default=Path("/var/tmp"), metavar="DIR",  # noqa: S108 - mkdtemp, 0700
+                   help="where the scratch directory goes, under the host root (default /var/tmp): it "
+                        "holds one driver image while it is checked")
     return parser
 
 
@@ -77,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     host = HostRoot(args.root.resolve())
     if args.command == "status":
         return cmd_status(host, args)
-    log.configure(verbose=getattr(args, "verbose", False))
+    # preflight prints its answer on stdout, for scripts: its progress goes to stderr
+    log.configure(sys.stderr if args.command == "preflight" else None, verbose=getattr(args, "verbose", False))
     logger = structlog.get_logger("nvidia-agent")
     try:
         settings = load_settings(host)
@@ -88,15 +110,63 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(json.dumps(asdict(settings), indent=2, default=list))
         return ExitCode.OK
+    if args.command == "preflight":
+        return cmd_preflight(host, settings, args)
     return cmd_daemon(host, settings, once=args.once)
+
+
+def _registry_unset() -> ConfigError:
+    return ConfigError("/etc/nvidia-agent/config.d/", "image.registry", "not set: the agent trusts no "
+                       "registry it was not told about", 'e.g. [image] registry = "registry.example:5000" '
+                       "in /etc/nvidia-agent/config.d/50-registry.toml")
+
+
+def _registry_client(host: HostRoot, settings: Settings, cancel: Cancel) -> RegistryClient:
+    """The registry client the configuration describes; ConfigError for bad credentials or CAs."""
+    logger = structlog.get_logger("nvidia-agent")
+    credentials = Credentials.load(host(settings.image.auth_file))
+    context = trust_context(host, settings.image.ca_file)
+    if credentials.unsupported_helpers:
+        logger.warning("credential_helpers_ignored", helpers=",".join(credentials.unsupported_helpers),
+                       file=settings.image.auth_file)
+    return RegistryClient(plain_http=settings.image.plain_http, credentials=credentials,
+                          timeout_s=settings.image.timeout_s, attempts=settings.image.attempts,
+                          session=session_for(context), sleep=cancel.sleep)
+
+
+def cmd_preflight(host: HostRoot, settings: Settings, args: argparse.Namespace) -> int:
+    logger = structlog.get_logger("nvidia-agent")
+    try:
+        if not settings.image.registry:
+            raise _registry_unset()
+        registry = _registry_client(host, settings, Cancel())
+    except ConfigError as exc:
+        logger.error("config_invalid", error=str(exc), key=exc.key)
+        print(f"nvidia-agent: configuration error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    try:
+        current = HostProbe(host).os()
+        os_ = replace(current, id=args.os_id or current.id, version=args.os_version)
+        target = target_for_boot(settings, os_, args.kernel, oci_arch(platform.machine()))
+        result = check_image(registry, target, platform=Platform.host(), lib64_allow=settings.install.lib64_allow,
+                             workdir=host(str(args.workdir)),
+                             on_phase=lambda name, ctx: logger.info(name, **ctx) if name != "installing" else None)
+    except AgentError as exc:
+        print(f"nvidia-agent: preflight failed for {args.os_version} / {args.kernel}: {exc}"
+              + (f"\n  {exc.hint}" if exc.hint else ""), file=sys.stderr)
+        return ExitCode.FAILED
+    except ValueError as exc:  # a kernel or version that cannot name an image (render_tag, os_key)
+        print(f"nvidia-agent: preflight: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    modules = ", ".join(m.name for m in result.verified.modules)
+    print(f"ok: {target.reference} ({result.marker.digest}) verifies for kernel {target.kernel}: {modules}")
+    return ExitCode.OK
 
 
 def cmd_daemon(host: HostRoot, settings: Settings, *, once: bool) -> int:
     logger = structlog.get_logger("nvidia-agent")
     if not settings.image.registry:
-        problem = ConfigError("/etc/nvidia-agent/config.d/", "image.registry", "not set: the agent trusts no "
-                              "registry it was not told about", 'e.g. [image] registry = "registry.example:5000" '
-                              "in /etc/nvidia-agent/config.d/50-registry.toml")
+        problem = _registry_unset()
         logger.error("config_invalid", error=str(problem), key="image.registry")
         print(f"nvidia-agent: configuration error: {problem}", file=sys.stderr)
         return ExitCode.CONFIG
@@ -107,20 +177,13 @@ def cmd_daemon(host: HostRoot, settings: Settings, *, once: bool) -> int:
         print(f"nvidia-agent: {exc}", file=sys.stderr)
         return ExitCode.LOCKED
     with lock:
+        cancel = Cancel()
         try:
-            credentials = Credentials.load(host(settings.image.auth_file))
-            context = trust_context(host, settings.image.ca_file)
+            registry = _registry_client(host, settings, cancel)
         except ConfigError as exc:
             logger.error("config_invalid", error=str(exc))
             print(f"nvidia-agent: configuration error: {exc}", file=sys.stderr)
             return ExitCode.CONFIG
-        if credentials.unsupported_helpers:
-            logger.warning("credential_helpers_ignored", helpers=",".join(credentials.unsupported_helpers),
-                           file=settings.image.auth_file)
-        cancel = Cancel()
-        registry = RegistryClient(plain_http=settings.image.plain_http, credentials=credentials,
-                                  timeout_s=settings.image.timeout_s, attempts=settings.image.attempts,
-                                  session=session_for(context), sleep=cancel.sleep)
         agent = Agent(host, settings, probe=HostProbe(host), registry=registry,
                       udev_monitor=pci_monitor if host.root == Path("/") else None)
         code = run_daemon(agent, socket_path=host(SOCKET_FILE), once=once, triggers=Triggers.install(),

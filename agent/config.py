@@ -96,6 +96,12 @@ class DaemonSettings:
 
 
 @dataclass(frozen=True)
+class UpdateSettings:
+    source: str = "auto"  # auto | update_engine | rpm-ostree | none
+    poll_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Settings:
     driver: DriverSettings = DriverSettings()
     image: ImageSettings = ImageSettings()
@@ -104,6 +110,7 @@ class Settings:
     modules: ModuleSettings = ModuleSettings()
     units: UnitSettings = UnitSettings()
     daemon: DaemonSettings = DaemonSettings()
+    update: UpdateSettings = UpdateSettings()
     sources: tuple[str, ...] = ()  # the fragments merged, in order (host paths)
 
 
@@ -130,6 +137,14 @@ def _integer(minimum: int, maximum: int) -> Callable[[Any], Any]:
         if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
             raise ValueError(f"an integer from {minimum} to {maximum}")
         return value
+    return check
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("one of " + ", ".join(f'"{c}"' for c in choices))
+        return str(value)
     return check
 
 
@@ -230,12 +245,16 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "retry_initial_s": _number(0.1, 3600),
         "retry_max_s": _number(1, 86400),
     },
+    "update": {
+        "source": _choice(("auto", "update_engine", "rpm-ostree", "none")),
+        "poll_s": _number(5, 86400),
+    },
 }
 
 _SECTIONS: dict[str, type] = {
     "driver": DriverSettings, "image": ImageSettings, "install": InstallSettings,
     "mount": MountSettings, "modules": ModuleSettings, "units": UnitSettings,
-    "daemon": DaemonSettings,
+    "daemon": DaemonSettings, "update": UpdateSettings,
 }
 
 

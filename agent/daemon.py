@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import structlog
 
-from agent.cancel import Cancel
+from agent.cancel import Cancel, next_delay_s
 from agent.errors import AgentError, ExitCode
 from agent.log import RepeatLimiter
 from agent.notify import Notifier
@@ -70,13 +70,6 @@ def process_age_s(proc: Path = Path("/proc")) -> float:
     except (OSError, ValueError, IndexError):
         return 0.0
     return max(0.0, uptime_s - started_s)
-
-
-def next_delay_s(failures: int, initial_s: float, max_s: float) -> float:
-    """Exponential backoff: initial, 2x, 4x, ... capped at max."""
-    if failures <= 0:
-        return 0.0
-    return float(min(max_s, initial_s * (2 ** min(failures - 1, 30))))
 
 
 class Triggers:
@@ -353,6 +346,8 @@ def _schedule(agent: Agent, phase: Phase, failures: int) -> tuple[int, float]:
     """(failures so far, seconds to the next pass): the check interval when settled, else backoff."""
     settings = agent.settings.daemon
     if phase in (Phase.READY, Phase.NO_GPU):
+        if phase is Phase.READY and agent.watches_updates:
+            return 0, min(settings.check_interval_s, agent.settings.update.poll_s)
         return 0, settings.check_interval_s
     failures += 1
     return failures, next_delay_s(failures, settings.retry_initial_s, settings.retry_max_s)

@@ -58,6 +58,10 @@ class RegistryError(AgentError):
     """The registry answered, but not with what we need (missing tag, denied, bad manifest)."""
 
 
+class ImageMissing(RegistryError):
+    """The registry answered 404: no such tag, manifest or blob (yet)."""
+
+
 class RegistryUnavailable(TransientError):
     """The registry could not be reached or failed on its side (connection, timeout, 5xx, 429)."""
 

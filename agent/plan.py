@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from agent.config import Settings
-from agent.hostfacts import HostFacts, os_key
+from agent.hostfacts import HostFacts, OSInfo, os_key
 from agent.mount import MountState, classify
 from agent.reference import Reference, render_tag
 from agent.state import Refusal, State, TreeMarker
@@ -117,13 +117,18 @@ def parameters_key(settings: Settings) -> str:
 
 
 def target_for(settings: Settings, facts: HostFacts) -> Target:
-    key = os_key(facts.os, facts.kernel)
-    fields = {"driver": settings.driver.version, "os": key, "os_id": facts.os.id,
-              "os_version": facts.os.version, "kernel": facts.kernel, "arch": facts.arch}
+    return target_for_boot(settings, facts.os, facts.kernel, facts.arch)
+
+
+def target_for_boot(settings: Settings, os_: OSInfo, kernel: str, arch: str) -> Target:
+    """The tree and image for a boot of `os_` with `kernel`: this one, or the next one an update stages."""
+    key = os_key(os_, kernel)
+    fields = {"driver": settings.driver.version, "os": key, "os_id": os_.id,
+              "os_version": os_.version, "kernel": kernel, "arch": arch}
     ref = Reference(settings.image.registry, settings.image.repository,
                     tag=render_tag(settings.image.tag_template, fields))
     tree = PurePosixPath(settings.install.root) / settings.driver.version / key
-    return Target(settings.driver.version, key, facts.kernel, ref, str(tree), str(tree / "lib64"))
+    return Target(settings.driver.version, key, kernel, ref, str(tree), str(tree / "lib64"))
 
 
 def plan(settings: Settings, facts: HostFacts, installed: Installed, state: State) -> Plan:

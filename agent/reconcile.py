@@ -14,7 +14,7 @@ from agent import __version__, failpoints
 from agent import mount as mounts
 from agent.blobs import BlobStore
 from agent.bus import Systemd
-from agent.cancel import Cancel
+from agent.cancel import Cancel, next_delay_s
 from agent.config import Settings
 from agent.devices import (
     Monitor,
@@ -25,7 +25,7 @@ from agent.devices import (
     plan_nodes,
     wait_gpus_bound,
 )
-from agent.errors import AgentError, Cancelled, HostError, RegistryUnavailable, cause_chain
+from agent.errors import AgentError, Cancelled, HostError, ImageMissing, RegistryUnavailable, cause_chain
 from agent.hostfacts import HostFacts, HostProbe, read_modules, visible_mount
 from agent.hostroot import HostRoot
 from agent.install.image import Unchanged, Want, install_image
@@ -53,12 +53,14 @@ from agent.plan import (
     plan,
     plan_serving,
     target_for,
+    target_for_boot,
 )
 from agent.registry import Platform, RegistryClient
 from agent.state import STATE_FILE, Refusal, State, load_state, read_marker, save_state
 from agent.status import LastError, Phase, Snapshot
 from agent.tools import apply_links, bin_dir_for, plan_links, read_links, tools_in
 from agent.units import UNIT_DIR, apply_dropins
+from agent.update.watch import NextBootProbe, source_for
 
 CACHE_DIR = "/var/cache/nvidia-agent"
 GPU_BIND_TIMEOUT_S = 30.0
@@ -77,7 +79,8 @@ class Agent:
 
     def __init__(self, host: HostRoot, settings: Settings, *, probe: HostProbe, registry: RegistryClient,
                  notify: Notify = lambda _status: None, platform: Platform | None = None,
-                 udev_monitor: Callable[[], Monitor] | None = None, systemd: Systemd | None = None) -> None:
+                 udev_monitor: Callable[[], Monitor] | None = None, systemd: Systemd | None = None,
+                 next_boot: NextBootProbe | None = None) -> None:
         self.host = host
         self.settings = settings
         self.probe = probe
@@ -86,6 +89,11 @@ class Agent:
         self.platform = platform or Platform.host()
         self.udev_monitor = udev_monitor  # a started pyudev monitor of kernel PCI events, or None
         self.systemd = systemd or Systemd()
+        self.next_boot = next_boot or NextBootProbe(host)
+        self.watches_updates = False  # an updater is asked about the next boot (the daemon polls it)
+        self._stage_errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
+        self._stage_retry: tuple[str, int, float] = ("", 0, 0.0)  # (next os key, failures, monotonic not before)
+        self._next_said: tuple[str, str | None] | None = None  # the next boot's last logged (state, os key)
         self.store = BlobStore(host(CACHE_DIR) / "blobs")
         self.snapshot = Snapshot(version=__version__, driver=settings.driver.version)
         self.log = structlog.get_logger("nvidia-agent")
@@ -197,17 +205,20 @@ class Agent:
             else:
                 self.snapshot = self.snapshot.evolve(serving=None)
             raise
-        for old in prune_trees(install_root, self.settings.install.keep_trees, {self.host(target.tree)},
+        protected = {self.host(target.tree)} | ({self.host(state.staged)} if state.staged else set())
+        for old in prune_trees(install_root, self.settings.install.keep_trees, protected,
                                target.driver, self._debris):
             self.log.info("pruned", tree=self.host.host_view(old))
         now = time.time()
         changed = the_plan.kernel_changed_from
         kept = {tree for tree, _ in installed_trees(install_root)}
         working = {k: v for k, v in state.working.items() if self.host(v) in kept} | {facts.kernel: target.tree}
-        save_state(self.host(STATE_FILE), State(
+        ready_state = State(
             last_kernel=facts.kernel, last_os_key=target.os_key, last_ready_at=now,
             previous_kernel=changed or state.previous_kernel,
-            kernel_changed_at=now if changed else state.kernel_changed_at, working=working))
+            kernel_changed_at=now if changed else state.kernel_changed_at, working=working,
+            staged=state.staged if state.staged != target.tree else None)
+        save_state(self.host(STATE_FILE), ready_state)
         failpoints.hit("state.written")
         self.snapshot = self.snapshot.evolve(last_error=None, serving=None,
                                              kernel_changed_from=changed or state.previous_kernel,
@@ -215,7 +226,81 @@ class Agent:
         self._errors.forget()
         self._phase(Phase.READY, f"driver {target.driver} for {target.os_key}", tree=target.tree,
                     digest=self.snapshot.digest)
+        self._stage_next_boot(facts, target, ready_state, install_root, cancel)
         return Phase.READY
+
+    # --- stage: the driver for the next boot an OS update staged, installed beside the current one
+
+    def _stage_next_boot(self, facts: HostFacts, running: Target, state: State, install_root: Path,
+                         cancel: Cancel) -> None:
+        """After READY (kubelet is not kept waiting for this): ask the updater what the next boot
+        runs, and install its driver tree without activating it, so that boot needs no network.
+        Its outcome is the snapshot's `next_boot`; it never changes this boot's phase."""
+        source = source_for(facts.os, self.settings.update.source)
+        self.watches_updates = source != "none"
+        if source == "none":
+            self.snapshot = self.snapshot.evolve(next_boot=None)
+            return
+        try:
+            nxt = self.next_boot.next_boot(facts, source)
+        except HostError as exc:
+            self._next(None, source, "failed", str(exc), error=str(exc))
+            return
+        if nxt is None:
+            self.snapshot = self.snapshot.evolve(next_boot=None)
+            return
+        t = target_for_boot(self.settings, nxt.os, nxt.kernel, facts.arch)
+        marker = read_marker(self.host(t.tree))
+        if t.tree == running.tree:  # the update keeps this OS version and kernel: nothing to stage
+            self._next(t, source, "ready", f"{t.tree} is the running tree")
+            return
+        if marker is not None and (marker.driver, marker.os_key, marker.kernel) == (t.driver, t.os_key, t.kernel):
+            self._next(t, source, "ready", f"{t.tree} is installed")
+            self._remember_staged(state, t.tree)
+            return
+        key, failures, not_before = self._stage_retry
+        if key != t.os_key:  # another next boot than the one that failed: try at once
+            failures, not_before = 0, 0.0
+        if time.monotonic() < not_before:
+            return  # the last try failed: the snapshot still says why; retried with backoff
+        self._next(t, source, "staging", f"{t.reference}")
+        want = Want(t.driver, t.os_key, t.kernel, self.settings.install.lib64_allow)
+        try:
+            result = install_image(
+                self.registry, t.reference, platform=self.platform, install_root=install_root,
+                tree=self.host(t.tree), store=self.store, want=want, cancelled=cancel,
+                on_phase=lambda name, ctx: self.log.info(f"staging_{name}", next_os=t.os_key, **ctx))
+        except Cancelled:
+            raise
+        except AgentError as exc:
+            delay = next_delay_s(failures + 1, self.settings.daemon.retry_initial_s, self.settings.daemon.retry_max_s)
+            self._stage_retry = (t.os_key, failures + 1, time.monotonic() + delay)
+            missing = isinstance(exc, ImageMissing)
+            self._next(t, source, "missing" if missing else "failed",
+                       f"{'no image yet: ' if missing else ''}{exc}; next try in {delay:.0f}s", error=str(exc))
+            return
+        self._stage_retry = ("", 0, 0.0)
+        self._remember_staged(state, t.tree)
+        self._next(t, source, "ready", f"{t.tree} installed ({result.marker.digest})")
+
+    def _next(self, t: Target | None, source: str, state: str, detail: str, *, error: str | None = None) -> None:
+        """The next boot's status, and one log event when it changed (a failure: once an hour)."""
+        self.snapshot = self.snapshot.evolve(next_boot={
+            "os_key": t.os_key if t else "?", "kernel": t.kernel if t else "?", "source": source, "state": state,
+            "tree": t.tree if t else "", "detail": detail})
+        next_os = t.os_key if t else None
+        if error is not None:
+            if self._stage_errors.should_log(f"{state} {next_os}: {error}")[0]:
+                self.log.warning("next_boot_" + state, next_os=next_os, error=detail)
+            return
+        self._stage_errors.forget()
+        level = "debug" if self._next_said == (state, next_os) else "info"
+        self._next_said = (state, next_os)
+        getattr(self.log, level)("next_boot_" + state, next_os=next_os, detail=detail)
+
+    def _remember_staged(self, state: State, tree: str) -> None:
+        if state.staged != tree:
+            save_state(self.host(STATE_FILE), replace(state, staged=tree))
 
     def _installed(self, target: Target, facts: HostFacts) -> Installed:
         install_root = self.host(self.settings.install.root)

@@ -24,7 +24,15 @@ import urllib3
 
 from agent import failpoints
 from agent.credentials import Credentials
-from agent.errors import AgentError, Cancelled, DigestMismatch, HostError, RegistryError, RegistryUnavailable
+from agent.errors import (
+    AgentError,
+    Cancelled,
+    DigestMismatch,
+    HostError,
+    ImageMissing,
+    RegistryError,
+    RegistryUnavailable,
+)
 from agent.reference import DIGEST_RE, TAG_RE, Reference
 
 log = structlog.get_logger(__name__)
@@ -697,7 +705,7 @@ class RegistryClient:
         if status in (401, 403):
             raise RegistryError(f"{what}: access denied ({detail})", hint=self._denied_hint(registry))
         if status == 404:
-            raise RegistryError(f"{what}: not found ({detail})", hint=missing)
+            raise ImageMissing(f"{what}: not found ({detail})", hint=missing)
         if status == 429 or status >= 500:
             retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
             raise _Busy(f"{what}: {registry} answered {detail}", retry_after)

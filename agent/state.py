@@ -89,6 +89,8 @@ class State:
     refused: Refusal | None = None
     # The tree that was last READY for each kernel: what keeps serving if that kernel's target fails.
     working: dict[str, str] = field(default_factory=dict)
+    # The tree installed for the next boot an OS update staged: kept through pruning until that boot.
+    staged: str | None = None
 
 
 def load_state(path: Path) -> State:
@@ -115,7 +117,7 @@ def load_state(path: Path) -> State:
                  previous_kernel=text("previous_kernel"), kernel_changed_at=when("kernel_changed_at"),
                  refused=_refusal(doc.get("refused")),
                  working={k: v for k, v in working.items() if isinstance(k, str) and isinstance(v, str)}
-                 if isinstance(working, dict) else {})
+                 if isinstance(working, dict) else {}, staged=text("staged"))
 
 
 def _refusal(doc: Any) -> Refusal | None:

@@ -85,6 +85,9 @@ class Snapshot:
     last_reconcile_at: float | None = None
     ready_since: float | None = None
     next_attempt_at: float | None = None
+    # The next boot an OS update staged, and its driver: {"os_key", "kernel", "source", "state"
+    # (staging | ready | missing | failed), "tree", "detail"}; None while no update is staged.
+    next_boot: dict[str, str] | None = None
     pid: int = field(default_factory=getpid)
     version: str = ""
 
@@ -317,6 +320,11 @@ def render_text(status: dict[str, Any]) -> str:
             lines.append(f"  caused by: {cause}")
         if err.get("hint"):
             lines.append(f"  to fix:    {err['hint']}")
+    nb = status.get("next_boot")
+    if nb:
+        lines.append(f"next boot:   {nb.get('state')}: {nb.get('os_key')} (from {nb.get('source')})")
+        if nb.get("detail"):
+            lines.append(f"             {nb['detail']}")
     if status.get("next_attempt_at"):
         lines.append(f"next try:    in {max(0, int(status['next_attempt_at'] - time.time()))}s")
     lines.append(f"agent:       pid {status['pid']}, version {status['version']}, "

@@ -72,6 +72,8 @@ BAD = [
     ('[drivers]\nversion = "1.2"\n', "[drivers]", "[driver]"),
     ('image = "x"\n', "image", "[image] with keys"),
     ('[daemon]\nretry_initial_s = 900\n', "daemon.retry_initial_s", "retry_initial_s <= retry_max_s"),
+    ('[update]\nsource = "zincati"\n', "update.source", '"update_engine", "rpm-ostree", "none"'),
+    ('[update]\npoll_s = 1\n', "update.poll_s", "number"),
 ]
 
 

@@ -14,8 +14,8 @@ from structlog.testing import capture_logs
 
 from agent import daemon
 from agent.cancel import Cancel
-from agent.config import DaemonSettings, Settings
-from agent.daemon import EXTEND_S, Readiness, Triggers, run_daemon
+from agent.config import DaemonSettings, Settings, UpdateSettings
+from agent.daemon import EXTEND_S, Readiness, Triggers, _schedule, run_daemon
 from agent.errors import ExitCode
 from agent.notify import Notifier
 from agent.status import Phase, Snapshot
@@ -100,6 +100,7 @@ class FakeAgent:
     snapshot: Snapshot = field(default_factory=Snapshot)
     notify: Any = None
     calls: int = 0
+    watches_updates: bool = False  # no OS updater asked (agent.update): the ready interval is check_interval_s
 
     def reconcile(self, cancelled: Any) -> Phase:
         self.calls += 1
@@ -204,6 +205,7 @@ class BlockedAgent:
     snapshot: Snapshot = field(default_factory=lambda: Snapshot(phase=Phase.PULLING, detail="registry silent"))
     notify: Any = None
     refusals_forgotten: int = 0
+    watches_updates: bool = False
 
     def reconcile(self, cancel: Cancel) -> Phase:
         if self.stubborn_s:
@@ -325,3 +327,13 @@ def test_a_notify_socket_nobody_drains_does_not_stall_the_agent(systemd: Systemd
         sent += 1
     assert 0 < sent < 10_000, "the queue never filled"
     assert time.monotonic() - started < 5
+
+
+def test_a_ready_host_asks_the_os_updater_every_poll_s() -> None:
+    settings = Settings(daemon=DaemonSettings(check_interval_s=300), update=UpdateSettings(poll_s=60))
+    agent = FakeAgent(fail_times=0, settings=settings)
+    assert _schedule(agent, Phase.READY, 3) == (0, 300)  # type: ignore[arg-type]
+    agent.watches_updates = True
+    assert _schedule(agent, Phase.READY, 0) == (0, 60)  # type: ignore[arg-type]
+    assert _schedule(agent, Phase.NO_GPU, 0) == (0, 300)  # type: ignore[arg-type]
+    assert _schedule(agent, Phase.DEGRADED, 0) == (1, settings.daemon.retry_initial_s)  # type: ignore[arg-type]

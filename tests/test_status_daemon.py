@@ -15,7 +15,8 @@ import structlog
 from structlog.testing import capture_logs
 
 from agent import log
-from agent.daemon import LockHeld, acquire_lock, next_delay_s
+from agent.cancel import next_delay_s
+from agent.daemon import LockHeld, acquire_lock
 from agent.errors import ExitCode, TransientError, cause_chain
 from agent.install.trees import current_target, remove_debris, switch_current
 from agent.status import (

@@ -1,0 +1,132 @@
+"""Issue 9 on a sandboxed Flatcar host: update_engine (a stand-in speaking its real interface on a
+private system bus) says an update waits for a reboot; the agent installs the next boot's driver
+beside the current one without activating it; after the "reboot" (new kernel, new OS version)
+the registry is gone and the agent is READY from the staged tree without a request."""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.state import read_marker
+from support.images import build_image, make_driver_tree
+from support.registry import RegistryServer
+from support.sandbox import DRIVER, FIXTURES, K1, K2, REPO, Host, write
+from tests.support.bus import private_system_bus, update_engine_stand_in
+
+pytestmark = pytest.mark.integration
+
+MOCK = "org.freedesktop.DBus.Mock"
+OLD, NEW = "3139.2.0", "3139.2.1"
+FLATCAR = (FIXTURES / "os-release/flatcar-3139.2.0").read_text()
+
+
+def bzimage_head(release: str) -> bytes:
+    """A kernel image's first bytes as the x86 boot protocol lays them out, naming `release`."""
+    head = bytearray(0x1000)
+    head[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", head, 0x206, 0x20F)
+    struct.pack_into("<H", head, 0x20E, 0x300)
+    version = f"{release} (builder@flatcar) #1 SMP PREEMPT_DYNAMIC\0".encode()
+    head[0x500:0x500 + len(version)] = version
+    return bytes(head)
+
+
+def flatcar_tree(kernel: str, version: str) -> str:
+    return f"/opt/nvidia/{DRIVER}/flatcar-{version}-{kernel}"
+
+
+def push_flatcar(tmp_path: Path, registry: str, kernel: str, version: str) -> str:
+    tree = make_driver_tree(tmp_path / f"tree-{kernel}-{version}", driver=DRIVER, kernel=kernel)
+    return build_image(tree, f"{registry}/{REPO}:{DRIVER}-flatcar-{version}-{kernel}", driver=DRIVER,
+                       os_id="flatcar", os_version=version, kernel=kernel)
+
+
+@pytest.fixture
+def update_engine(tmp_path: Path) -> Iterator[Any]:
+    pytest.importorskip("dbusmock")
+    bus_dir = tmp_path / "bus"
+    bus_dir.mkdir()
+    with private_system_bus(bus_dir), update_engine_stand_in() as obj:
+        yield obj
+
+
+@pytest.fixture
+def flatcar(host: Host) -> Host:
+    write(host.root / "etc/os-release", FLATCAR)
+    write(host.root / "boot/flatcar/vmlinuz-a", bzimage_head(K1))
+    return host
+
+
+def reboot_into(host: Host, kernel: str, version: str, slot: str) -> None:
+    host.set_kernel(kernel)
+    write(host.root / "etc/os-release", FLATCAR.replace(OLD, version))
+    write(host.root / f"boot/flatcar/vmlinuz-{slot}", bzimage_head(kernel))
+
+
+def test_the_next_boots_driver_is_staged_and_the_new_os_boots_offline(
+        tmp_path: Path, registry: RegistryServer, flatcar: Host, update_engine: Any) -> None:
+    host = flatcar
+    push_flatcar(tmp_path, registry.host, K1, OLD)
+    staged_digest = push_flatcar(tmp_path, registry.host, K2, NEW)
+    first = host.once()
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert host.current() == f"{DRIVER}/flatcar-{OLD}-{K1}"
+    assert not re.search(r" next_boot_\w+ ", first.stdout), "nothing staged yet: nothing to say"
+
+    # update_engine wrote the new OS and its kernel into slot b, and waits for the reboot
+    write(host.root / "boot/flatcar/vmlinuz-b", bzimage_head(K2))
+    update_engine.SetStatus(1700000000, 0.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT", NEW, 1, dbus_interface=MOCK)
+    second = host.once()
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert " next_boot_ready " in second.stdout and " staging_pulling " in second.stdout, second.stdout
+    staged = host.root / flatcar_tree(K2, NEW).lstrip("/")
+    assert (staged / f"lib/modules/{K2}/nvidia.ko").is_file()
+    assert host.current() == f"{DRIVER}/flatcar-{OLD}-{K1}", "staging must not activate the next boot's tree"
+    marker = read_marker(staged)
+    assert marker is not None and marker.digest == staged_digest and marker.kernel == K2
+
+    # the reboot: new kernel, new OS version, and no registry at all
+    registry.stop()
+    reboot_into(host, K2, NEW, "b")
+    update_engine.ResetStatus()
+    third = host.once()
+    assert third.returncode == 0, third.stdout + third.stderr
+    for event in (" resolving ", " pulling ", " staging_"):
+        assert event not in third.stdout, f"the first boot of the new OS asked the registry: {third.stdout}"
+    assert host.current() == f"{DRIVER}/flatcar-{NEW}-{K2}"
+    # the previous boot's tree stays for a rollback to the old OS
+    assert (host.root / flatcar_tree(K1, OLD).lstrip("/")).is_dir()
+
+
+def test_an_image_not_published_yet_is_missing_and_the_host_stays_ready(
+        tmp_path: Path, registry: RegistryServer, flatcar: Host, update_engine: Any) -> None:
+    host = flatcar
+    push_flatcar(tmp_path, registry.host, K1, OLD)
+    write(host.root / "boot/flatcar/vmlinuz-b", bzimage_head(K2))
+    update_engine.SetStatus(1700000000, 0.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT", NEW, 1, dbus_interface=MOCK)
+    out = host.once()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert " next_boot_missing " in out.stdout, out.stdout
+    assert f"flatcar-{NEW}-{K2}" in out.stdout
+    assert not (host.root / flatcar_tree(K2, NEW).lstrip("/")).exists()
+    assert host.current() == f"{DRIVER}/flatcar-{OLD}-{K1}"
+    # published later: the next pass stages it
+    push_flatcar(tmp_path, registry.host, K2, NEW)
+    again = host.once()
+    assert again.returncode == 0 and " next_boot_ready " in again.stdout, again.stdout + again.stderr
+    assert (host.root / flatcar_tree(K2, NEW).lstrip("/")).is_dir()
+
+
+def test_without_update_engine_the_host_is_ready_and_the_problem_is_said(
+        tmp_path: Path, registry: RegistryServer, flatcar: Host) -> None:
+    """No updater on the bus (here: no bus at all): a warning, never a failed boot."""
+    push_flatcar(tmp_path, registry.host, K1, OLD)
+    out = flatcar.once(env={"DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/no-bus"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert " next_boot_failed " in out.stdout and "update_engine" in out.stdout, out.stdout
