@@ -82,11 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "that is removed afterwards. Nothing on the host changes; no daemon is needed.\n\n"
                     "  nvidia-agent preflight --os-version 3815.2.1 --kernel 6.6.21-flatcar\n\n"
                     "Exit 0: the image exists and verifies. 1: it does not (missing, unreachable, or\n"
-                    "rejected: the reason is printed). 78: bad configuration.")
+                    "rejected: the reason is printed). 64: a version or kernel that cannot name an\n"
+                    "image. 78: bad configuration.")
     p.add_argument("--os-version", required=True, metavar="V", help="the OS version the node will boot "
                    "(VERSION_ID, or OSTREE_VERSION on Fedora/RHEL CoreOS)")
     p.add_argument("--kernel", required=True, metavar="K", help="the kernel release it will boot (uname -r)")
-    p.add_argument("--os-id", metavar="ID", help="the OS id (default: this host's, from os-release)")
+    p.add_argument("--os-id", metavar="ID", help="the OS id as the agent keys it (default: this host's; "
+                   "Fedora CoreOS is fedora-coreos, from ID=fedora with VARIANT_ID=coreos)")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"), metavar="DIR",  # noqa: S108 - mkdtemp, 0700
                    help="where the scratch directory goes, under the host root (default /var/tmp): it "
                         "holds one driver image while it is checked")

@@ -213,12 +213,11 @@ class Agent:
         changed = the_plan.kernel_changed_from
         kept = {tree for tree, _ in installed_trees(install_root)}
         working = {k: v for k, v in state.working.items() if self.host(v) in kept} | {facts.kernel: target.tree}
-        ready_state = State(
+        ready_state = self._save_ready_state(state, State(
             last_kernel=facts.kernel, last_os_key=target.os_key, last_ready_at=now,
             previous_kernel=changed or state.previous_kernel,
             kernel_changed_at=now if changed else state.kernel_changed_at, working=working,
-            staged=state.staged if state.staged != target.tree else None)
-        save_state(self.host(STATE_FILE), ready_state)
+            staged=state.staged if state.staged != target.tree else None))
         failpoints.hit("state.written")
         self.snapshot = self.snapshot.evolve(last_error=None, serving=None,
                                              kernel_changed_from=changed or state.previous_kernel,
@@ -229,6 +228,17 @@ class Agent:
         self._stage_next_boot(facts, target, ready_state, install_root, cancel)
         return Phase.READY
 
+    def _save_ready_state(self, old: State, new: State) -> State:
+        """Every pass of a ready host ends here (every update.poll_s where an updater is asked): the
+        state file is rewritten only when something in it changed, or to refresh last_ready_at."""
+        same = replace(new, last_ready_at=None) == replace(old, last_ready_at=None)
+        fresh = old.last_ready_at is not None and (new.last_ready_at or 0) - old.last_ready_at \
+            < self.settings.daemon.check_interval_s
+        if same and fresh:
+            return old
+        save_state(self.host(STATE_FILE), new)
+        return new
+
     # --- stage: the driver for the next boot an OS update staged, installed beside the current one
 
     def _stage_next_boot(self, facts: HostFacts, running: Target, state: State, install_root: Path,
@@ -236,6 +246,15 @@ class Agent:
         """After READY (kubelet is not kept waiting for this): ask the updater what the next boot
         runs, and install its driver tree without activating it, so that boot needs no network.
         Its outcome is the snapshot's `next_boot`; it never changes this boot's phase."""
+        try:
+            self._stage(facts, running, state, install_root, cancel)
+        except Cancelled:
+            raise
+        except Exception as exc:  # never let the next boot's trouble touch this boot's READY
+            self.log.exception("next_boot_crashed", error=f"{type(exc).__name__}: {exc}")
+            self._next(None, self.settings.update.source, "failed", f"{type(exc).__name__}: {exc}", error=str(exc))
+
+    def _stage(self, facts: HostFacts, running: Target, state: State, install_root: Path, cancel: Cancel) -> None:
         source = source_for(facts.os, self.settings.update.source)
         self.watches_updates = source != "none"
         if source == "none":
@@ -246,8 +265,10 @@ class Agent:
         except HostError as exc:
             self._next(None, source, "failed", str(exc), error=str(exc))
             return
-        if nxt is None:
+        if nxt is None:  # nothing staged (any more: an update withdrawn, rolled back): nothing to keep
             self.snapshot = self.snapshot.evolve(next_boot=None)
+            if state.staged:
+                save_state(self.host(STATE_FILE), replace(state, staged=None))
             return
         t = target_for_boot(self.settings, nxt.os, nxt.kernel, facts.arch)
         marker = read_marker(self.host(t.tree))
@@ -265,13 +286,19 @@ class Agent:
             return  # the last try failed: the snapshot still says why; retried with backoff
         self._next(t, source, "staging", f"{t.reference}")
         want = Want(t.driver, t.os_key, t.kernel, self.settings.install.lib64_allow)
+        preempt = _Preempt(cancel, self.overlay_shown)
         try:
             result = install_image(
                 self.registry, t.reference, platform=self.platform, install_root=install_root,
-                tree=self.host(t.tree), store=self.store, want=want, cancelled=cancel,
+                tree=self.host(t.tree), store=self.store, want=want, cancelled=preempt,
                 on_phase=lambda name, ctx: self.log.info(f"staging_{name}", next_os=t.os_key, **ctx))
         except Cancelled:
-            raise
+            if cancel():
+                raise
+            # the overlay this boot runs on was hidden (a sysext refresh): put it back first; the
+            # download resumes from the content store on the next pass, right after
+            self._next(t, source, "staging", "interrupted to put the overlay back; resumed next pass")
+            return
         except AgentError as exc:
             delay = next_delay_s(failures + 1, self.settings.daemon.retry_initial_s, self.settings.daemon.retry_max_s)
             self._stage_retry = (t.os_key, failures + 1, time.monotonic() + delay)
@@ -547,3 +574,21 @@ def _read(path: Path) -> str | None:
         return path.read_text(errors="replace")
     except OSError:
         return None
+
+
+class _Preempt:
+    """Staging's cancel check: a stop, or this boot's overlay hidden (checked at most once a second:
+    staging is a long download, and a hidden overlay is what the running workloads need back first)."""
+
+    def __init__(self, cancel: Cancel, overlay_shown: Callable[[], bool]) -> None:
+        self.cancel, self.overlay_shown = cancel, overlay_shown
+        self._checked = time.monotonic()
+
+    def __call__(self) -> bool:
+        if self.cancel():
+            return True
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return False
+        self._checked = now
+        return not self.overlay_shown()

@@ -117,7 +117,14 @@ def load_state(path: Path) -> State:
                  previous_kernel=text("previous_kernel"), kernel_changed_at=when("kernel_changed_at"),
                  refused=_refusal(doc.get("refused")),
                  working={k: v for k, v in working.items() if isinstance(k, str) and isinstance(v, str)}
-                 if isinstance(working, dict) else {}, staged=text("staged"))
+                 if isinstance(working, dict) else {}, staged=_tree_path(text("staged")))
+
+
+def _tree_path(value: str | None) -> str | None:
+    """A tree path from the state file: absolute and normalized, or not trusted at all."""
+    if value is None or not value.startswith("/") or os.path.normpath(value) != value or "\0" in value:
+        return None
+    return value
 
 
 def _refusal(doc: Any) -> Refusal | None:

@@ -86,8 +86,8 @@ def test_the_recipe_places_the_image_that_build_sysext_builds(name: str) -> None
     assert cp["Target"]["CurrentSymlink"] == link["path"]
     assert cp["Target"]["Path"] == str(Path(raw["path"]).parent)
     assert raw["contents"]["source"].startswith(cp["Source"]["Path"])
-    shipped = ignition.read_source(file_entry(ign, "/etc/sysupdate.nvidia-agent.d/nvidia-agent.conf")
-                                   ["contents"]["source"], {})
+    conf = file_entry(ign, "/etc/sysupdate.nvidia-agent.d/nvidia-agent.conf")["contents"]
+    shipped = ignition.read_source(conf["source"], {}, conf.get("compression"))
     assert shipped == (DEPLOY / "nvidia-agent.conf").read_bytes()
 
 
@@ -216,6 +216,17 @@ def test_apply_fails_like_ignition_on_an_existing_file_and_on_a_source_it_cannot
         ignition.apply(ign, tmp_path / "other", {}, run=lambda argv: None)
 
 
-def test_data_urls_round_trip_any_bytes() -> None:
-    for data in (b"", b"[image]\nregistry = \"r:5000\"\n", bytes(range(256)), "ünïcode %20 ,;".encode()):
-        assert ignition.read_source(ignition.data_url(data), {}) == data
+@pytest.mark.parametrize("data", [b"", b"[image]\nregistry = \"r:5000\"\n", bytes(range(256)) * 4,
+                                  "ünïcode %20 ,;".encode(), (DEPLOY / "nvidia-agent.conf").read_bytes()])
+def test_contents_round_trip_in_every_encoding_butane_picks(data: bytes) -> None:
+    assert ignition.read_source(ignition.data_url(data), {}) == data
+    contents = ignition.butane_contents(data)
+    assert ignition.read_source(contents["source"], {}, contents["compression"]) == data
+    assert contents["compression"] in ("", "gzip")
+
+
+def test_butane_picks_the_shortest_encoding() -> None:
+    assert ignition.butane_contents(b"[image]\n")["source"].startswith("data:,")
+    assert ignition.butane_contents(bytes(range(256)))["source"].startswith("data:;base64,")
+    text = (DEPLOY / "nvidia-agent.conf").read_bytes()  # long and repetitive: gzip wins
+    assert ignition.butane_contents(text)["compression"] == "gzip"

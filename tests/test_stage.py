@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.state import read_marker
+from agent.state import STATE_FILE, load_state, read_marker
 from support.images import build_image, make_driver_tree
 from support.registry import RegistryServer
 from support.sandbox import DRIVER, FIXTURES, K1, K2, REPO, Host, write
@@ -100,6 +100,7 @@ def test_the_next_boots_driver_is_staged_and_the_new_os_boots_offline(
     for event in (" resolving ", " pulling ", " staging_"):
         assert event not in third.stdout, f"the first boot of the new OS asked the registry: {third.stdout}"
     assert host.current() == f"{DRIVER}/flatcar-{NEW}-{K2}"
+    assert load_state(host.root / STATE_FILE.lstrip("/")).staged is None, "booted: no longer a staged tree"
     # the previous boot's tree stays for a rollback to the old OS
     assert (host.root / flatcar_tree(K1, OLD).lstrip("/")).is_dir()
 
@@ -130,3 +131,41 @@ def test_without_update_engine_the_host_is_ready_and_the_problem_is_said(
     out = flatcar.once(env={"DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/no-bus"})
     assert out.returncode == 0, out.stdout + out.stderr
     assert " next_boot_failed " in out.stdout and "update_engine" in out.stdout, out.stdout
+
+
+def test_the_staged_tree_survives_pruning_until_the_update_is_withdrawn(
+        tmp_path: Path, registry: RegistryServer, flatcar: Host, update_engine: Any) -> None:
+    """install.keep_trees = 1: the running tree and the staged one both stay; once update_engine no
+    longer has an update waiting, the staged tree is an ordinary old tree again and goes."""
+    host = flatcar
+    host.configure(registry.host, extra="[install]\nkeep_trees = 1\n")
+    push_flatcar(tmp_path, registry.host, K1, OLD)
+    push_flatcar(tmp_path, registry.host, K2, NEW)
+    assert host.once().returncode == 0
+    write(host.root / "boot/flatcar/vmlinuz-b", bzimage_head(K2))
+    update_engine.SetStatus(1700000000, 0.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT", NEW, 1, dbus_interface=MOCK)
+    staged = host.root / flatcar_tree(K2, NEW).lstrip("/")
+    for _ in range(2):  # the pass that stages, then one that prunes with it in place
+        out = host.once()
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert staged.is_dir(), out.stdout
+        assert load_state(host.root / STATE_FILE.lstrip("/")).staged == flatcar_tree(K2, NEW)
+    update_engine.ResetStatus()
+    for _ in range(2):  # the pass that lets go of it, then one that prunes
+        out = host.once()
+        assert out.returncode == 0, out.stdout + out.stderr
+    assert load_state(host.root / STATE_FILE.lstrip("/")).staged is None
+    assert not staged.exists(), "a withdrawn update's tree is pruned like any old tree"
+    assert host.current() == f"{DRIVER}/flatcar-{OLD}-{K1}"
+
+
+def test_a_ready_host_polled_often_does_not_rewrite_its_state(
+        tmp_path: Path, registry: RegistryServer, flatcar: Host, update_engine: Any) -> None:
+    """update.poll_s makes ready passes frequent: the state file changes only when its content does."""
+    push_flatcar(tmp_path, registry.host, K1, OLD)
+    assert flatcar.once().returncode == 0
+    state = flatcar.root / STATE_FILE.lstrip("/")
+    before = (state.stat().st_mtime_ns, state.read_bytes())
+    out = flatcar.once()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (state.stat().st_mtime_ns, state.read_bytes()) == before

@@ -11,9 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.cancel import Cancel
 from agent.errors import HostError
 from agent.hostfacts import HostFacts, OSInfo
 from agent.hostroot import HostRoot
+from agent.reconcile import _Preempt
+from agent.state import load_state
 from agent.status import Snapshot, render_text
 from agent.update import Ambiguous, bzimage, flatcar_next_kernel, next_boot, rpm_ostree, update_engine
 from agent.update.watch import NextBootProbe, source_for
@@ -140,6 +143,25 @@ def test_the_staged_bootc_deployment() -> None:
     assert nxt is not None and nxt.version == "9.20240207.0" and nxt.osname == "default"
 
 
+def test_the_next_deployment_checks_only_the_one_it_picks() -> None:
+    records = json.loads((FIXTURES / "rpm-ostree-status-staged.json").read_text())["deployments"]
+    staged, booted = records
+    nxt = rpm_ostree.next_deployment(records)
+    assert nxt is not None and nxt.staged and nxt.version == "31.20200517.3.0"
+    # an odd label on another deployment does not stop detection
+    assert rpm_ostree.next_deployment([staged, {**booted, "version": "bad/label"}]) == nxt
+    # a pending (not staged) default deployment is the next boot too; the booted one first: none
+    pending = {k: v for k, v in staged.items() if k != "staged"}
+    pending_next = rpm_ostree.next_deployment([pending, booted])
+    assert pending_next is not None and not pending_next.staged
+    assert rpm_ostree.next_deployment([booted, pending]) is None
+    assert rpm_ostree.next_deployment([]) is None
+    with pytest.raises(rpm_ostree.BadDeployment, match="2 staged"):
+        rpm_ostree.next_deployment([staged, {**staged, "serial": 1}])
+    with pytest.raises(rpm_ostree.BadDeployment, match="osname"):
+        rpm_ostree.next_deployment([{**staged, "osname": "../x"}])
+
+
 def test_nothing_staged() -> None:
     deps = rpm_ostree.deployments(json.loads((FIXTURES / "rpm-ostree-status-staged.json").read_text())["deployments"])
     assert rpm_ostree.staged([d for d in deps if not d.staged]) is None
@@ -219,15 +241,17 @@ class Updaters:
     """What agent/update/bus.py returns (its bus side is tests/test_update_bus.py)."""
 
     def __init__(self, status: update_engine.Status | None = None,
-                 deployments: tuple[rpm_ostree.Deployment, ...] = ()) -> None:
-        self.status, self.deployments = status, deployments
+                 records: list[dict[str, object]] | None = None) -> None:
+        self.status, self.records = status, records or []
+        self.asked = 0
 
     def update_engine_status(self) -> update_engine.Status:
         assert self.status is not None
         return self.status
 
-    def rpm_ostree_deployments(self) -> tuple[rpm_ostree.Deployment, ...]:
-        return self.deployments
+    def rpm_ostree_next(self) -> rpm_ostree.Deployment | None:
+        self.asked += 1
+        return rpm_ostree.next_deployment(self.records)
 
 
 def facts_for(os_: OSInfo, kernel: str) -> HostFacts:
@@ -279,18 +303,26 @@ FCOS = OSInfo(id="fedora-coreos", version="31.20200505.3.0", pretty_name="Fedora
 
 
 def test_rpm_ostree_next_boot_from_the_staged_deployment(tmp_path: Path) -> None:
-    deps = rpm_ostree.deployments(json.loads((FIXTURES / "rpm-ostree-status-staged.json").read_text())["deployments"])
-    staged = rpm_ostree.staged(deps)
+    records = json.loads((FIXTURES / "rpm-ostree-status-staged.json").read_text())["deployments"]
+    staged = rpm_ostree.next_deployment(records)
     assert staged is not None
     modules = tmp_path / str(staged.root).lstrip("/") / "usr/lib/modules"
     (modules / "5.6.13-300.fc32.x86_64").mkdir(parents=True)
     (modules / "5.6.13-300.fc32.x86_64/vmlinuz").write_bytes(b"kernel")
-    probe = NextBootProbe(HostRoot(tmp_path), Updaters(deployments=deps))  # type: ignore[arg-type]
+    (tmp_path / "run/ostree").mkdir(parents=True)
+    (tmp_path / "run/ostree/staged-deployment").write_text("{}")
+    updaters = Updaters(records=records)
+    probe = NextBootProbe(HostRoot(tmp_path), updaters)  # type: ignore[arg-type]
     nb = probe.next_boot(facts_for(FCOS, "5.6.8-300.fc32.x86_64"), "rpm-ostree")
     assert nb is not None and nb.os_key == "fedora-coreos-31.20200517.3.0-5.6.13-300.fc32.x86_64"
-    booted_only = tuple(d for d in deps if not d.staged)
-    assert NextBootProbe(HostRoot(tmp_path), Updaters(deployments=booted_only)).next_boot(  # type: ignore[arg-type]
-        facts_for(FCOS, "5.6.8-300.fc32.x86_64"), "rpm-ostree") is None
+    # nothing changed on disk: rpm-ostreed (which exits when idle) is not woken up again
+    assert probe.next_boot(facts_for(FCOS, "5.6.8-300.fc32.x86_64"), "rpm-ostree") == nb
+    assert updaters.asked == 1
+    # the staged deployment is finalized away (say, `rpm-ostree cleanup -p`): asked again, nothing next
+    (tmp_path / "run/ostree/staged-deployment").unlink()
+    updaters.records = [r for r in records if not r.get("staged")]
+    assert probe.next_boot(facts_for(FCOS, "5.6.8-300.fc32.x86_64"), "rpm-ostree") is None
+    assert updaters.asked == 2
 
 
 def test_the_updater_follows_the_os() -> None:
@@ -308,3 +340,33 @@ def test_status_shows_the_next_boot() -> None:
     assert "next boot:   missing: flatcar-3815.2.1-6.6.21-flatcar (from update_engine)" in text
     assert "no image yet: not found" in text
     assert "next boot" not in render_text(json.loads(json.dumps(Snapshot().to_json())))
+
+
+@pytest.mark.parametrize(("staged", "kept"), [
+    ("/opt/nvidia/535.1/flatcar-1-6.1", "/opt/nvidia/535.1/flatcar-1-6.1"),
+    ("opt/nvidia/x", None), ("/opt/nvidia/../etc", None), ("/opt//nvidia", None), (7, None),
+])
+def test_a_staged_tree_from_the_state_file_is_trusted_only_as_an_absolute_normal_path(
+        tmp_path: Path, staged: object, kept: str | None) -> None:
+    (tmp_path / "state.json").write_text(json.dumps({"staged": staged}))
+    assert load_state(tmp_path / "state.json").staged == kept
+
+
+def test_staging_yields_to_a_hidden_overlay_at_most_once_a_second() -> None:
+    stop = Cancel()
+    shown = [True]
+    calls: list[int] = []
+
+    def overlay_shown() -> bool:
+        calls.append(1)
+        return shown[0]
+
+    preempt = _Preempt(stop, overlay_shown)
+    assert not preempt() and calls == [], "not looked at again within a second"
+    preempt._checked -= 2
+    assert not preempt() and len(calls) == 1
+    shown[0] = False
+    preempt._checked -= 2
+    assert preempt(), "a hidden overlay stops the download"
+    stop.request()
+    assert preempt(), "a stop always does"

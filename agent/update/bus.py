@@ -39,6 +39,7 @@ class UpdaterBus:
         except HostError:
             raise
         except Exception as exc:  # GLib.Error: no such name, access denied (only root and core may call)
+            self._bus = None  # the bus itself may have gone (dbus-broker restarted): connect afresh next time
             raise HostError(f"update_engine GetStatus: {exc}",
                             hint="is update-engine.service running, and the agent root?") from exc
         try:
@@ -46,16 +47,18 @@ class UpdaterBus:
         except (update_engine.BadStatus, TypeError) as exc:
             raise HostError(f"update_engine answered what its interface cannot: {exc}") from None
 
-    def rpm_ostree_deployments(self) -> tuple[rpm_ostree.Deployment, ...]:
-        """rpm-ostree's Sysroot.Deployments (activates rpm-ostreed if it is idle), each checked."""
+    def rpm_ostree_next(self) -> rpm_ostree.Deployment | None:
+        """The deployment rpm-ostree boots next, if not the booted one (Sysroot.Deployments; this
+        activates rpm-ostreed if it is idle), checked."""
         try:
             sysroot = self._proxy(rpm_ostree.BUS_NAME, rpm_ostree.SYSROOT_PATH)[rpm_ostree.SYSROOT_INTERFACE]
             records = [{k: _unpack(v) for k, v in _unpack(d).items()} for d in sysroot.Deployments]
         except HostError:
             raise
         except Exception as exc:
+            self._bus = None
             raise HostError(f"rpm-ostree Sysroot.Deployments: {exc}", hint="is rpm-ostreed reachable?") from exc
         try:
-            return rpm_ostree.deployments(records)
+            return rpm_ostree.next_deployment(records)
         except rpm_ostree.BadDeployment as exc:
             raise HostError(f"rpm-ostree answered what its interface cannot: {exc}") from None

@@ -79,6 +79,25 @@ def deployments(records: Sequence[Mapping[str, object]]) -> tuple[Deployment, ..
     return tuple(out)
 
 
+def next_deployment(records: Sequence[Mapping[str, object]]) -> Deployment | None:
+    """The deployment the next boot runs when it is not the booted one, from the raw records
+    (Sysroot.Deployments, or status --json's "deployments", in boot order): the staged one (written
+    at shutdown), else the first (the default: a pending deployment, or a rollback). Only that
+    record is checked; an odd record elsewhere (an old rollback's label) does not stop detection."""
+    if not isinstance(records, Sequence) or isinstance(records, (str, bytes)):
+        raise BadDeployment("deployments must be a list")
+    if not all(isinstance(r, Mapping) for r in records):
+        raise BadDeployment("every deployment must be a dictionary")
+    flagged = [r for r in records if r.get("staged") is True]
+    if len(flagged) > 1:
+        raise BadDeployment(f"{len(flagged)} staged deployments: rpm-ostree stages one at most")
+    chosen = flagged[0] if flagged else (records[0] if records else None)
+    if chosen is None:
+        return None
+    deployment = _deployment(chosen)
+    return None if deployment.booted else deployment
+
+
 def staged(deps: Iterable[Deployment]) -> Deployment | None:
     """The deployment the next boot runs when one is staged; None otherwise."""
     found = [d for d in deps if d.staged]

@@ -22,6 +22,8 @@ from agent.update.bus import UpdaterBus
 
 SOURCES = ("auto", "update_engine", "rpm-ostree", "none")
 FLATCAR_KERNELS = {"a": "/boot/flatcar/vmlinuz-a", "b": "/boot/flatcar/vmlinuz-b"}
+OSTREE_STAGED = "/run/ostree/staged-deployment"
+OSTREE_DEPLOY = "/ostree/deploy"
 RPM_OSTREE_IDS = frozenset({"fedora-coreos", "rhcos", "scos", "rhel-coreos", "centos-coreos"})
 
 
@@ -40,6 +42,7 @@ class NextBootProbe:
     def __init__(self, host: HostRoot, bus: UpdaterBus | None = None) -> None:
         self.host = host
         self.bus = bus or UpdaterBus()
+        self._ostree_seen: tuple[tuple[object, ...], NextBoot | None] | None = None
 
     def next_boot(self, facts: HostFacts, source: str) -> NextBoot | None:
         """What the next boot runs once an update is staged; None while none is. HostError otherwise."""
@@ -78,11 +81,27 @@ class NextBootProbe:
         with os.fdopen(fd, "rb") as f:
             return f.read(bzimage.HEAD_BYTES)
 
+    def _ostree_fingerprint(self) -> tuple[object, ...]:
+        """What changes on disk when a deployment is staged, added or removed: rpm-ostreed (which
+        exits when idle) is asked only then, not woken up at every poll."""
+        marks: list[object] = []
+        for path in [self.host(OSTREE_STAGED), *sorted(self.host(OSTREE_DEPLOY).glob("*/deploy"))]:
+            try:
+                marks.append((str(path), path.stat().st_mtime_ns))
+            except OSError:
+                marks.append((str(path), None))
+        return tuple(marks)
+
     def _rpm_ostree(self, facts: HostFacts) -> NextBoot | None:
-        try:
-            staged = rpm_ostree.staged(self.bus.rpm_ostree_deployments())
-        except rpm_ostree.BadDeployment as exc:
-            raise HostError(f"rpm-ostree: {exc}") from None
+        mark = self._ostree_fingerprint()
+        if self._ostree_seen is not None and self._ostree_seen[0] == mark:
+            return self._ostree_seen[1]
+        answer = self._ask_rpm_ostree(facts)
+        self._ostree_seen = (mark, answer)
+        return answer
+
+    def _ask_rpm_ostree(self, facts: HostFacts) -> NextBoot | None:
+        staged = self.bus.rpm_ostree_next()
         if staged is None:
             return None
         modules = self.host(str(staged.root / "usr/lib/modules"))

@@ -33,7 +33,7 @@ IGNITION_VERSION = {("fcos", "1.5.0"): "3.4.0", ("flatcar", "1.0.0"): "3.3.0"}
 PRESET = "etc/systemd/system-preset/20-ignition.preset"
 
 _FILE_KEYS = {"path", "mode", "contents", "overwrite"}
-_CONTENTS_KEYS = {"source", "inline", "local", "compression", "verification"}
+_CONTENTS_KEYS = {"source", "inline", "local", "verification"}
 _LINK_KEYS = {"path", "target", "hard", "overwrite"}
 _DIR_KEYS = {"path", "mode"}
 _UNIT_KEYS = {"name", "enabled", "mask", "contents", "dropins"}
@@ -53,8 +53,23 @@ def _only(obj: Mapping[str, Any], allowed: set[str], where: str) -> None:
 
 
 def data_url(text: bytes) -> str:
-    """Butane's uncompressed inline form: data:, and the bytes percent-encoded."""
+    """The percent-encoded form: data:, and the bytes percent-encoded."""
     return "data:," + urllib.parse.quote(text, safe="")
+
+
+def butane_contents(data: bytes) -> dict[str, str]:
+    """How Butane (base/util/url.go, MakeDataURL) embeds inline and local contents: the shortest of
+    percent-encoded, base64, and gzip (best compression) + base64 with `compression: gzip`;
+    `compression` is always set, "" when not compressed. The choice is Butane's; the gzip bytes
+    are this zlib's, not Go's, so a butane-made file may differ byte for byte, never in content."""
+    best = data_url(data)
+    b64 = "data:;base64," + base64.b64encode(data).decode()
+    if len(b64) < len(best):
+        best = b64
+    gz = "data:;base64," + base64.b64encode(gzip.compress(data, compresslevel=9, mtime=0)).decode()
+    if len(gz) + len("gzip") < len(best):
+        return {"compression": "gzip", "source": gz}
+    return {"compression": "", "source": best}
 
 
 def _abs(path: Any, where: str) -> str:
@@ -86,19 +101,18 @@ def translate(butane: Mapping[str, Any], files_dir: Path) -> dict[str, Any]:
         if sum(k in c for k in ("source", "inline", "local")) != 1:
             raise RecipeError(f"{where}.contents: exactly one of source, inline, local")
         if "inline" in c:
-            contents = {"source": data_url(str(c["inline"]).encode())}
+            contents = butane_contents(str(c["inline"]).encode())
         elif "local" in c:
             local = (files_dir / c["local"]).resolve()
             if not local.is_relative_to(files_dir.resolve()):
                 raise RecipeError(f"{where}.contents.local escapes the files directory: {c['local']!r}")
-            contents = {"source": data_url(local.read_bytes())}
+            contents = butane_contents(local.read_bytes())
         else:
             if urllib.parse.urlsplit(c["source"]).scheme not in ("https", "http", "s3", "gs", "tftp", "data"):
                 raise RecipeError(f"{where}.contents.source: not a URL Ignition fetches: {c['source']!r}")
             contents = {"source": c["source"]}
-        for k in ("compression", "verification"):
-            if k in c:
-                contents[k] = c[k]
+        if "verification" in c:
+            contents["verification"] = c["verification"]
         entry["contents"] = contents
         if "mode" in f:
             entry["mode"] = int(f["mode"])
@@ -144,7 +158,7 @@ def read_source(url: str, sources: Mapping[str, Path], compression: str | None =
         raise RecipeError(f"no local file stands for {url} (this run has: {sorted(sources)})")
     if compression == "gzip":
         data = gzip.decompress(data)
-    elif compression:
+    elif compression:  # "" or absent: not compressed
         raise RecipeError(f"compression {compression!r} not modelled")
     return data
 
