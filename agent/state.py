@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.hostroot import check_host_path
 from agent.install.fs import fsync_dir
 
 STATE_FILE = "/var/lib/nvidia-agent/state.json"
@@ -122,9 +123,10 @@ def load_state(path: Path) -> State:
 
 def _tree_path(value: str | None) -> str | None:
     """A tree path from the state file: absolute and normalized, or not trusted at all."""
-    if value is None or not value.startswith("/") or os.path.normpath(value) != value or "\0" in value:
+    try:
+        return None if value is None or "\0" in value else str(check_host_path(value))
+    except ValueError:
         return None
-    return value
 
 
 def _refusal(doc: Any) -> Refusal | None:

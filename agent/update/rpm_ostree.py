@@ -12,7 +12,7 @@ usr/lib/modules/ there that holds a vmlinuz.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -64,21 +64,6 @@ def _deployment(record: Mapping[str, object]) -> Deployment:
                       checksum=checksum, serial=serial, version=version, staged=staged, booted=booted)
 
 
-def deployments(records: Sequence[Mapping[str, object]]) -> tuple[Deployment, ...]:
-    """The Sysroot's `Deployments` (or status --json's "deployments"), each checked."""
-    if not isinstance(records, Sequence) or isinstance(records, (str, bytes)):
-        raise BadDeployment("deployments must be a list")
-    out = []
-    for i, record in enumerate(records):
-        if not isinstance(record, Mapping):
-            raise BadDeployment(f"deployment {i} is not a dictionary")
-        try:
-            out.append(_deployment(record))
-        except BadDeployment as exc:
-            raise BadDeployment(f"deployment {i}: {exc}") from None
-    return tuple(out)
-
-
 def next_deployment(records: Sequence[Mapping[str, object]]) -> Deployment | None:
     """The deployment the next boot runs when it is not the booted one, from the raw records
     (Sysroot.Deployments, or status --json's "deployments", in boot order): the staged one (written
@@ -96,14 +81,6 @@ def next_deployment(records: Sequence[Mapping[str, object]]) -> Deployment | Non
         return None
     deployment = _deployment(chosen)
     return None if deployment.booted else deployment
-
-
-def staged(deps: Iterable[Deployment]) -> Deployment | None:
-    """The deployment the next boot runs when one is staged; None otherwise."""
-    found = [d for d in deps if d.staged]
-    if len(found) > 1:
-        raise BadDeployment(f"{len(found)} staged deployments: rpm-ostree stages one at most")
-    return found[0] if found else None
 
 
 def kernel_release(module_dirs: Mapping[str, bool]) -> str:

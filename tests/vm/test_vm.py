@@ -58,13 +58,26 @@ DROPIN_LINES = ["[Unit]", "Wants=nvidia-agent.service", "After=nvidia-agent.serv
 
 # --------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module")
-def artifacts() -> Path:
+def artifacts_dir(suffix: str = "") -> Path:
+    """Where a module's scenarios leave what an operator would look at."""
     base = Path(os.environ.get("NVIDIA_AGENT_VM_ARTIFACTS", harness.CACHE / "runs"))
-    d = base / time.strftime("%Y%m%d-%H%M%S")
+    d = base / (time.strftime("%Y%m%d-%H%M%S") + suffix)
     d.mkdir(parents=True, exist_ok=True)
     os.environ["NVIDIA_AGENT_VM_ARTIFACTS_USED"] = str(d)
     return d
+
+
+def scenario(g: Guest, artifacts: Path, request: pytest.FixtureRequest) -> Iterator[Guest]:
+    """One scenario on a module's guest: timed, and what it left collected."""
+    t = time.monotonic()
+    yield g
+    harness.timed(f"scenario {request.node.name}", time.monotonic() - t)
+    g.collect(artifacts / request.node.name)
+
+
+@pytest.fixture(scope="module")
+def artifacts() -> Path:
+    return artifacts_dir()
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +92,7 @@ def guest(artifacts: Path) -> Iterator[Guest]:
 
 @pytest.fixture
 def vm(guest: Guest, artifacts: Path, request: pytest.FixtureRequest) -> Iterator[Guest]:
-    t = time.monotonic()
-    yield guest
-    harness.timed(f"scenario {request.node.name}", time.monotonic() - t)
-    guest.collect(artifacts / request.node.name)
+    yield from scenario(guest, artifacts, request)
 
 
 # --------------------------------------------------------------------------- what an operator reads

@@ -28,7 +28,17 @@ import pytest
 
 from tests.vm import harness
 from tests.vm.harness import DRIVER, Guest
-from tests.vm.test_vm import assert_ordered, assert_serving, current_target, pulled, settle, tree_for, warnings
+from tests.vm.test_vm import (
+    artifacts_dir,
+    assert_ordered,
+    assert_serving,
+    current_target,
+    pulled,
+    scenario,
+    settle,
+    tree_for,
+    warnings,
+)
 
 pytestmark = [pytest.mark.vm, pytest.mark.integration, pytest.mark.timeout(1500)]
 
@@ -37,10 +47,7 @@ EXTENSION_IMAGE = "/opt/extensions/nvidia-agent/nvidia-agent-0.1.0-x86-64.raw"
 
 @pytest.fixture(scope="module")
 def artifacts() -> Path:
-    base = Path(os.environ.get("NVIDIA_AGENT_VM_ARTIFACTS", harness.CACHE / "runs"))
-    d = base / (time.strftime("%Y%m%d-%H%M%S") + "-sysext")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return artifacts_dir("-sysext")
 
 
 def boot(variant: str, artifacts: Path) -> Iterator[Guest]:
@@ -59,10 +66,7 @@ def fcos(artifacts: Path) -> Iterator[Guest]:
 
 @pytest.fixture
 def vm(fcos: Guest, artifacts: Path, request: pytest.FixtureRequest) -> Iterator[Guest]:
-    t = time.monotonic()
-    yield fcos
-    harness.timed(f"scenario {request.node.name}", time.monotonic() - t)
-    fcos.collect(artifacts / request.node.name)
+    yield from scenario(fcos, artifacts, request)
 
 
 def assert_coreos_like(g: Guest) -> None:
@@ -77,7 +81,7 @@ def assert_coreos_like(g: Guest) -> None:
     assert g.run("readlink /etc/extensions/nvidia-agent.raw", quiet=True)[1].strip() == EXTENSION_IMAGE
     _, exe = g.run("readlink -f /proc/$(systemctl show -P MainPID nvidia-agent)/exe", quiet=True)
     assert exe.strip() == "/usr/lib/nvidia-agent/nvidia-agent", exe
-    shown = g.show("nvidia-agent", "FragmentPath", "UnitFileState")
+    shown = g.show("nvidia-agent", "FragmentPath")
     assert shown["FragmentPath"] in ("/usr/lib/systemd/system/nvidia-agent.service",
                                      "/lib/systemd/system/nvidia-agent.service"), shown
     assert g.run("test -e /etc/systemd/system/nvidia-agent.service", quiet=True)[0] != 0, \
