@@ -61,6 +61,11 @@ class Systemd:
 
         self._call(f"start transient {name}", start)
 
+    def shutting_down(self) -> bool:
+        """Whether the system is going down: Manager.SystemState is "stopping" while shutdown.target
+        is pending (a reboot, poweroff, halt or kexec), not for a plain `systemctl stop`."""
+        return str(self._call("SystemState", lambda m: m.SystemState)) == "stopping"
+
     def active_state(self, name: str) -> str:
         """ActiveState of a loaded unit ("active", "inactive", "failed", ...), "unknown" if not loaded."""
         def state(m: Any) -> str:

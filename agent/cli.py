@@ -27,7 +27,7 @@ from agent.notify import Notifier
 from agent.plan import target_for_boot
 from agent.reconcile import Agent
 from agent.registry import Platform, RegistryClient
-from agent.status import SOCKET_FILE, Phase, query, render_text
+from agent.status import SOCKET_FILE, Phase, ask, query, render_text
 from agent.trust import session_for, trust_context
 from agent.update.preflight import check_image
 
@@ -43,7 +43,8 @@ Read its log:        journalctl -u nvidia-agent -p warning
 EPILOG = f"""\
 configuration (later overrides earlier, same file name replaces, a symlink to /dev/null masks):
   {chr(10).join('  ' + d + '/*.toml' for d in CONFIG_DIRS).strip()}
-exit statuses: 0 ready, 1 failed, 2 degraded, 64 usage, 75 another daemon runs, 78 bad configuration
+exit statuses: 0 ready, 1 failed, 2 degraded, 64 usage, 69 daemon not running (stage),
+  75 another daemon runs, 78 bad configuration
 """
 
 
@@ -69,6 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait up to SECONDS for the daemon to be reachable and ready")
     s.add_argument("--socket", type=Path, default=None, help=f"socket path (default <root>{SOCKET_FILE})")
+
+    st = sub.add_parser(
+        "stage", help="install the driver for the kernel the next boot runs, before the reboot",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Tell the running daemon that the next boot runs KERNEL (plain distributions: the\n"
+                    "kernel package's hook /etc/kernel/postinst.d/nvidia-agent runs this with the new\n"
+                    "release). The daemon installs that kernel's driver beside the current one without\n"
+                    "activating it, so the first boot of KERNEL is ready with no network. Root only.\n"
+                    "On Flatcar and Fedora/RHEL CoreOS the updater says it (update.source) and this\n"
+                    "is refused.\n\n"
+                    "  nvidia-agent stage --kernel 6.1.0-29-amd64 --wait 600\n\n"
+                    "Exit 0: accepted (with --wait: staged). 1: refused, or with --wait missing or\n"
+                    "failed (the reason is printed). 2: --wait ran out while still staging.\n"
+                    "69: the daemon is not running (the driver is then installed at KERNEL's first boot).")
+    st.add_argument("--kernel", required=True, metavar="K", help="the kernel release the next boot runs (uname -r)")
+    st.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                    help="wait up to SECONDS for the driver to be staged (default: return once accepted)")
+    st.add_argument("--socket", type=Path, default=None, help=f"socket path (default <root>{SOCKET_FILE})")
 
     sub.add_parser("config", help="validate the configuration and print the merged result as JSON",
                    description="Exit 0 with the effective settings, or 78 naming the file, key and what is valid.")
@@ -100,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     host = HostRoot(args.root.resolve())
     if args.command == "status":
         return cmd_status(host, args)
+    if args.command == "stage":
+        return cmd_stage(host, args)
     # preflight prints its answer on stdout, for scripts: its progress goes to stderr
     log.configure(sys.stderr if args.command == "preflight" else None, verbose=getattr(args, "verbose", False))
     logger = structlog.get_logger("nvidia-agent")
@@ -217,3 +238,32 @@ def cmd_status(host: HostRoot, args: argparse.Namespace) -> int:
         return ExitCode.FAILED
     print(json.dumps(status, indent=2) if args.json else render_text(status))
     return int(Phase(status["phase"]).exit_code)
+
+
+def cmd_stage(host: HostRoot, args: argparse.Namespace) -> int:
+    path = args.socket or host(SOCKET_FILE)
+    try:
+        reply = ask(path, {"command": "stage", "kernel": args.kernel})
+    except (OSError, ValueError) as exc:
+        print(f"nvidia-agent: daemon not reachable at {path}: {exc}\n"
+              f"  the driver for {args.kernel} will be installed at its first boot (network needed)", file=sys.stderr)
+        return ExitCode.UNAVAILABLE
+    if not reply.get("ok"):
+        print(f"nvidia-agent: stage {args.kernel}: {reply.get('error')}", file=sys.stderr)
+        return ExitCode.FAILED
+    print(f"nvidia-agent: the next boot runs {args.kernel}: {reply.get('detail')}")
+    deadline = time.monotonic() + args.wait
+    while args.wait > 0:
+        try:
+            nxt = query(path).get("next_boot") or {}
+        except (OSError, ValueError):
+            nxt = {}
+        state = nxt.get("state") if nxt.get("kernel") == args.kernel else None
+        if state in ("ready", "missing", "failed"):
+            print(f"next boot: {state}: {nxt.get('os_key')}: {nxt.get('detail')}")
+            return ExitCode.OK if state == "ready" else ExitCode.FAILED
+        if time.monotonic() >= deadline:
+            print(f"next boot: still {state or 'waiting'} after {args.wait:g}s", file=sys.stderr)
+            return ExitCode.DEGRADED
+        time.sleep(0.5)
+    return ExitCode.OK

@@ -97,8 +97,12 @@ class DaemonSettings:
 
 @dataclass(frozen=True)
 class UpdateSettings:
-    source: str = "auto"  # auto | update_engine | rpm-ostree | none
+    source: str = "auto"  # auto | update_engine | rpm-ostree | kernel-postinst | none
     poll_s: float = 60.0
+    gate_listen: str = ""  # the FleetLock reboot gate, "127.0.0.1:PORT"; "" serves none
+    gate_upstream: str = ""  # the fleet's FleetLock server the gate forwards granted requests to
+    hold_max_s: float = 86400.0  # the gate refuses a reboot this long at most, then grants with a warning
+    finish_s: float = 120.0  # a shutdown waits this long for the next boot's driver; 0: never waits
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,26 @@ def _registry(value: Any) -> str:
     return str(_string(REGISTRY_RE, "a registry host[:port] such as \"registry.example:5000\"")(value))
 
 
+def _gate_listen(value: Any) -> str:
+    from agent.update.gate import parse_listen  # noqa: PLC0415 - the gate owns its address rules
+
+    if value == "":
+        return ""
+    if not isinstance(value, str):
+        raise ValueError('"" (no gate) or a loopback address and port such as "127.0.0.1:9797"')
+    parse_listen(value)
+    return value
+
+
+URL_RE = re.compile(r"^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~!$&'()*+,;=:@%/\-]*)?$|^https?://\[[0-9a-fA-F:.]+\](:[0-9]{1,5})?(/[A-Za-z0-9._~!$&'()*+,;=:@%/\-]*)?$")
+
+
+def _http_url(value: Any) -> str:
+    if value == "":
+        return ""
+    return str(_string(URL_RE, '"" or an http(s) URL such as "https://fleetlock.example:8443/"')(value))
+
+
 LIB_PATTERN_RE = re.compile(r"^(?!/)(?!.*(^|/)\.\.?(/|$))[^\s/][^\s]*$")
 
 
@@ -246,8 +270,12 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "retry_max_s": _number(1, 86400),
     },
     "update": {
-        "source": _choice(("auto", "update_engine", "rpm-ostree", "none")),
+        "source": _choice(("auto", "update_engine", "rpm-ostree", "kernel-postinst", "none")),
         "poll_s": _number(5, 86400),
+        "gate_listen": _gate_listen,
+        "gate_upstream": _http_url,
+        "hold_max_s": _number(0, 30 * 86400),
+        "finish_s": _number(0, 3600),
     },
 }
 

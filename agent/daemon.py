@@ -24,7 +24,10 @@ from agent.errors import AgentError, ExitCode
 from agent.log import RepeatLimiter
 from agent.notify import Notifier
 from agent.reconcile import Agent
-from agent.status import Phase, StatusServer
+from agent.status import Phase, Snapshot, StatusServer
+from agent.update import KERNEL_RELEASE_RE
+from agent.update.gate import HOLD_FILE, RebootGate
+from agent.update.watch import source_for
 
 LOCK_FILE = "/run/nvidia-agent/agent.lock"
 # Fault injection for the watchdog test: after READY, the main loop stops for this long without pinging.
@@ -85,6 +88,7 @@ class Triggers:
     def __init__(self) -> None:
         self.stop_requested = False
         self.reconcile_requested = False
+        self.pass_requested = False  # a pass soon, nothing forgotten (`nvidia-agent stage`, the gate)
         self.mounts_changed = False
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
@@ -115,6 +119,11 @@ class Triggers:
     def request_stop(self) -> None:
         """From another thread (tests): stop as a SIGTERM would."""
         self.stop_requested = True
+        self.poke()
+
+    def request_pass(self) -> None:
+        """From another thread: run a pass as soon as none runs."""
+        self.pass_requested = True
         self.poke()
 
     def poke(self) -> None:
@@ -201,21 +210,25 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._finished = threading.Event()
         self._result: Phase | None = None
+        self._job: Callable[[Cancel], Phase] = agent.reconcile
 
     @property
     def busy(self) -> bool:
         return self._thread is not None and not self._finished.is_set()
 
-    def start(self) -> None:
+    def start(self, job: Callable[[Cancel], Phase] | None = None, cancel: Cancel | None = None) -> None:
+        """Run a pass (or `job`: the stop's staging) under `cancel` (from now on: a cancelled one is spent)."""
         self._result = None
         self._finished.clear()
+        self._job = job or self._agent.reconcile
+        self._cancel = cancel or self._cancel
         self._cancel.beat_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="reconcile", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            self._result = self._agent.reconcile(self._cancel)
+            self._result = self._job(self._cancel)
         finally:
             self._finished.set()
             self._done()
@@ -288,8 +301,7 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
     cancel = cancel or Cancel()
     agent.notify = notifier.status
     readiness = Readiness(notifier, agent.settings.daemon.ready_timeout_s, started_ago_s=process_age_s())
-    server = StatusServer(socket_path, lambda: agent.snapshot, on_error=_status_error(log))
-    server.start()
+    server, gate = _serve(agent, socket_path, triggers, log, once=once)
     worker = Worker(agent, cancel, triggers.poke)
     if agent.settings.mount.enabled and not once:
         triggers.watch_mounts()
@@ -298,6 +310,7 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
     failures = 0
     next_pass = time.monotonic()
     watch = OverlayWatch(agent, triggers, log)
+    stopped = False
     try:
         while True:
             phase = worker.take()
@@ -309,11 +322,7 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
                 next_pass = time.monotonic() + delay
                 agent.snapshot = agent.snapshot.evolve(
                     next_attempt_at=time.time() + delay if phase not in (Phase.READY, Phase.NO_GPU) else None)
-            if watch.hidden(worker.busy):
-                next_pass = time.monotonic()
-            if triggers.reconcile_requested and not worker.busy:
-                triggers.reconcile_requested = False
-                agent.forget_refusal()
+            if _asked_for_a_pass(agent, triggers, watch, worker.busy):
                 next_pass = time.monotonic()
             if not worker.busy and time.monotonic() >= next_pass:
                 worker.start()
@@ -324,22 +333,166 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
                 return ExitCode.FAILED
             notifier.ping_if_due()
             readiness.extend_if_due()
-            if readiness.sent and os.environ.get(WEDGE_ENV):
-                log.warning("test_wedge", seconds=os.environ[WEDGE_ENV])
-                time.sleep(float(os.environ[WEDGE_ENV]))  # deliberately starves the watchdog
+            if readiness.sent:
+                _test_wedge(log)
             waits = [LOOP_TICK_S, readiness.wait_cap_s(), notifier.ping_interval_s,
                      None if worker.busy else next_pass - time.monotonic(),
-                     watch.wait_s(worker.busy)]
+                     watch.wait_s(worker.busy), gate.tend() if gate else None]
             triggers.wait(min(w for w in waits if w is not None))
             if triggers.stop_requested:
+                stopped = True
                 return ExitCode.OK  # a stop is success, whatever the pass was doing
     finally:
+        if stopped:
+            _finish_at_shutdown(agent, worker, cancel, notifier, log)
         cancel.request()
         notifier.send(STOPPING="1")
         finished = worker.join(STOP_GRACE_S)
-        server.stop()
+        for closing in (server, gate):
+            if closing is not None:
+                closing.stop()
         # Modules and the mount stay: a stopping agent must not take GPUs from running workloads.
         log.info("stopped", phase=agent.snapshot.phase.value, **({} if finished else {"abandoned": "reconcile"}))
+
+
+def _serve(agent: Agent, socket_path: Path, triggers: Triggers, log: Any, *,
+           once: bool) -> tuple[StatusServer, GateKeeper | None]:
+    """The status socket (with `stage`), and the reboot gate where configured (not for --once)."""
+    gate = None if once else GateKeeper.configured(agent, triggers, log)
+    server = StatusServer(socket_path, lambda: gate.snapshot() if gate else agent.snapshot,
+                          on_error=_status_error(log), commands={"stage": _stage_command(agent, triggers, log)})
+    server.start()
+    return server, gate
+
+
+def _test_wedge(log: Any) -> None:
+    """Fault injection for the watchdog test (WEDGE_ENV): stop the main loop without pinging."""
+    if os.environ.get(WEDGE_ENV):
+        log.warning("test_wedge", seconds=os.environ[WEDGE_ENV])
+        time.sleep(float(os.environ[WEDGE_ENV]))
+
+
+def _asked_for_a_pass(agent: Agent, triggers: Triggers, watch: OverlayWatch, busy: bool) -> bool:
+    """Whether a pass is due before its time: the overlay was hidden, SIGHUP (which also forgets
+    a refusal), or a request (`nvidia-agent stage`, the gate)."""
+    due = watch.hidden(busy)
+    if triggers.reconcile_requested and not busy:
+        triggers.reconcile_requested = False
+        agent.forget_refusal()
+        due = True
+    if triggers.pass_requested and not busy:
+        triggers.pass_requested = False
+        due = True
+    return due
+
+
+def _stage_command(agent: Agent, triggers: Triggers, log: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """`{"command": "stage", "kernel": K}`: a kernel package's postinst hook says the next boot runs K."""
+    def stage(request: dict[str, Any]) -> dict[str, Any]:
+        kernel = request.get("kernel")
+        if not isinstance(kernel, str) or not KERNEL_RELEASE_RE.match(kernel):
+            return {"ok": False, "error": "kernel: a release as uname -r prints it, such as 6.1.0-29-amd64"}
+        source = source_for(agent.probe.os(), agent.settings.update.source)
+        if source != "kernel-postinst":
+            return {"ok": False, "error": f"this host's next boot is told by {source} (update.source), "
+                                          "not by kernel hooks: nothing to do"}
+        agent.request_stage(kernel)
+        triggers.request_pass()
+        log.info("stage_requested", next_kernel=kernel)
+        return {"ok": True, "kernel": kernel,
+                "detail": "staging in the background; `nvidia-agent status` shows the next boot"}
+    return stage
+
+
+def _finish_at_shutdown(agent: Agent, worker: Worker, cancel: Cancel, notifier: Notifier, log: Any) -> None:
+    """The system goes down while the next boot's driver is not staged: finish it, within
+    update.finish_s (the unit's TimeoutStopSec= leaves room for it). A `systemctl stop` or
+    restart of the agent alone does not wait: the system is not going down then."""
+    bound = agent.settings.update.finish_s
+    nxt = agent.snapshot.next_boot
+    if bound <= 0 or nxt is None or nxt.get("state") == "ready":
+        return
+    try:
+        if not agent.systemd.shutting_down():
+            return
+    except AgentError as exc:
+        log.warning("shutdown_unknown", error=str(exc), detail="not waiting for the next boot's driver")
+        return
+    deadline = time.monotonic() + bound
+    notifier.send(EXTEND_TIMEOUT_USEC=str(int((bound + STOP_GRACE_S) * 1_000_000)))
+    log.info("finishing_next_boot", next_os=nxt.get("os_key"), state=nxt.get("state"), bound_s=bound)
+    staging_now = worker.busy and agent.snapshot.phase is Phase.READY and nxt.get("state") == "staging"
+    if worker.busy and not staging_now:  # this boot's pass: it no longer matters, the host goes down
+        cancel.request()
+        worker.join(STOP_GRACE_S)
+    finish = Cancel()
+    if not worker.busy:
+        worker.start(agent.finish_staging, finish)
+    else:
+        finish = cancel  # the pass already staging goes on under its own
+    while worker.busy and time.monotonic() < deadline:
+        notifier.ping_if_due()
+        worker.join(min(1.0, max(0.0, deadline - time.monotonic())))
+    nxt = agent.snapshot.next_boot or {}
+    if worker.busy:
+        finish.request()
+        log.warning("next_boot_unfinished", next_os=nxt.get("os_key"), bound_s=bound,
+                    detail="update.finish_s ran out: the next boot installs its driver itself (network needed)")
+    else:
+        log.info("next_boot_finished", next_os=nxt.get("os_key"), state=nxt.get("state"))
+
+
+class GateKeeper:
+    """The reboot gate as the daemon runs it: started, restarted when its port was taken, its view
+    merged into every status answer."""
+
+    RETRY_S = 30.0
+
+    def __init__(self, agent: Agent, gate: RebootGate, log: Any) -> None:
+        self._agent, self._gate, self._log = agent, gate, log
+        self._running = False
+        self._retry_at = time.monotonic()
+        self._error: str | None = None
+
+    @classmethod
+    def configured(cls, agent: Agent, triggers: Triggers, log: Any) -> GateKeeper | None:
+        u = agent.settings.update
+        if not u.gate_listen:
+            return None
+        gate = RebootGate(u.gate_listen, u.gate_upstream, hold_max_s=u.hold_max_s, snapshot=lambda: agent.snapshot,
+                          watching=lambda: agent.update_source != "none", poke=triggers.request_pass,
+                          hold_file=agent.host(HOLD_FILE))
+        keeper = cls(agent, gate, log)
+        keeper.keep_serving()
+        return keeper
+
+    def keep_serving(self) -> None:
+        if self._running or time.monotonic() < self._retry_at:
+            return
+        try:
+            self._gate.start()
+        except AgentError as exc:
+            self._retry_at = time.monotonic() + self.RETRY_S
+            if self._error != str(exc):
+                self._log.error("gate_unavailable", error=str(exc), hint=exc.hint,
+                                detail=f"the update agent's reboot requests fail until it listens; "
+                                       f"retried every {self.RETRY_S:.0f}s")
+            self._error = str(exc)
+            return
+        self._running, self._error = True, None
+
+    def tend(self) -> float | None:
+        """Start the gate if it is due a try; how long until it needs another look (None: serving)."""
+        self.keep_serving()
+        return None if self._running else max(0.0, self._retry_at - time.monotonic())
+
+    def snapshot(self) -> Snapshot:
+        view = self._gate.view() | ({"error": self._error} if self._error else {})
+        return self._agent.snapshot.evolve(gate=view)
+
+    def stop(self) -> None:
+        if self._running:
+            self._gate.stop()
 
 
 def _schedule(agent: Agent, phase: Phase, failures: int) -> tuple[int, float]:

@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     FAILED = 1
     DEGRADED = 2
     USAGE = 64  # EX_USAGE
+    UNAVAILABLE = 69  # EX_UNAVAILABLE: the daemon is not running to ask
     LOCKED = 75  # EX_TEMPFAIL: another daemon holds the lock
     CONFIG = 78  # EX_CONFIG
 

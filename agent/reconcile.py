@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -60,7 +61,9 @@ from agent.state import STATE_FILE, Refusal, State, load_state, read_marker, sav
 from agent.status import LastError, Phase, Snapshot
 from agent.tools import apply_links, bin_dir_for, plan_links, read_links, tools_in
 from agent.units import UNIT_DIR, apply_dropins
-from agent.update.watch import NextBootProbe, source_for
+from agent.update import NextBoot
+from agent.update import next_boot as next_boot_of
+from agent.update.watch import POLLED_SOURCES, NextBootProbe, source_for
 
 CACHE_DIR = "/var/cache/nvidia-agent"
 GPU_BIND_TIMEOUT_S = 30.0
@@ -91,6 +94,9 @@ class Agent:
         self.systemd = systemd or Systemd()
         self.next_boot = next_boot or NextBootProbe(host)
         self.watches_updates = False  # an updater is asked about the next boot (the daemon polls it)
+        self.update_source = "none"  # who says what the next boot runs here (source_for), once a pass looked
+        self._requested_kernel: str | None = None  # from `nvidia-agent stage` (the socket's thread)
+        self._request_lock = threading.Lock()
         self._stage_errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
         self._stage_retry: tuple[str, int, float] = ("", 0, 0.0)  # (next os key, failures, monotonic not before)
         self._next_said: tuple[str, str | None] | None = None  # the next boot's last logged (state, os key)
@@ -217,7 +223,7 @@ class Agent:
             last_kernel=facts.kernel, last_os_key=target.os_key, last_ready_at=now,
             previous_kernel=changed or state.previous_kernel,
             kernel_changed_at=now if changed else state.kernel_changed_at, working=working,
-            staged=state.staged if state.staged != target.tree else None))
+            staged=state.staged if state.staged != target.tree else None, next_kernel=state.next_kernel))
         failpoints.hit("state.written")
         self.snapshot = self.snapshot.evolve(last_error=None, serving=None,
                                              kernel_changed_from=changed or state.previous_kernel,
@@ -254,14 +260,52 @@ class Agent:
             self.log.exception("next_boot_crashed", error=f"{type(exc).__name__}: {exc}")
             self._next(None, self.settings.update.source, "failed", f"{type(exc).__name__}: {exc}", error=str(exc))
 
+    def request_stage(self, kernel: str) -> None:
+        """`nvidia-agent stage --kernel K` (a kernel package's postinst hook): the next boot runs K.
+        Called from the socket's thread; the next pass takes it."""
+        with self._request_lock:
+            self._requested_kernel = kernel
+
+    def _postinst_next(self, facts: HostFacts, state: State) -> tuple[NextBoot | None, State]:
+        """The kernel the last postinst hook named, while it is installed and not the running one."""
+        with self._request_lock:
+            requested, self._requested_kernel = self._requested_kernel, None
+        kernel = requested or state.next_kernel
+        if kernel is not None and (kernel == facts.kernel or not any(
+                self.host(f"{d}/{kernel}").is_dir() for d in ("/lib/modules", "/usr/lib/modules"))):
+            kernel = None  # booted, or its package removed again
+        if kernel != state.next_kernel:
+            state = replace(state, next_kernel=kernel)
+            save_state(self.host(STATE_FILE), state)
+        return (next_boot_of(facts.os, kernel, "kernel-postinst") if kernel else None), state
+
+    def finish_staging(self, cancel: Cancel) -> Phase:
+        """At shutdown (the daemon's bounded stop): only the next boot's driver, nothing else, and
+        at once (a backoff after a missing image does not hold this last try back)."""
+        self._stage_retry = ("", 0, 0.0)
+        try:
+            facts = self.probe.facts(self.settings.mount.target)
+            running = target_for(self.settings, facts)
+            self._stage(facts, running, load_state(self.host(STATE_FILE)), self.host(self.settings.install.root),
+                        cancel)
+        except Cancelled:
+            self.log.info("interrupted", reason="the stop's bound for staging ran out")
+        except Exception as exc:  # the host is going down: say it, nothing more to do
+            self.log.exception("next_boot_crashed", error=f"{type(exc).__name__}: {exc}")
+        return self.snapshot.phase
+
     def _stage(self, facts: HostFacts, running: Target, state: State, install_root: Path, cancel: Cancel) -> None:
         source = source_for(facts.os, self.settings.update.source)
-        self.watches_updates = source != "none"
+        self.update_source = source
+        self.watches_updates = source in POLLED_SOURCES
         if source == "none":
             self.snapshot = self.snapshot.evolve(next_boot=None)
             return
         try:
-            nxt = self.next_boot.next_boot(facts, source)
+            if source == "kernel-postinst":
+                nxt, state = self._postinst_next(facts, state)
+            else:
+                nxt = self.next_boot.next_boot(facts, source)
         except HostError as exc:
             self._next(None, source, "failed", str(exc), error=str(exc))
             return

@@ -11,6 +11,7 @@ from typing import Any
 
 from agent.hostroot import check_host_path
 from agent.install.fs import fsync_dir
+from agent.update import KERNEL_RELEASE_RE
 
 STATE_FILE = "/var/lib/nvidia-agent/state.json"
 TREE_MARKER = ".nvidia-agent.json"
@@ -92,6 +93,8 @@ class State:
     working: dict[str, str] = field(default_factory=dict)
     # The tree installed for the next boot an OS update staged: kept through pruning until that boot.
     staged: str | None = None
+    # The kernel a kernel package's postinst hook said the next boot runs (plain distributions).
+    next_kernel: str | None = None
 
 
 def load_state(path: Path) -> State:
@@ -118,7 +121,12 @@ def load_state(path: Path) -> State:
                  previous_kernel=text("previous_kernel"), kernel_changed_at=when("kernel_changed_at"),
                  refused=_refusal(doc.get("refused")),
                  working={k: v for k, v in working.items() if isinstance(k, str) and isinstance(v, str)}
-                 if isinstance(working, dict) else {}, staged=_tree_path(text("staged")))
+                 if isinstance(working, dict) else {}, staged=_tree_path(text("staged")),
+                 next_kernel=_kernel(text("next_kernel")))
+
+
+def _kernel(value: str | None) -> str | None:
+    return value if value is not None and KERNEL_RELEASE_RE.match(value) else None
 
 
 def _tree_path(value: str | None) -> str | None:

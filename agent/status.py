@@ -7,9 +7,10 @@ import json
 import os
 import selectors
 import socket
+import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from os import getpid  # the Snapshot field "os" shadows the module inside the class
@@ -23,6 +24,11 @@ MAX_REQUEST_BYTES = 4096
 REQUEST_TIMEOUT_S = 2.0  # a client has this long to send its request and read the reply
 MAX_CLIENTS = 64
 ACCEPT_BACKOFF_S = 0.2
+
+# A command beside `status` that changes what the daemon does: given the request, it answers
+# {"ok": ..., ...}. Only root's connections may send one (SO_PEERCRED); `status` is for every
+# member of the socket's group.
+Command = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class Phase(StrEnum):
@@ -88,6 +94,8 @@ class Snapshot:
     # The next boot an OS update staged, and its driver: {"os_key", "kernel", "source", "state"
     # (staging | ready | missing | failed), "tree", "detail"}; None while no update is staged.
     next_boot: dict[str, str] | None = None
+    # The FleetLock reboot gate (update.gate_listen): {"listen", "upstream", "hold", "last"}; None: no gate.
+    gate: dict[str, Any] | None = None
     pid: int = field(default_factory=getpid)
     version: str = ""
 
@@ -111,9 +119,11 @@ class StatusServer:
     """
 
     def __init__(self, path: Path, snapshot: Callable[[], Snapshot],
-                 on_error: Callable[[str, Exception], None] = lambda _what, _exc: None) -> None:
+                 on_error: Callable[[str, Exception], None] = lambda _what, _exc: None,
+                 commands: Mapping[str, Command] | None = None) -> None:
         self.path = path
         self._snapshot = snapshot
+        self._commands = dict(commands or {})
         self._on_error = on_error
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -178,7 +188,7 @@ class StatusServer:
                     conn = key.fileobj
                     assert isinstance(conn, socket.socket)  # noqa: S101
                     client = clients[conn]
-                    if not client.step(conn, self._snapshot):
+                    if not client.step(conn, self._snapshot, self._commands):
                         self._drop(conn, sel, clients)
                     elif client.outbox is not None and key.events != selectors.EVENT_WRITE:
                         sel.modify(conn, selectors.EVENT_WRITE)
@@ -202,7 +212,7 @@ class StatusServer:
                 self._on_error("accept", exc)
                 return False
             conn.setblocking(False)
-            clients[conn] = _Client(time.monotonic() + REQUEST_TIMEOUT_S)
+            clients[conn] = _Client(time.monotonic() + REQUEST_TIMEOUT_S, _peer_uid(conn))
             sel.register(conn, selectors.EVENT_READ)
         return True
 
@@ -227,15 +237,27 @@ class StatusServer:
             self.path.unlink()
 
 
+def _peer_uid(conn: socket.socket) -> int | None:
+    """The connecting process's uid as the kernel saw it at connect() (unix(7) SO_PEERCRED)."""
+    try:
+        _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                               struct.calcsize("3i")))
+    except OSError:
+        return None
+    return int(uid)
+
+
 class _Client:
     """One connection: read a request line, then write the reply, before `deadline`."""
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float, uid: int | None = None) -> None:
         self.deadline = deadline
+        self.uid = uid
         self.inbox = b""
         self.outbox: memoryview | None = None
 
-    def step(self, conn: socket.socket, snapshot: Callable[[], Snapshot]) -> bool:
+    def step(self, conn: socket.socket, snapshot: Callable[[], Snapshot],
+             commands: Mapping[str, Command] | None = None) -> bool:
         """Read or write what the socket allows now; False once the connection is done."""
         try:
             if self.outbox is None:
@@ -243,7 +265,8 @@ class _Client:
                 self.inbox += chunk
                 if chunk and b"\n" not in self.inbox and len(self.inbox) <= MAX_REQUEST_BYTES:
                     return True
-                reply = handle_request(self.inbox[:MAX_REQUEST_BYTES + 1], snapshot())
+                reply = handle_request(self.inbox[:MAX_REQUEST_BYTES + 1], snapshot(), uid=self.uid,
+                                       commands=commands or {})
                 self.outbox = memoryview(json.dumps(reply).encode() + b"\n")
             sent = conn.send(self.outbox)
             self.outbox = self.outbox[sent:]
@@ -254,29 +277,48 @@ class _Client:
         return len(self.outbox) > 0
 
 
-def handle_request(data: bytes, snap: Snapshot) -> dict[str, Any]:
-    """The protocol: one JSON line `{"command": "status"}` in, one JSON line out."""
+def handle_request(data: bytes, snap: Snapshot, *, uid: int | None = None,
+                   commands: Mapping[str, Command] | None = None) -> dict[str, Any]:
+    """The protocol: one JSON line `{"command": "status"}` (or another command) in, one JSON line out."""
     if len(data) > MAX_REQUEST_BYTES:
         return {"ok": False, "error": f"request larger than {MAX_REQUEST_BYTES} bytes"}
     try:
         request = json.loads(data.split(b"\n", 1)[0] or b"{}")
     except ValueError:
         return {"ok": False, "error": "request is not JSON"}
-    if not isinstance(request, dict) or request.get("command") != "status":
-        return {"ok": False, "error": "unknown command; supported: status"}
-    return {"ok": True, "status": snap.to_json()}
+    commands = commands or {}
+    name = request.get("command") if isinstance(request, dict) else None
+    if name == "status":
+        return {"ok": True, "status": snap.to_json()}
+    if not isinstance(name, str) or name not in commands:
+        return {"ok": False, "error": "unknown command; supported: " + ", ".join(["status", *sorted(commands)])}
+    if uid != 0:
+        return {"ok": False, "error": f"{name} is for root only (this connection is uid {uid})"}
+    try:
+        return commands[name](request)
+    except Exception as exc:  # a bug in one command must not end the server's thread
+        return {"ok": False, "error": f"{name}: {type(exc).__name__}: {exc}"}
+
+
+def ask(path: Path, request: dict[str, Any], timeout_s: float = 5.0) -> dict[str, Any]:
+    """One request to the daemon, its reply. Raises OSError when it is not reachable, ValueError on a
+    reply that is not JSON."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(str(path))
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    reply: Any = json.loads(data)
+    if not isinstance(reply, dict):
+        raise ValueError("the daemon's reply is not a JSON object")
+    return reply
 
 
 def query(path: Path, timeout_s: float = 5.0) -> dict[str, Any]:
     """Ask the daemon for its status. Raises OSError when it is not reachable."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout_s)
-        sock.connect(str(path))
-        sock.sendall(b'{"command": "status"}\n')
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    reply = json.loads(data)
+    reply = ask(path, {"command": "status"}, timeout_s)
     if not reply.get("ok"):
         raise OSError(reply.get("error", "daemon refused the request"))
     status: dict[str, Any] = reply["status"]
@@ -325,6 +367,16 @@ def render_text(status: dict[str, Any]) -> str:
         lines.append(f"next boot:   {nb.get('state')}: {nb.get('os_key')} (from {nb.get('source')})")
         if nb.get("detail"):
             lines.append(f"             {nb['detail']}")
+    gate = status.get("gate")
+    if gate:
+        lines.append(f"reboot gate: {gate.get('listen')}"
+                     + (f" -> {gate['upstream']}" if gate.get("upstream") else "")
+                     + (f", holding for {gate['hold']['os_key']} since {ago(gate['hold']['since'])}"
+                        if gate.get("hold") else ""))
+        last = gate.get("last")
+        if last:
+            lines.append(f"             last {last.get('operation')} {ago(last.get('at'))}: "
+                         f"{'granted' if last.get('granted') else 'refused'}: {last.get('reason')}")
     if status.get("next_attempt_at"):
         lines.append(f"next try:    in {max(0, int(status['next_attempt_at'] - time.time()))}s")
     lines.append(f"agent:       pid {status['pid']}, version {status['version']}, "

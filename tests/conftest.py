@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 FIXTURES = Path(__file__).parent / "fixtures"
 pytest_plugins = ["support.registry", "support.sandbox"]  # `registry_server`; `tools`, `registry`, `host`
@@ -27,6 +28,15 @@ def _no_unplanned_subprocess(request: pytest.FixtureRequest, monkeypatch: pytest
 
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)  # undone by monkeypatch after the test
     yield
+
+
+@pytest.fixture(autouse=True)
+def _structlog_restored() -> Iterator[None]:
+    """A test that configures logging (log.configure binds the captured stdout of that test) leaves
+    the configuration as it found it: a later test must not write to a closed stream."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def write(path: Path, text: str | bytes) -> Path:

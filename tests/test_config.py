@@ -72,8 +72,15 @@ BAD = [
     ('[drivers]\nversion = "1.2"\n', "[drivers]", "[driver]"),
     ('image = "x"\n', "image", "[image] with keys"),
     ('[daemon]\nretry_initial_s = 900\n', "daemon.retry_initial_s", "retry_initial_s <= retry_max_s"),
-    ('[update]\nsource = "zincati"\n', "update.source", '"update_engine", "rpm-ostree", "none"'),
+    ('[update]\nsource = "zincati"\n', "update.source", '"rpm-ostree", "kernel-postinst", "none"'),
     ('[update]\npoll_s = 1\n', "update.poll_s", "number"),
+    ('[update]\ngate_listen = "0.0.0.0:9797"\n', "update.gate_listen", "loopback"),
+    ('[update]\ngate_listen = "127.0.0.1"\n', "update.gate_listen", "loopback address and port"),
+    ('[update]\ngate_listen = "[::1]:0"\n', "update.gate_listen", "loopback address and port"),
+    ('[update]\ngate_upstream = "ftp://lock.example/"\n', "update.gate_upstream", "http(s) URL"),
+    ('[update]\ngate_upstream = "http://user@lock.example/"\n', "update.gate_upstream", "http(s) URL"),
+    ('[update]\nhold_max_s = -1\n', "update.hold_max_s", "number from 0"),
+    ('[update]\nfinish_s = 7200\n', "update.finish_s", "number from 0 to 3600"),
 ]
 
 

@@ -6,7 +6,6 @@ the registry is gone and the agent is READY from the staged tree without a reque
 from __future__ import annotations
 
 import re
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,37 +13,12 @@ from typing import Any
 import pytest
 
 from agent.state import STATE_FILE, load_state, read_marker
-from support.images import build_image, make_driver_tree
+from support.flatcar import FLATCAR, MOCK, NEW, OLD, bzimage_head, flatcar_tree, push_flatcar, reboot_into
 from support.registry import RegistryServer
-from support.sandbox import DRIVER, FIXTURES, K1, K2, REPO, Host, write
+from support.sandbox import DRIVER, K1, K2, Host, write
 from tests.support.bus import private_system_bus, update_engine_stand_in
 
 pytestmark = pytest.mark.integration
-
-MOCK = "org.freedesktop.DBus.Mock"
-OLD, NEW = "3139.2.0", "3139.2.1"
-FLATCAR = (FIXTURES / "os-release/flatcar-3139.2.0").read_text()
-
-
-def bzimage_head(release: str) -> bytes:
-    """A kernel image's first bytes as the x86 boot protocol lays them out, naming `release`."""
-    head = bytearray(0x1000)
-    head[0x202:0x206] = b"HdrS"
-    struct.pack_into("<H", head, 0x206, 0x20F)
-    struct.pack_into("<H", head, 0x20E, 0x300)
-    version = f"{release} (builder@flatcar) #1 SMP PREEMPT_DYNAMIC\0".encode()
-    head[0x500:0x500 + len(version)] = version
-    return bytes(head)
-
-
-def flatcar_tree(kernel: str, version: str) -> str:
-    return f"/opt/nvidia/{DRIVER}/flatcar-{version}-{kernel}"
-
-
-def push_flatcar(tmp_path: Path, registry: str, kernel: str, version: str) -> str:
-    tree = make_driver_tree(tmp_path / f"tree-{kernel}-{version}", driver=DRIVER, kernel=kernel)
-    return build_image(tree, f"{registry}/{REPO}:{DRIVER}-flatcar-{version}-{kernel}", driver=DRIVER,
-                       os_id="flatcar", os_version=version, kernel=kernel)
 
 
 @pytest.fixture
@@ -61,12 +35,6 @@ def flatcar(host: Host) -> Host:
     write(host.root / "etc/os-release", FLATCAR)
     write(host.root / "boot/flatcar/vmlinuz-a", bzimage_head(K1))
     return host
-
-
-def reboot_into(host: Host, kernel: str, version: str, slot: str) -> None:
-    host.set_kernel(kernel)
-    write(host.root / "etc/os-release", FLATCAR.replace(OLD, version))
-    write(host.root / f"boot/flatcar/vmlinuz-{slot}", bzimage_head(kernel))
 
 
 def test_the_next_boots_driver_is_staged_and_the_new_os_boots_offline(

@@ -324,7 +324,7 @@ def test_rpm_ostree_next_boot_from_the_staged_deployment(tmp_path: Path) -> None
 def test_the_updater_follows_the_os() -> None:
     assert source_for(FLATCAR, "auto") == "update_engine"
     assert source_for(FCOS, "auto") == "rpm-ostree"
-    assert source_for(OSInfo("debian", "12", "Debian", False), "auto") == "none"
+    assert source_for(OSInfo("debian", "12", "Debian", False), "auto") == "kernel-postinst"
     assert source_for(OSInfo("debian", "12", "Debian", False), "rpm-ostree") == "rpm-ostree"
 
 

@@ -1,6 +1,7 @@
 """The next boot as this host's updater has staged it (I/O): the updater on the bus, the kernel it wrote.
 
-    update.source = "auto"  ->  update_engine on Flatcar, rpm-ostree on Fedora/RHEL CoreOS, none elsewhere
+    update.source = "auto"  ->  update_engine on Flatcar, rpm-ostree on Fedora/RHEL CoreOS, and
+                                kernel-postinst elsewhere (a kernel package's hook runs `nvidia-agent stage`)
 
 Flatcar: update_engine says UPDATED_NEED_REBOOT and the new version; the new kernel is read from
 the bzImage header of the slot it wrote (/boot/flatcar/vmlinuz-a or -b), without mounting the new
@@ -20,7 +21,8 @@ from agent.hostroot import HostRoot
 from agent.update import Ambiguous, NextBoot, bzimage, flatcar_next_kernel, next_boot, rpm_ostree
 from agent.update.bus import UpdaterBus
 
-SOURCES = ("auto", "update_engine", "rpm-ostree", "none")
+SOURCES = ("auto", "update_engine", "rpm-ostree", "kernel-postinst", "none")
+POLLED_SOURCES = ("update_engine", "rpm-ostree")  # asked every update.poll_s; kernel-postinst is told
 FLATCAR_KERNELS = {"a": "/boot/flatcar/vmlinuz-a", "b": "/boot/flatcar/vmlinuz-b"}
 OSTREE_STAGED = "/run/ostree/staged-deployment"
 OSTREE_DEPLOY = "/ostree/deploy"
@@ -35,7 +37,7 @@ def source_for(os_: OSInfo, configured: str) -> str:
         return "update_engine"
     if os_.id in RPM_OSTREE_IDS:
         return "rpm-ostree"
-    return "none"
+    return "kernel-postinst"
 
 
 class NextBootProbe:

@@ -1,0 +1,265 @@
+"""Issue 9 with the daemon running on a sandboxed host: the reboot gate in front of a FleetLock
+client, a kernel package's postinst hook asking for the next kernel's driver, and a shutdown that
+finishes staging within its bound while a plain stop does not wait.
+
+Real components: the agent as a process, a registry on loopback (behind a dripping proxy where a
+download must take a while), update_engine and systemd stand-ins on a private system bus (their
+real interfaces: GetStatus, Manager.SystemState), the hook script as shipped, run by /bin/sh."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.state import STATE_FILE, load_state, read_marker
+from support.flaky_proxy import Fault, FlakyProxy, blobs
+from support.flatcar import MOCK, NEW, OLD, flatcar_tree, make_flatcar, push_flatcar, reboot_into, update_written
+from support.registry import RegistryServer
+from support.sandbox import DRIVER, K1, K2, REPO_ROOT, Host, RunningAgent, push_driver, tag, tree_path, write
+from tests.support.bus import private_system_bus, update_engine_stand_in
+
+pytestmark = pytest.mark.integration
+
+MANAGER = "org.freedesktop.systemd1.Manager"
+HOOK = REPO_ROOT / "packaging/kernel/postinst.d/nvidia-agent"
+NODE = "c988d2509fdf4cdcbed39037c56406fb"
+
+
+@pytest.fixture
+def bus(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """update_engine and systemd (dbusmock's template, with Manager.SystemState) on a private bus."""
+    dbusmock = pytest.importorskip("dbusmock")
+    bus_dir = tmp_path / "bus"
+    bus_dir.mkdir()
+    with private_system_bus(bus_dir), update_engine_stand_in() as update_engine:
+        mock, systemd = dbusmock.DBusTestCase.spawn_server_template("systemd", {}, stdout=subprocess.DEVNULL)
+        try:
+            systemd.AddProperty(MANAGER, "SystemState", "running", dbus_interface=MOCK)
+            yield {"update_engine": update_engine, "systemd": systemd}
+        finally:
+            mock.terminate()
+            mock.wait()
+
+
+def wait_for(agent: RunningAgent, what: str, check: Any, timeout_s: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = agent.status_json()
+        if status and check(status):
+            return status
+        if agent.proc.poll() is not None:
+            break
+        time.sleep(0.3)
+    raise AssertionError(f"{what}: not reached; last status {json.dumps(status)[:1500]}")
+
+
+def next_state(status: dict[str, Any]) -> str | None:
+    nb = status.get("next_boot") or {}
+    return nb.get("state")
+
+
+def fleetlock(port: int, op: str) -> tuple[int, dict[str, Any]]:
+    """A FleetLock client's request, as Zincati sends it."""
+    import requests  # noqa: PLC0415
+
+    body = json.dumps({"client_params": {"id": NODE, "group": "default"}}, indent=2)
+    reply = requests.post(f"http://127.0.0.1:{port}/v1/{op}", data=body, timeout=30,
+                          headers={"fleet-lock-protocol": "true"})
+    return reply.status_code, (reply.json() if reply.content else {})
+
+
+def free_port() -> int:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_gate_refuses_until_staged_and_opens_after_the_hold(
+        tmp_path: Path, registry: RegistryServer, host: Host, bus: dict[str, Any]) -> None:
+    """A FleetLock client is refused while the next boot's image is missing, granted with a warning
+    after update.hold_max_s, and granted plainly once the image is published and staged."""
+    make_flatcar(host, K1)
+    port = free_port()
+    host.configure(registry.host, extra=f'[update]\npoll_s = 5\nhold_max_s = 6\ngate_listen = "127.0.0.1:{port}"\n')
+    push_flatcar(tmp_path, registry.host, K1, OLD)
+    update_written(host, K2)
+    bus["update_engine"].SetStatus(1700000000, 0.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT", NEW, 1,
+                                   dbus_interface=MOCK)
+    with RunningAgent(host) as agent:
+        wait_for(agent, "next boot missing", lambda s: next_state(s) == "missing")
+        code, error = fleetlock(port, "pre-reboot")
+        assert code == 409 and error["kind"] == "nvidia_driver_missing", error
+        assert f"flatcar-{NEW}-{K2}" in error["value"]
+        shown = agent.status().stdout
+        assert "reboot gate: 127.0.0.1:" in shown and "refused" in shown, shown
+        assert fleetlock(port, "steady-state") == (200, {})
+        time.sleep(6)
+        assert fleetlock(port, "pre-reboot") == (200, {}), "held hold_max_s: the gate opens"
+
+        push_flatcar(tmp_path, registry.host, K2, NEW)
+        code, error = fleetlock(port, "pre-reboot")
+        if code != 200:  # a new hold began: the pre-reboot waits for the staging
+            assert error["kind"] in ("nvidia_driver_missing", "nvidia_driver_staging"), error
+        wait_for(agent, "next boot staged", lambda s: next_state(s) == "ready")
+        assert fleetlock(port, "pre-reboot") == (200, {})
+        code, log = agent.stop()
+    assert code == 0, log
+    assert "gate_refused" in log and "gate_granted" in log, log
+    opened = [line for line in log.splitlines() if "gate_granted" in line and "hold_max_s" in line]
+    assert opened and " warning gate_granted " in opened[0], "granted after the hold: a warning"
+    assert (host.root / flatcar_tree(K2, NEW).lstrip("/")).is_dir()
+
+
+def hook_env(host: Host, tmp_path: Path) -> dict[str, str]:
+    """PATH with `nvidia-agent` as a host would have it, bound to the sandboxed root."""
+    bin_dir = tmp_path / "bin"
+    write(bin_dir / "nvidia-agent", f'#!/bin/sh\ncd {REPO_ROOT} && exec {sys.executable} -m agent '
+                                    f'--root {host.root} "$@"\n').chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def run_hook(env: dict[str, str], release: str) -> subprocess.CompletedProcess[str]:
+    """As a kernel package's postinst runs it: run-parts passes the release (and the image path)."""
+    return subprocess.run(["/bin/sh", str(HOOK), release, f"/boot/vmlinuz-{release}"], capture_output=True,
+                          text=True, env=env, timeout=60, check=False)
+
+
+def test_a_kernel_packages_hook_stages_its_driver_and_the_new_kernel_boots_offline(
+        tmp_path: Path, registry: RegistryServer, host: Host) -> None:
+    push_driver(tmp_path, registry.host, K1)
+    digest = push_driver(tmp_path, registry.host, K2)
+    env = hook_env(host, tmp_path)
+    stopped = run_hook(env, K2)
+    assert stopped.returncode == 0, "no agent running: the kernel's installation still succeeds"
+    assert "installed at its first boot" in stopped.stderr, stopped.stderr
+    with RunningAgent(host) as agent:
+        wait_for(agent, "ready", lambda s: s["phase"] == "ready")
+        (host.root / f"lib/modules/{K2}").mkdir(parents=True)  # what the package unpacked before its postinst
+        hooked = run_hook(env, K2)
+        assert hooked.returncode == 0, hooked.stdout + hooked.stderr
+        assert f"the next boot runs {K2}" in hooked.stdout, hooked.stdout
+        out = subprocess.run(["nvidia-agent", "stage", "--kernel", K2, "--wait", "60"], capture_output=True,
+                             text=True, env=env, timeout=90, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "next boot: ready" in out.stdout, out.stdout
+        bad = subprocess.run(["nvidia-agent", "stage", "--kernel", "../../etc"], capture_output=True, text=True,
+                             env=env, timeout=60, check=False)
+        assert bad.returncode == 1 and "a release as uname -r prints it" in bad.stderr, bad.stderr
+        code, log = agent.stop()
+    assert code == 0, log
+    assert f"stage_requested next_kernel={K2}" in log, log
+    staged = host.root / tree_path(K2).lstrip("/")
+    marker = read_marker(staged)
+    assert marker is not None and marker.digest == digest
+    assert host.current() == f"{DRIVER}/ubuntu-22.04-{K1}", "staged, not activated"
+    assert load_state(host.root / STATE_FILE.lstrip("/")).next_kernel == K2, "remembered across a restart"
+
+    registry.stop()
+    host.set_kernel(K2)
+    first = host.once()
+    assert first.returncode == 0, first.stdout + first.stderr
+    for event in (" resolving ", " pulling "):
+        assert event not in first.stdout, f"the first boot of {K2} asked the registry: {first.stdout}"
+    assert host.current() == f"{DRIVER}/ubuntu-22.04-{K2}"
+    assert load_state(host.root / STATE_FILE.lstrip("/")).next_kernel is None, "booted: nothing to stage"
+    assert tag(K2) in (host.root / tree_path(K2).lstrip("/") / ".nvidia-agent.json").read_text()
+
+
+def test_stage_is_refused_where_the_updater_says_what_boots_next(
+        tmp_path: Path, registry: RegistryServer, host: Host, bus: dict[str, Any]) -> None:
+    make_flatcar(host, K1)
+    push_flatcar(tmp_path, registry.host, K1, OLD)
+    env = hook_env(host, tmp_path)
+    with RunningAgent(host) as agent:
+        wait_for(agent, "ready", lambda s: s["phase"] == "ready")
+        out = subprocess.run(["nvidia-agent", "stage", "--kernel", K2], capture_output=True, text=True, env=env,
+                             timeout=60, check=False)
+        assert out.returncode == 1 and "update_engine" in out.stderr, out.stderr
+        assert run_hook(env, K2).returncode == 0, "the hook itself never fails a kernel's installation"
+        assert agent.stop()[0] == 0
+
+
+@pytest.fixture
+def slow_registry(registry: RegistryServer) -> Iterator[FlakyProxy]:
+    """The registry behind a proxy that sends blobs at 512 KiB/s: a 6 MiB layer takes ~12 s."""
+    with FlakyProxy(registry.host, faults=(Fault.drip(bytes_per_s=512 * 1024, when=blobs),)) as proxy:
+        yield proxy
+
+
+def start_staging(tmp_path: Path, registry: RegistryServer, proxy: FlakyProxy, host: Host, *,
+                  bus: dict[str, Any], finish_s: float) -> RunningAgent:
+    make_flatcar(host, K1)
+    host.configure(proxy.host, extra=f"[update]\npoll_s = 5\nfinish_s = {finish_s}\n")
+    push_flatcar(tmp_path, registry.host, K1, OLD)
+    push_flatcar(tmp_path, registry.host, K2, NEW, big_lib_bytes=6 * 1024 * 1024)
+    update_written(host, K2)
+    bus["update_engine"].SetStatus(1700000000, 0.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT", NEW, 1,
+                                   dbus_interface=MOCK)
+    agent = RunningAgent(host)
+    wait_for(agent, "staging", lambda s: s["phase"] == "ready" and next_state(s) == "staging")
+    return agent
+
+
+def test_a_reboot_while_staging_finishes_it_and_the_new_os_boots_offline(
+        tmp_path: Path, registry: RegistryServer, slow_registry: FlakyProxy, host: Host,
+        bus: dict[str, Any]) -> None:
+    with start_staging(tmp_path, registry, slow_registry, host, bus=bus, finish_s=90) as agent:
+        bus["systemd"].UpdateProperties(MANAGER, {"SystemState": "stopping"}, dbus_interface=MOCK)
+        started = time.monotonic()
+        code, log = agent.stop()
+        took = time.monotonic() - started
+    assert code == 0, log
+    assert "finishing_next_boot" in log and "next_boot_finished" in log and "state=ready" in log, log
+    assert took > 2, f"the stop returned in {took:.1f}s: it cannot have finished a ~12 s download"
+    staged = host.root / flatcar_tree(K2, NEW).lstrip("/")
+    assert read_marker(staged) is not None, log
+
+    registry.stop()
+    reboot_into(host, K2, NEW, "b")
+    bus["update_engine"].ResetStatus()
+    after = host.once()
+    assert after.returncode == 0, after.stdout + after.stderr
+    for event in (" resolving ", " pulling ", " staging_"):
+        assert event not in after.stdout, f"the first boot of the new OS asked the registry: {after.stdout}"
+    assert host.current() == f"{DRIVER}/flatcar-{NEW}-{K2}"
+
+
+def test_a_restart_while_staging_does_not_wait(
+        tmp_path: Path, registry: RegistryServer, slow_registry: FlakyProxy, host: Host,
+        bus: dict[str, Any]) -> None:
+    with start_staging(tmp_path, registry, slow_registry, host, bus=bus, finish_s=90) as agent:
+        started = time.monotonic()
+        code, log = agent.stop()  # SystemState "running": a systemctl stop or restart
+        took = time.monotonic() - started
+    assert code == 0, log
+    assert took < 8, f"a plain stop waited {took:.1f}s"
+    assert "finishing_next_boot" not in log, log
+    assert read_marker(host.root / flatcar_tree(K2, NEW).lstrip("/")) is None
+    again = host.once()  # the next start resumes from the content store and cleans up
+    assert again.returncode == 0 and " next_boot_ready " in again.stdout, again.stdout + again.stderr
+    assert host.debris() == []
+
+
+def test_the_bound_cuts_a_staging_that_cannot_finish(
+        tmp_path: Path, registry: RegistryServer, slow_registry: FlakyProxy, host: Host,
+        bus: dict[str, Any]) -> None:
+    with start_staging(tmp_path, registry, slow_registry, host, bus=bus, finish_s=2) as agent:
+        bus["systemd"].UpdateProperties(MANAGER, {"SystemState": "stopping"}, dbus_interface=MOCK)
+        started = time.monotonic()
+        code, log = agent.stop()
+        took = time.monotonic() - started
+    assert code == 0, log
+    assert "next_boot_unfinished" in log and "update.finish_s ran out" in log, log
+    assert took < 2 + 5 + 3, f"the stop took {took:.1f}s for a 2 s bound"
+    assert read_marker(host.root / flatcar_tree(K2, NEW).lstrip("/")) is None
