@@ -4,15 +4,22 @@
     <cache>/blobs/sha256/<hex>.partial   a download in progress; resumed with an HTTP Range request
 
 A blob found on disk from an earlier run is hashed again before use: a file name proves
-nothing about the bytes behind it. The store keeps only the blobs of the image being
-installed; everything else (other images, rejected images, stray files) is collected.
+nothing about the bytes behind it. An installed image's blobs are dropped (the tree is the
+cache from then on), a rejected image's too; what stays is an interrupted download (a stop, a
+staging that yielded), kept for the next pass to resume while it is younger than
+install.cache_max_age_s and the store within install.cache_max_mib (oldest goes first).
+Anything else in the store (a name that is not a digest) is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
+import stat
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -32,11 +39,54 @@ class BlobSource(Protocol):
                    cancelled: Callable[[], bool] = ...) -> None: ...
 
 
+BLOB_NAME_RE = re.compile(r"^[0-9a-f]{64}(\.partial)?$")
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    max_bytes: int = 4096 << 20
+    max_age_s: float = 7 * 86400.0
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of the store as collection sees it (`name` under sha256/, or a stray anywhere)."""
+
+    name: str
+    size: int
+    mtime: float
+    blob: bool  # a digest's blob or partial download, in sha256/
+
+
+def to_collect(entries: Iterable[Entry], keep: set[str], now: float, policy: CachePolicy) -> set[str]:
+    """The names to remove: strays; blobs older than max_age_s; then the oldest until the store,
+    kept blobs included, fits max_bytes. A kept name (the image being pulled) never goes."""
+    entries = list(entries)
+    gone: set[str] = set()
+    kept: list[Entry] = []
+    for e in entries:
+        if e.name.removesuffix(PARTIAL) in keep and e.blob:
+            continue
+        if not e.blob or now - e.mtime > policy.max_age_s:
+            gone.add(e.name)
+        else:
+            kept.append(e)
+    total = sum(e.size for e in entries if e.blob and e.name not in gone)
+    for e in sorted(kept, key=lambda e: e.mtime):
+        if total <= policy.max_bytes:
+            break
+        gone.add(e.name)
+        total -= e.size
+    return gone
+
+
 class BlobStore:
     """Layer blobs by digest under one directory, each verified before anything reads it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, policy: CachePolicy | None = None, clock: Callable[[], float] = time.time) -> None:
         self.root = root
+        self.policy = policy or CachePolicy()
+        self._clock = clock
         self._dir = root / "sha256"
         self._trusted: set[str] = set()  # digests this process wrote or checked
 
@@ -89,29 +139,48 @@ class BlobStore:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
 
+    def present_bytes(self, digest: str) -> int:
+        """How much of a blob is on disk already (the blob, or its partial download)."""
+        path = self.path(digest)
+        for p in (path, path.with_name(path.name + PARTIAL)):
+            with contextlib.suppress(OSError):
+                return p.lstat().st_size
+        return 0
+
     def collect(self, keep: Iterable[str]) -> list[Path]:
-        """Remove every file in the store that is not a blob (or partial download) in `keep`.
+        """Remove what the policy says (to_collect); `keep`, the image being pulled, stays.
 
         Never raises: a store that cannot be cleaned only costs disk space; what could not be
         removed is logged with its path.
         """
         wanted = {self.path(d).name for d in keep}
-        removed: list[Path] = []
+        found: dict[str, tuple[Path, Entry]] = {}
         for directory in (self.root, self._dir):
             try:
-                entries = list(directory.iterdir())
+                listing = list(directory.iterdir())
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 log.warning("blob_cache_unreadable", path=str(directory), error=exc.strerror)
                 continue
-            for entry in entries:
-                if entry == self._dir or entry.name.removesuffix(PARTIAL) in wanted:
+            for entry in listing:
+                if entry == self._dir:
                     continue
-                error = fs.try_remove_tree(entry)
-                if error is None:
-                    removed.append(entry)
-                else:
-                    log.warning("blob_cache_not_cleaned", path=str(entry), error=error.strerror,
-                                hint=f"remove it by hand: rm -rf {entry}")
+                try:
+                    st = entry.lstat()
+                except OSError:
+                    continue
+                blob = directory == self._dir and stat.S_ISREG(st.st_mode) and bool(BLOB_NAME_RE.match(entry.name))
+                key = entry.name if blob else f"/{entry.relative_to(self.root)}"  # strays never match a blob name
+                found[key] = (entry, Entry(key, st.st_size, st.st_mtime, blob))
+        gone = to_collect([e for _, e in found.values()], wanted, self._clock(), self.policy)
+        removed: list[Path] = []
+        for key in sorted(gone):
+            entry = found[key][0]
+            error = fs.try_remove_tree(entry)
+            if error is None:
+                removed.append(entry)
+            else:
+                log.warning("blob_cache_not_cleaned", path=str(entry), error=error.strerror,
+                            hint=f"remove it by hand: rm -rf {entry}")
         return removed

@@ -67,6 +67,8 @@ class InstallSettings:
     keep_trees: int = 3
     lib64_allow: tuple[str, ...] = DEFAULT_LIB64_ALLOW
     bin_dir: str = "auto"  # links to the driver's tools: auto (/opt/bin on Flatcar, else /usr/local/bin), "" none
+    cache_max_mib: int = 4096  # the blob cache (interrupted downloads kept to resume) stays under this
+    cache_max_age_s: float = 7 * 86400.0  # and keeps nothing older
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,8 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
     "install": {"root": _host_path, "keep_trees": _integer(1, 100),
                 "lib64_allow": _string_list(LIB_PATTERN_RE,
                                             "glob patterns relative to lib64, such as \"libnvidia-*.so*\""),
-                "bin_dir": _bin_dir},
+                "bin_dir": _bin_dir, "cache_max_mib": _integer(0, 1 << 30),
+                "cache_max_age_s": _number(0, 365 * 86400)},
     "mount": {"enabled": _boolean, "target": _host_path, "ldconfig": _boolean},
     "modules": {"load": _boolean, "parameters": _parameters},
     "units": {"before": _string_list(UNIT_NAME_RE, "unit names such as \"kubelet.service\"")},

@@ -13,7 +13,7 @@ import structlog
 
 from agent import __version__, failpoints
 from agent import mount as mounts
-from agent.blobs import BlobStore
+from agent.blobs import BlobStore, CachePolicy
 from agent.bus import Systemd
 from agent.cancel import Cancel, next_delay_s
 from agent.config import Settings
@@ -100,7 +100,8 @@ class Agent:
         self._stage_errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
         self._stage_retry: tuple[str, int, float] = ("", 0, 0.0)  # (next os key, failures, monotonic not before)
         self._next_said: tuple[str, str | None] | None = None  # the next boot's last logged (state, os key)
-        self.store = BlobStore(host(CACHE_DIR) / "blobs")
+        self.store = BlobStore(host(CACHE_DIR) / "blobs", CachePolicy(settings.install.cache_max_mib << 20,
+                                                                      settings.install.cache_max_age_s))
         self.snapshot = Snapshot(version=__version__, driver=settings.driver.version)
         self.log = structlog.get_logger("nvidia-agent")
         self._errors = RepeatLimiter(ERROR_LOG_PERIOD_S)

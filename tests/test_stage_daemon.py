@@ -239,6 +239,10 @@ def test_a_restart_while_staging_does_not_wait(
         tmp_path: Path, registry: RegistryServer, slow_registry: FlakyProxy, host: Host,
         bus: dict[str, Any]) -> None:
     with start_staging(tmp_path, registry, slow_registry, host, bus=bus, finish_s=90) as agent:
+        store = host.root / "var/cache/nvidia-agent/blobs/sha256"
+        deadline = time.monotonic() + 30
+        while not any(p.stat().st_size for p in store.glob("*.partial")) and time.monotonic() < deadline:
+            time.sleep(0.2)  # some of the big layer is on disk: there is something to resume
         started = time.monotonic()
         code, log = agent.stop()  # SystemState "running": a systemctl stop or restart
         took = time.monotonic() - started
@@ -246,9 +250,16 @@ def test_a_restart_while_staging_does_not_wait(
     assert took < 8, f"a plain stop waited {took:.1f}s"
     assert "finishing_next_boot" not in log, log
     assert read_marker(host.root / flatcar_tree(K2, NEW).lstrip("/")) is None
-    again = host.once()  # the next start resumes from the content store and cleans up
+    partial = list((host.root / "var/cache/nvidia-agent/blobs/sha256").glob("*.partial"))
+    assert partial, "the interrupted download stays in the content store"
+    slow_registry.seen.clear()
+    again = host.once()  # the next start resumes that download, then cleans up
     assert again.returncode == 0 and " next_boot_ready " in again.stdout, again.stdout + again.stderr
+    resumed = [s for s in slow_registry.seen if s.range and partial[0].name.removesuffix(".partial") in s.path]
+    assert resumed and resumed[0].range.startswith("bytes=") and not resumed[0].range.startswith("bytes=0-"), \
+        [(s.path, s.range) for s in slow_registry.seen]
     assert host.debris() == []
+    assert not list((host.root / "var/cache/nvidia-agent/blobs/sha256").iterdir()), "installed: its blobs go"
 
 
 def test_the_bound_cuts_a_staging_that_cannot_finish(

@@ -73,9 +73,12 @@ def install_image(
         raise ImageRejected(f"{ref}: {len(image.layers)} layers; a driver image needs far fewer than {MAX_LAYERS}")
     diff_ids = layer_diff_ids(registry.fetch_config(image.reference, image.config), len(image.layers))
     digests = [d.digest for d in image.layers]
-    on_phase("pulling", {"digest": image.reference.digest, "layers": len(image.layers),
-                         "bytes": sum(d.size for d in image.layers)})
-    store.collect(keep=digests)  # other images' blobs, a rejected image's, stray files
+    store.collect(keep=digests)  # stray files, old downloads, what is over the cache's budget
+    layer_bytes = sum(d.size for d in image.layers)
+    # The download, then the tree: unpacked, a layer is at least its compressed size.
+    fs.check_space([(store.root, layer_bytes - sum(store.present_bytes(d) for d in digests), "the layers"),
+                    (install_root, layer_bytes, "the unpacked tree")])
+    on_phase("pulling", {"digest": image.reference.digest, "layers": len(image.layers), "bytes": layer_bytes})
     try:
         blobs = [store.get(registry, image.reference, desc, cancelled) for desc in image.layers]
         on_phase("verifying", {"digest": image.reference.digest})

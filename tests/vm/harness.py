@@ -263,6 +263,28 @@ def vmlinuz(kver: str) -> Path:
     return kernel_dir(kver) / "boot" / f"vmlinuz-{kver}"
 
 
+def kernel_debs(kver: str) -> Path:
+    """The packages a guest installs with its own dpkg to get kernel `kver` the way an upgrade does:
+    linux-image-<kver> (its postinst runs /etc/kernel/postinst.d/*) and linux-base (its
+    linux-update-symlinks, which that postinst calls first). Downloaded once, never installed here."""
+    d = CACHE / f"debs-{kver}"
+    if (d / ".complete").exists():
+        return d
+    with step(f"kernel package {kver} download"):
+        tmp = CACHE / f"debs-{kver}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        got = subprocess.run(["apt-get", "download", "-q", "linux-base", f"linux-image-{kver}"], cwd=tmp,
+                             capture_output=True, check=False)
+        if got.returncode != 0:
+            sh(*APT, "update")
+            sh("apt-get", "download", "-q", "linux-base", f"linux-image-{kver}", cwd=tmp)
+        (tmp / ".complete").touch()
+        shutil.rmtree(d, ignore_errors=True)
+        tmp.rename(d)
+    return d
+
+
 # The initrd's /init. With `nvagent.usr=ro` on the kernel command line /usr is bound read-only
 # before systemd starts, as Fedora CoreOS's initrd (ostree-prepare-root) leaves it; an fstab entry
 # would be remounted by systemd-remount-fs, racing usr.mount, and could take / read-only with it.
@@ -658,7 +680,8 @@ def build_image(force: bool = False, variant: str = "debian") -> Path:
     if variant == "debian":
         wheels = agent_wheels()
         deps = CACHE / f"wheels-deps-{digest((REPO / 'pyproject.toml').read_bytes())}"
-        key = digest(*common, wheels.name, deps.name, *GUEST_FILES)
+        debs = kernel_debs(kernels.cloud)
+        key = digest(*common, wheels.name, deps.name, *GUEST_FILES, *UPDATE_FILES, debs.name)
     else:
         raw = agent_sysext()
         key = digest(*common, raw.parent.name, *SYSEXT_GUEST_FILES)
@@ -668,7 +691,9 @@ def build_image(force: bool = False, variant: str = "debian") -> Path:
     else:
         with step(f"guest image {variant} (agent install + mkfs)"):
             if variant == "debian":
-                _assemble(base, images, wheels=wheels, deps=deps, img=img)
+                root = _assemble(base, images, wheels=wheels, deps=deps)
+                _updates(root, kernels, debs)
+                _mkfs(root, img)
             else:
                 _assemble_coreos_like(base, images, raw=raw, variant=variant, img=img)
         for old in CACHE.glob(f"guest-{variant}-*.raw"):
@@ -685,7 +710,8 @@ def _meta_path(variant: str) -> Path:
     return CACHE / ("image.json" if variant == "debian" else f"image-{variant}.json")
 
 
-def _assemble(base: Path, images: Path, *, wheels: Path, deps: Path, img: Path) -> None:
+def _assemble(base: Path, images: Path, *, wheels: Path, deps: Path) -> Path:
+    """The Debian guest's root with the agent installed as README's plain-distribution recipe says."""
     root = CACHE / "img-root"
     shutil.rmtree(root, ignore_errors=True)
     sh("cp", "-al", base, root)  # hard links: every file changed below is replaced, never edited
@@ -704,9 +730,55 @@ def _assemble(base: Path, images: Path, *, wheels: Path, deps: Path, img: Path) 
     put(root, "usr/lib/nvidia-agent/config.d/00-defaults.toml",
         (REPO / "etc/nvidia-agent/00-defaults.toml").read_bytes())
     put(root, "etc/nvidia-agent/config.d/50-vm.toml", VM_TOML)
+    # README's kernel hook: a kernel package asks the agent for its driver before the reboot
+    put(root, "etc/kernel/postinst.d/nvidia-agent", (REPO / "packaging/kernel/postinst.d/nvidia-agent").read_bytes(),
+        mode=0o755)
     _test_infrastructure(root, images)
     sh("systemctl", f"--root={root}", "enable", "-q", "nvidia-agent.service")
-    _mkfs(root, img)
+    return root
+
+
+UPDATE_FILES = [REPO / "packaging/kernel/postinst.d/nvidia-agent", HERE / "update_engine_standin.py",
+                REPO / "tests/fixtures/update/update_engine.xml"]
+UPDATE_ENGINE_POLICY = """\
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<!-- as flatcar/update_engine's com.coreos.update1.conf: root owns and calls it (nvidia-agent VM tests) -->
+<busconfig>
+  <policy user="root">
+    <allow own="com.coreos.update1"/>
+    <allow send_destination="com.coreos.update1"/>
+  </policy>
+</busconfig>
+"""
+UPDATE_ENGINE_UNIT = """\
+[Unit]
+Description=Stand-in for Flatcar's update_engine on the system bus (nvidia-agent VM tests)
+
+[Service]
+Type=dbus
+BusName=com.coreos.update1
+ExecStart=/usr/bin/python3 /usr/lib/nvidia-agent-vm/update_engine_standin.py
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _updates(root: Path, kernels: Kernels, debs: Path) -> None:
+    """What the OS-update scenarios (tests/vm/test_vm_update.py) need in the Debian guest: the other
+    kernel's packages for the guest's dpkg, both kernel images (a Flatcar-like host's
+    /boot/flatcar/vmlinuz-a and -b), and update_engine's stand-in (not enabled)."""
+    for deb in debs.glob("*.deb"):
+        put(root, f"usr/lib/nvidia-agent-vm/debs/{deb.name}", deb.read_bytes())
+    for kver in kernels.both:
+        put(root, f"usr/lib/nvidia-agent-vm/vmlinuz-{kver}", vmlinuz(kver).read_bytes())
+    put(root, "usr/lib/nvidia-agent-vm/update_engine_standin.py", (HERE / "update_engine_standin.py").read_bytes(),
+        mode=0o755)
+    put(root, "usr/lib/nvidia-agent-vm/update_engine.xml",
+        (REPO / "tests/fixtures/update/update_engine.xml").read_bytes())
+    put(root, "etc/dbus-1/system.d/com.coreos.update1.conf", UPDATE_ENGINE_POLICY)
+    put(root, "etc/systemd/system/update-engine.service", UPDATE_ENGINE_UNIT)
 
 
 def _test_infrastructure(root: Path, images: Path) -> None:
