@@ -7,8 +7,9 @@ A blob found on disk from an earlier run is hashed again before use: a file name
 nothing about the bytes behind it. An installed image's blobs are dropped (the tree is the
 cache from then on), a rejected image's too; what stays is an interrupted download (a stop, a
 staging that yielded), kept for the next pass to resume while it is younger than
-install.cache_max_age_s and the store within install.cache_max_mib (oldest goes first).
-Anything else in the store (a name that is not a digest) is removed.
+install.cache_max_age_s and the store within install.cache_max_mib (oldest goes first). A
+pass that pulls nothing also drops complete blobs (left by a crash). Anything else in the
+store (a name that is not a digest) is removed.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class BlobSource(Protocol):
                    cancelled: Callable[[], bool] = ...) -> None: ...
 
 
-BLOB_NAME_RE = re.compile(r"^[0-9a-f]{64}(\.partial)?$")
+BLOB_NAME_RE = re.compile(r"^[0-9a-f]{64}(\.partial)?\Z")
 
 
 @dataclass(frozen=True)
@@ -58,16 +59,19 @@ class Entry:
     blob: bool  # a digest's blob or partial download, in sha256/
 
 
-def to_collect(entries: Iterable[Entry], keep: set[str], now: float, policy: CachePolicy) -> set[str]:
-    """The names to remove: strays; blobs older than max_age_s; then the oldest until the store,
-    kept blobs included, fits max_bytes. A kept name (the image being pulled) never goes."""
+def to_collect(entries: Iterable[Entry], keep: set[str], now: float, policy: CachePolicy, *,
+               idle: bool = False) -> set[str]:
+    """The names to remove: strays; blobs older than max_age_s; when `idle` (no pull in flight),
+    complete blobs too (an installed image's, left by a crash before they were dropped: only a
+    cut-off download is worth keeping); then the oldest until the store, kept blobs included,
+    fits max_bytes. A kept name (the image being pulled) never goes."""
     entries = list(entries)
     gone: set[str] = set()
     kept: list[Entry] = []
     for e in entries:
         if e.name.removesuffix(PARTIAL) in keep and e.blob:
             continue
-        if not e.blob or now - e.mtime > policy.max_age_s:
+        if not e.blob or now - e.mtime > policy.max_age_s or (idle and not e.name.endswith(PARTIAL)):
             gone.add(e.name)
         else:
             kept.append(e)
@@ -147,7 +151,7 @@ class BlobStore:
                 return p.lstat().st_size
         return 0
 
-    def collect(self, keep: Iterable[str]) -> list[Path]:
+    def collect(self, keep: Iterable[str], *, idle: bool = False) -> list[Path]:
         """Remove what the policy says (to_collect); `keep`, the image being pulled, stays.
 
         Never raises: a store that cannot be cleaned only costs disk space; what could not be
@@ -173,7 +177,7 @@ class BlobStore:
                 blob = directory == self._dir and stat.S_ISREG(st.st_mode) and bool(BLOB_NAME_RE.match(entry.name))
                 key = entry.name if blob else f"/{entry.relative_to(self.root)}"  # strays never match a blob name
                 found[key] = (entry, Entry(key, st.st_size, st.st_mtime, blob))
-        gone = to_collect([e for _, e in found.values()], wanted, self._clock(), self.policy)
+        gone = to_collect([e for _, e in found.values()], wanted, self._clock(), self.policy, idle=idle)
         removed: list[Path] = []
         for key in sorted(gone):
             entry = found[key][0]

@@ -89,6 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wait up to SECONDS for the driver to be staged (default: return once accepted)")
     st.add_argument("--socket", type=Path, default=None, help=f"socket path (default <root>{SOCKET_FILE})")
 
+    rb = sub.add_parser(
+        "rollback", help="go back to the previous driver tree for the running kernel",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Ask the running daemon to activate, instead of the configured driver, the tree\n"
+                    "for this kernel installed before it (of the trees built for this kernel other\n"
+                    "than `current`, the newest): its modules are loaded (the running ones unloaded if\n"
+                    "nothing holds them), `current` and the overlay switch to it. It holds until\n"
+                    "`nvidia-agent rollback --undo`, a new configured driver, or another kernel. Root\n"
+                    "only.\n\n"
+                    "Exit 0: done (with --wait: the agent is ready on it). 1: nothing to roll back to\n"
+                    "(the reason is printed), or --wait saw it fail. 2: --wait ran out. 69: the\n"
+                    "daemon is not running.")
+    rb.add_argument("--undo", action="store_true", help="back to the configured driver")
+    rb.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                    help="wait up to SECONDS for the agent to be ready on it")
+    rb.add_argument("--socket", type=Path, default=None, help=f"socket path (default <root>{SOCKET_FILE})")
+
     sub.add_parser("config", help="validate the configuration and print the merged result as JSON",
                    description="Exit 0 with the effective settings, or 78 naming the file, key and what is valid.")
 
@@ -121,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_status(host, args)
     if args.command == "stage":
         return cmd_stage(host, args)
+    if args.command == "rollback":
+        return cmd_rollback(host, args)
     # preflight prints its answer on stdout, for scripts: its progress goes to stderr
     log.configure(sys.stderr if args.command == "preflight" else None, verbose=getattr(args, "verbose", False))
     logger = structlog.get_logger("nvidia-agent")
@@ -258,7 +277,8 @@ def cmd_stage(host: HostRoot, args: argparse.Namespace) -> int:
             nxt = query(path).get("next_boot") or {}
         except (OSError, ValueError):
             nxt = {}
-        state = nxt.get("state") if nxt.get("kernel") == args.kernel else None
+        fresh = nxt.get("kernel") == args.kernel and (nxt.get("at") or 0) >= (reply.get("at") or 0)
+        state = nxt.get("state") if fresh else None  # a verdict from before this request says nothing
         if state in ("ready", "missing", "failed"):
             print(f"next boot: {state}: {nxt.get('os_key')}: {nxt.get('detail')}")
             return ExitCode.OK if state == "ready" else ExitCode.FAILED
@@ -266,4 +286,36 @@ def cmd_stage(host: HostRoot, args: argparse.Namespace) -> int:
             print(f"next boot: still {state or 'waiting'} after {args.wait:g}s", file=sys.stderr)
             return ExitCode.DEGRADED
         time.sleep(0.5)
+    return ExitCode.OK
+
+
+def cmd_rollback(host: HostRoot, args: argparse.Namespace) -> int:
+    path = args.socket or host(SOCKET_FILE)
+    try:
+        reply = ask(path, {"command": "rollback", "undo": bool(args.undo)})
+    except (OSError, ValueError) as exc:
+        print(f"nvidia-agent: daemon not reachable at {path}: {exc}\n"
+              "  is it running? systemctl status nvidia-agent", file=sys.stderr)
+        return ExitCode.UNAVAILABLE
+    if not reply.get("ok"):
+        print(f"nvidia-agent: rollback: {reply.get('error')}", file=sys.stderr)
+        return ExitCode.FAILED
+    print(f"nvidia-agent: {reply.get('detail')}")
+    deadline = time.monotonic() + args.wait
+    while args.wait > 0:
+        time.sleep(0.5)
+        try:
+            status = query(path)
+        except (OSError, ValueError):
+            status = {}
+        if status.get("current") == reply.get("tree") and status.get("phase") == Phase.READY:
+            print(f"ready: {status.get('detail')}")
+            return ExitCode.OK
+        if status.get("phase") in (Phase.FAILED, Phase.DEGRADED) and status.get("current") != reply.get("tree"):
+            err = status.get("last_error") or {}
+            print(f"nvidia-agent: rollback: {status.get('phase')}: {err.get('message')}", file=sys.stderr)
+            return ExitCode.FAILED
+        if time.monotonic() >= deadline:
+            print(f"nvidia-agent: rollback: not ready on {reply.get('tree')} after {args.wait:g}s", file=sys.stderr)
+            return ExitCode.DEGRADED
     return ExitCode.OK

@@ -22,10 +22,10 @@ CONFIG_DIRS = (
     "/etc/nvidia-agent/config.d",
 )
 
-MODULE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-MODULE_PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S*$")
-UNIT_NAME_RE = re.compile(r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.(service|target|socket|mount)$")
-DRIVER_VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+){1,3}$")
+MODULE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*\Z")
+MODULE_PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S*\Z")
+UNIT_NAME_RE = re.compile(r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.(service|target|socket|mount)\Z")
+DRIVER_VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+){1,3}\Z")
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,8 @@ def _gate_listen(value: Any) -> str:
     return value
 
 
-URL_RE = re.compile(r"^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~!$&'()*+,;=:@%/\-]*)?$|^https?://\[[0-9a-fA-F:.]+\](:[0-9]{1,5})?(/[A-Za-z0-9._~!$&'()*+,;=:@%/\-]*)?$")
+URL_RE = re.compile(r"^https?://([A-Za-z0-9.\-]+|\[[0-9a-fA-F:.]+\])(:[0-9]{1,5})?"
+                    r"(/[A-Za-z0-9._~!$&'()*+,;=:@%/\-]*)?\Z")
 
 
 def _http_url(value: Any) -> str:
@@ -210,7 +211,7 @@ def _http_url(value: Any) -> str:
     return str(_string(URL_RE, '"" or an http(s) URL such as "https://fleetlock.example:8443/"')(value))
 
 
-LIB_PATTERN_RE = re.compile(r"^(?!/)(?!.*(^|/)\.\.?(/|$))[^\s/][^\s]*$")
+LIB_PATTERN_RE = re.compile(r"^(?!/)(?!.*(^|/)\.\.?(/|$))[^\s/][^\s]*\Z")
 
 
 def _string_list(pattern: re.Pattern[str], valid: str) -> Callable[[Any], Any]:

@@ -27,6 +27,7 @@ from agent.reconcile import Agent
 from agent.status import Phase, Snapshot, StatusServer
 from agent.update import KERNEL_RELEASE_RE
 from agent.update.gate import HOLD_FILE, RebootGate
+from agent.update.signals import StatusSignals
 from agent.update.watch import source_for
 
 LOCK_FILE = "/run/nvidia-agent/agent.lock"
@@ -301,7 +302,7 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
     cancel = cancel or Cancel()
     agent.notify = notifier.status
     readiness = Readiness(notifier, agent.settings.daemon.ready_timeout_s, started_ago_s=process_age_s())
-    server, gate = _serve(agent, socket_path, triggers, log, once=once)
+    server, gate, signals = _serve(agent, socket_path, triggers, log, once=once)
     worker = Worker(agent, cancel, triggers.poke)
     if agent.settings.mount.enabled and not once:
         triggers.watch_mounts()
@@ -348,7 +349,7 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
         cancel.request()
         notifier.send(STOPPING="1")
         finished = worker.join(STOP_GRACE_S)
-        for closing in (server, gate):
+        for closing in (server, gate, signals):
             if closing is not None:
                 closing.stop()
         # Modules and the mount stay: a stopping agent must not take GPUs from running workloads.
@@ -356,13 +357,32 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
 
 
 def _serve(agent: Agent, socket_path: Path, triggers: Triggers, log: Any, *,
-           once: bool) -> tuple[StatusServer, GateKeeper | None]:
-    """The status socket (with `stage`), and the reboot gate where configured (not for --once)."""
+           once: bool) -> tuple[StatusServer, GateKeeper | None, StatusSignals | None]:
+    """The status socket (with `stage` and `rollback`); not for --once: the reboot gate where
+    configured, and update_engine's StatusUpdate signal where it tells the next boot."""
     gate = None if once else GateKeeper.configured(agent, triggers, log)
     server = StatusServer(socket_path, lambda: gate.snapshot() if gate else agent.snapshot,
-                          on_error=_status_error(log), commands={"stage": _stage_command(agent, triggers, log)})
+                          on_error=_status_error(log), commands={"stage": _stage_command(agent, triggers, log),
+                                                                 "rollback": _rollback_command(agent, triggers)})
     server.start()
-    return server, gate
+    signals = None
+    if not once and _source(agent) == "update_engine":
+        def changed(operation: str) -> None:
+            log.info("update_status_changed", operation=operation)
+            triggers.request_pass()
+
+        signals = StatusSignals(changed)
+        if not signals.start():
+            signals = None
+    return server, gate, signals
+
+
+def _source(agent: Agent) -> str:
+    """Who tells the next boot on this host (update.source resolved by the OS), "none" if unknown."""
+    try:
+        return source_for(agent.probe.os(), agent.settings.update.source)
+    except AgentError:  # no os-release: the first pass says so
+        return "none"
 
 
 def _test_wedge(log: Any) -> None:
@@ -396,21 +416,32 @@ def _stage_command(agent: Agent, triggers: Triggers, log: Any) -> Callable[[dict
         if source != "kernel-postinst":
             return {"ok": False, "error": f"this host's next boot is told by {source} (update.source), "
                                           "not by kernel hooks: nothing to do"}
-        agent.request_stage(kernel)
-        triggers.request_pass()
-        log.info("stage_requested", next_kernel=kernel)
-        return {"ok": True, "kernel": kernel,
-                "detail": "staging in the background; `nvidia-agent status` shows the next boot"}
+        reply = agent.request_stage(kernel)
+        if reply.get("ok"):
+            triggers.request_pass()
+            log.info("stage_requested", next_kernel=kernel)
+        return reply
     return stage
 
 
+def _rollback_command(agent: Agent, triggers: Triggers) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """`{"command": "rollback", "undo": bool}`: go back to the previous tree for this kernel, or undo that."""
+    def rollback(request: dict[str, Any]) -> dict[str, Any]:
+        reply = agent.request_rollback(undo=request.get("undo") is True)
+        if reply.get("ok"):
+            triggers.request_pass()
+        return reply
+    return rollback
+
+
 def _finish_at_shutdown(agent: Agent, worker: Worker, cancel: Cancel, notifier: Notifier, log: Any) -> None:
-    """The system goes down while the next boot's driver is not staged: finish it, within
-    update.finish_s (the unit's TimeoutStopSec= leaves room for it). A `systemctl stop` or
-    restart of the agent alone does not wait: the system is not going down then."""
+    """The system goes down while the next boot's driver is not staged (or an updater is asked and
+    the last poll may have missed its update): finish it, within update.finish_s (the unit's
+    TimeoutStopSec= leaves room for it). A `systemctl stop` or restart of the agent alone does
+    not wait: the system is not going down then."""
     bound = agent.settings.update.finish_s
     nxt = agent.snapshot.next_boot
-    if bound <= 0 or nxt is None or nxt.get("state") == "ready":
+    if bound <= 0 or (nxt is not None and nxt.get("state") == "ready") or (nxt is None and not agent.watches_updates):
         return
     try:
         if not agent.systemd.shutting_down():
@@ -419,27 +450,36 @@ def _finish_at_shutdown(agent: Agent, worker: Worker, cancel: Cancel, notifier: 
         log.warning("shutdown_unknown", error=str(exc), detail="not waiting for the next boot's driver")
         return
     deadline = time.monotonic() + bound
-    notifier.send(EXTEND_TIMEOUT_USEC=str(int((bound + STOP_GRACE_S) * 1_000_000)))
-    log.info("finishing_next_boot", next_os=nxt.get("os_key"), state=nxt.get("state"), bound_s=bound)
-    staging_now = worker.busy and agent.snapshot.phase is Phase.READY and nxt.get("state") == "staging"
+    # room for the bound, then the worker's grace and the servers' stop
+    notifier.send(EXTEND_TIMEOUT_USEC=str(int((bound + 2 * STOP_GRACE_S + 5) * 1_000_000)))
+    log.info("finishing_next_boot", next_os=(nxt or {}).get("os_key"), state=(nxt or {}).get("state"), bound_s=bound)
+    staging_now = worker.busy and agent.snapshot.phase is Phase.READY and (nxt or {}).get("state") == "staging"
+    finish = cancel  # the pass already staging goes on under its own
     if worker.busy and not staging_now:  # this boot's pass: it no longer matters, the host goes down
         cancel.request()
-        worker.join(STOP_GRACE_S)
-    finish = Cancel()
-    if not worker.busy:
+        _wait_worker(worker, notifier, deadline)
+    if not worker.busy and time.monotonic() < deadline and not staging_now:
+        finish = Cancel()
         worker.start(agent.finish_staging, finish)
-    else:
-        finish = cancel  # the pass already staging goes on under its own
-    while worker.busy and time.monotonic() < deadline:
-        notifier.ping_if_due()
-        worker.join(min(1.0, max(0.0, deadline - time.monotonic())))
+    _wait_worker(worker, notifier, deadline)
     nxt = agent.snapshot.next_boot or {}
     if worker.busy:
         finish.request()
         log.warning("next_boot_unfinished", next_os=nxt.get("os_key"), bound_s=bound,
                     detail="update.finish_s ran out: the next boot installs its driver itself (network needed)")
+    elif nxt.get("state") == "ready":
+        log.info("next_boot_finished", next_os=nxt.get("os_key"), state="ready")
     else:
-        log.info("next_boot_finished", next_os=nxt.get("os_key"), state=nxt.get("state"))
+        log.warning("next_boot_unfinished", next_os=nxt.get("os_key"), state=nxt.get("state"),
+                    detail=f"{nxt.get('detail') or 'no staged update seen'}: the next boot installs its driver "
+                           "itself (network needed)")
+
+
+def _wait_worker(worker: Worker, notifier: Notifier, deadline: float) -> None:
+    """Wait for the worker until `deadline`, feeding the watchdog."""
+    while worker.busy and time.monotonic() < deadline:
+        notifier.ping_if_due()
+        worker.join(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 class GateKeeper:
@@ -460,7 +500,7 @@ class GateKeeper:
         if not u.gate_listen:
             return None
         gate = RebootGate(u.gate_listen, u.gate_upstream, hold_max_s=u.hold_max_s, snapshot=lambda: agent.snapshot,
-                          watching=lambda: agent.update_source != "none", poke=triggers.request_pass,
+                          source=_source(agent), looked=lambda: agent.next_boot_looked, poke=triggers.request_pass,
                           hold_file=agent.host(HOLD_FILE))
         keeper = cls(agent, gate, log)
         keeper.keep_serving()

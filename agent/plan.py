@@ -116,8 +116,34 @@ def parameters_key(settings: Settings) -> str:
     return json.dumps(sorted((k, list(v)) for k, v in settings.modules.parameters.items()))
 
 
-def target_for(settings: Settings, facts: HostFacts) -> Target:
-    return target_for_boot(settings, facts.os, facts.kernel, facts.arch)
+def target_for(settings: Settings, facts: HostFacts, state: State | None = None,
+               installed: Installed | None = None) -> Target:
+    """The tree this boot runs: the configured one, or the one `nvidia-agent rollback` pinned."""
+    configured = target_for_boot(settings, facts.os, facts.kernel, facts.arch)
+    return pinned_target(configured, facts.kernel, state, installed) or configured
+
+
+def pinned_target(configured: Target, kernel: str, state: State | None, installed: Installed | None) -> Target | None:
+    """The rolled-back-to tree while the pin holds: same kernel, same configured target (a new
+    driver.version or image settings end it), and the tree still installed for this kernel."""
+    pin = state.pinned if state is not None else None
+    if pin is None or installed is None or (pin.kernel, pin.instead_of) != (kernel, configured.tree):
+        return None
+    for tree, marker in installed.trees:
+        if tree == pin.tree and marker.kernel == kernel:
+            try:
+                ref = Reference.parse(marker.reference)
+            except ValueError:
+                ref = configured.reference
+            return Target(marker.driver, marker.os_key, kernel, ref, tree, str(PurePosixPath(tree) / "lib64"))
+    return None
+
+
+def rollback_candidate(installed: Installed, kernel: str) -> tuple[str, TreeMarker] | None:
+    """The tree `nvidia-agent rollback` goes back to: of the trees built for this kernel other than
+    `current`, the one installed last."""
+    others = [(tree, m) for tree, m in installed.trees if m.kernel == kernel and tree != installed.current]
+    return max(others, key=lambda t: t[1].installed_at) if others else None
 
 
 def target_for_boot(settings: Settings, os_: OSInfo, kernel: str, arch: str) -> Target:
@@ -133,7 +159,7 @@ def target_for_boot(settings: Settings, os_: OSInfo, kernel: str, arch: str) -> 
 
 def plan(settings: Settings, facts: HostFacts, installed: Installed, state: State) -> Plan:
     """The actions, in order. Pure: the same inputs always give the same plan."""
-    target = target_for(settings, facts)
+    target = target_for(settings, facts, state, installed)
     changed = state.last_kernel if state.last_kernel and state.last_kernel != facts.kernel else None
     # Ordering first: it must be in place for the next boot even if this install fails.
     units = (WriteUnits(settings.units.before),)

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -53,11 +53,23 @@ from agent.plan import (
     parameters_key,
     plan,
     plan_serving,
+    rollback_candidate,
     target_for,
     target_for_boot,
 )
 from agent.registry import Platform, RegistryClient
-from agent.state import STATE_FILE, Refusal, State, load_state, read_marker, save_state
+from agent.state import (
+    NEXT_KERNEL_FILE,
+    STATE_FILE,
+    Pin,
+    Refusal,
+    State,
+    load_state,
+    read_marker,
+    read_next_kernel,
+    save_state,
+    write_next_kernel,
+)
 from agent.status import LastError, Phase, Snapshot
 from agent.tools import apply_links, bin_dir_for, plan_links, read_links, tools_in
 from agent.units import UNIT_DIR, apply_dropins
@@ -69,6 +81,7 @@ CACHE_DIR = "/var/cache/nvidia-agent"
 GPU_BIND_TIMEOUT_S = 30.0
 ERROR_LOG_PERIOD_S = 3600.0
 NVIDIA_PROC = "/proc/driver/nvidia"
+MODULE_DIRS = ("/lib/modules", "/usr/lib/modules")  # where a kernel package puts its modules
 
 Notify = Callable[[str], None]
 
@@ -95,7 +108,9 @@ class Agent:
         self.next_boot = next_boot or NextBootProbe(host)
         self.watches_updates = False  # an updater is asked about the next boot (the daemon polls it)
         self.update_source = "none"  # who says what the next boot runs here (source_for), once a pass looked
+        self.next_boot_looked = False  # a pass has asked it since the agent started (the gate waits for that)
         self._requested_kernel: str | None = None  # from `nvidia-agent stage` (the socket's thread)
+        self._rollback: Pin | Literal["undo"] | None = None  # from `nvidia-agent rollback` (likewise)
         self._request_lock = threading.Lock()
         self._stage_errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
         self._stage_retry: tuple[str, int, float] = ("", 0, 0.0)  # (next os key, failures, monotonic not before)
@@ -175,9 +190,8 @@ class Agent:
         remove_debris(install_root, self._debris)
         facts = self.probe.facts(self.settings.mount.target)
         structlog.contextvars.bind_contextvars(kernel=facts.kernel, os=f"{facts.os.id}-{facts.os.version}")
-        state = load_state(self.host(STATE_FILE))
-        target = target_for(self.settings, facts)
-        installed = self._installed(target, facts)
+        state = self._take_rollback(load_state(self.host(STATE_FILE)))
+        configured, target, installed = self._targets(facts, state)
         the_plan = plan(self.settings, facts, installed, state)
         self.snapshot = self.snapshot.evolve(
             os=facts.os.pretty_name, kernel=facts.kernel,
@@ -193,7 +207,7 @@ class Agent:
         if installed.marker is not None:
             self.snapshot = self.snapshot.evolve(image=installed.marker.reference, digest=installed.marker.digest)
         if not any(isinstance(a, InstallImage) for a in the_plan.actions):
-            self.store.collect(keep=())  # no download in flight: what is cached is left over
+            self.store.collect(keep=(), idle=True)  # nothing pulled now: only cut-off downloads are kept
         try:
             self._run(the_plan.actions, facts, cancel, target)
             if the_plan.no_gpu:
@@ -224,7 +238,8 @@ class Agent:
             last_kernel=facts.kernel, last_os_key=target.os_key, last_ready_at=now,
             previous_kernel=changed or state.previous_kernel,
             kernel_changed_at=now if changed else state.kernel_changed_at, working=working,
-            staged=state.staged if state.staged != target.tree else None, next_kernel=state.next_kernel))
+            staged=state.staged if state.staged != target.tree else None,
+            pinned=state.pinned if target.tree != configured.tree else None))  # a void pin is dropped
         failpoints.hit("state.written")
         self.snapshot = self.snapshot.evolve(last_error=None, serving=None,
                                              kernel_changed_from=changed or state.previous_kernel,
@@ -234,6 +249,17 @@ class Agent:
                     digest=self.snapshot.digest)
         self._stage_next_boot(facts, target, ready_state, install_root, cancel)
         return Phase.READY
+
+    def _targets(self, facts: HostFacts, state: State) -> tuple[Target, Target, Installed]:
+        """(the configured target, the one this pass heads for: it, or a rollback's pin, what is installed)."""
+        configured = target_for(self.settings, facts)
+        installed = self._installed(configured, facts)
+        target = target_for(self.settings, facts, state, installed)
+        if target.tree != configured.tree:
+            installed = self._installed(target, facts)
+        self.snapshot = self.snapshot.evolve(pinned={"tree": target.tree, "instead_of": configured.tree}
+                                             if target.tree != configured.tree else None)
+        return configured, target, installed
 
     def _save_ready_state(self, old: State, new: State) -> State:
         """Every pass of a ready host ends here (every update.poll_s where an updater is asked): the
@@ -261,24 +287,73 @@ class Agent:
             self.log.exception("next_boot_crashed", error=f"{type(exc).__name__}: {exc}")
             self._next(None, self.settings.update.source, "failed", f"{type(exc).__name__}: {exc}", error=str(exc))
 
-    def request_stage(self, kernel: str) -> None:
-        """`nvidia-agent stage --kernel K` (a kernel package's postinst hook): the next boot runs K.
-        Called from the socket's thread; the next pass takes it."""
+    def request_rollback(self, *, undo: bool) -> dict[str, Any]:
+        """`nvidia-agent rollback [--undo]` (the socket's thread): pick the tree to go back to, or
+        say why there is none; the next pass pins and activates it."""
+        kernel = self.probe.kernel()
+        install_root = self.host(self.settings.install.root)
+        state = load_state(self.host(STATE_FILE))
+        configured = target_for_boot(self.settings, self.probe.os(), kernel, self.platform.architecture)
+        if undo:
+            if state.pinned is None:
+                return {"ok": False, "error": "nothing is rolled back: the configured driver runs"}
+            with self._request_lock:
+                self._rollback = "undo"
+            return {"ok": True, "tree": configured.tree,
+                    "detail": f"back to the configured {configured.tree} (installed again if need be)"}
+        current = current_target(install_root)
+        trees = tuple((self.host.host_view(t), m) for t, m in installed_trees(install_root))
+        found = rollback_candidate(Installed(None, self.host.host_view(current) if current else None, None, trees),
+                                   kernel)
+        if found is None:
+            kept = ", ".join(t for t, m in trees if m.kernel == kernel) or "none"
+            return {"ok": False, "error": f"no other driver tree for kernel {kernel} is installed "
+                                          f"(trees for it: {kept}): nothing to roll back to"}
+        tree, marker = found
         with self._request_lock:
-            self._requested_kernel = kernel
+            self._rollback = "undo" if tree == configured.tree else Pin(tree, configured.tree, kernel, time.time())
+        return {"ok": True, "tree": tree, "instead_of": configured.tree,
+                "detail": f"activating {tree} (driver {marker.driver}, installed "
+                          f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(marker.installed_at))} UTC) "
+                          f"instead of {configured.tree}, until `nvidia-agent rollback --undo`, a new "
+                          "configured driver or another kernel"}
 
-    def _postinst_next(self, facts: HostFacts, state: State) -> tuple[NextBoot | None, State]:
+    def _take_rollback(self, state: State) -> State:
+        with self._request_lock:
+            asked, self._rollback = self._rollback, None
+        if asked is None:
+            return state
+        pinned = None if asked == "undo" else asked
+        self.log.info("rollback_undone" if pinned is None else "rolled_back",
+                      **({"tree": pinned.tree, "instead_of": pinned.instead_of} if pinned else {}))
+        state = replace(state, pinned=pinned)
+        save_state(self.host(STATE_FILE), state)
+        return state
+
+    def request_stage(self, kernel: str) -> dict[str, Any]:
+        """`nvidia-agent stage --kernel K` (a kernel package's postinst hook; the socket's thread): the
+        next boot runs K. Written down before the answer, so a restart does not lose it; the next
+        pass stages it, at once (an earlier failure's backoff does not hold it back)."""
+        if kernel == self.probe.kernel():
+            return {"ok": False, "error": f"{kernel} is the running kernel: its driver is this boot's"}
+        if not any(self.host(f"{d}/{kernel}").is_dir() for d in MODULE_DIRS):
+            return {"ok": False, "error": f"{kernel} is not installed here (no /lib/modules/{kernel})"}
+        with self._request_lock:
+            write_next_kernel(self.host(NEXT_KERNEL_FILE), kernel)
+            self._stage_retry = ("", 0, 0.0)
+        return {"ok": True, "kernel": kernel, "at": time.time(),
+                "detail": "staging in the background; `nvidia-agent status` shows the next boot"}
+
+    def _postinst_next(self, facts: HostFacts) -> NextBoot | None:
         """The kernel the last postinst hook named, while it is installed and not the running one."""
         with self._request_lock:
-            requested, self._requested_kernel = self._requested_kernel, None
-        kernel = requested or state.next_kernel
-        if kernel is not None and (kernel == facts.kernel or not any(
-                self.host(f"{d}/{kernel}").is_dir() for d in ("/lib/modules", "/usr/lib/modules"))):
-            kernel = None  # booted, or its package removed again
-        if kernel != state.next_kernel:
-            state = replace(state, next_kernel=kernel)
-            save_state(self.host(STATE_FILE), state)
-        return (next_boot_of(facts.os, kernel, "kernel-postinst") if kernel else None), state
+            path = self.host(NEXT_KERNEL_FILE)
+            kernel = read_next_kernel(path)
+            if kernel is not None and (kernel == facts.kernel or not any(
+                    self.host(f"{d}/{kernel}").is_dir() for d in MODULE_DIRS)):
+                write_next_kernel(path, None)  # booted, or its package removed again
+                kernel = None
+        return next_boot_of(facts.os, kernel, "kernel-postinst") if kernel else None
 
     def finish_staging(self, cancel: Cancel) -> Phase:
         """At shutdown (the daemon's bounded stop): only the next boot's driver, nothing else, and
@@ -303,13 +378,13 @@ class Agent:
             self.snapshot = self.snapshot.evolve(next_boot=None)
             return
         try:
-            if source == "kernel-postinst":
-                nxt, state = self._postinst_next(facts, state)
-            else:
-                nxt = self.next_boot.next_boot(facts, source)
+            told = source == "kernel-postinst"  # told by a hook, not asked of an updater
+            nxt = self._postinst_next(facts) if told else self.next_boot.next_boot(facts, source)
         except HostError as exc:
             self._next(None, source, "failed", str(exc), error=str(exc))
+            self.next_boot_looked = True
             return
+        self.next_boot_looked = True
         if nxt is None:  # nothing staged (any more: an update withdrawn, rolled back): nothing to keep
             self.snapshot = self.snapshot.evolve(next_boot=None)
             if state.staged:
@@ -359,7 +434,7 @@ class Agent:
         """The next boot's status, and one log event when it changed (a failure: once an hour)."""
         self.snapshot = self.snapshot.evolve(next_boot={
             "os_key": t.os_key if t else "?", "kernel": t.kernel if t else "?", "source": source, "state": state,
-            "tree": t.tree if t else "", "detail": detail})
+            "tree": t.tree if t else "", "detail": detail, "at": time.time()})
         next_os = t.os_key if t else None
         if error is not None:
             if self._stage_errors.should_log(f"{state} {next_os}: {error}")[0]:

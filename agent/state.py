@@ -14,6 +14,7 @@ from agent.install.fs import fsync_dir
 from agent.update import KERNEL_RELEASE_RE
 
 STATE_FILE = "/var/lib/nvidia-agent/state.json"
+NEXT_KERNEL_FILE = "/var/lib/nvidia-agent/next-kernel"  # written when `stage` is asked, not at a pass
 TREE_MARKER = ".nvidia-agent.json"
 
 
@@ -80,6 +81,17 @@ class Refusal:
 
 
 @dataclass(frozen=True)
+class Pin:
+    """`nvidia-agent rollback`: run `tree` instead of the configured target `instead_of`, with this
+    kernel, until the operator undoes it or the kernel or the configured target changes."""
+
+    tree: str
+    instead_of: str
+    kernel: str
+    at: float
+
+
+@dataclass(frozen=True)
 class State:
     """What the agent remembers between runs (everything else is read off the host)."""
 
@@ -93,8 +105,7 @@ class State:
     working: dict[str, str] = field(default_factory=dict)
     # The tree installed for the next boot an OS update staged: kept through pruning until that boot.
     staged: str | None = None
-    # The kernel a kernel package's postinst hook said the next boot runs (plain distributions).
-    next_kernel: str | None = None
+    pinned: Pin | None = None
 
 
 def load_state(path: Path) -> State:
@@ -122,17 +133,42 @@ def load_state(path: Path) -> State:
                  refused=_refusal(doc.get("refused")),
                  working={k: v for k, v in working.items() if isinstance(k, str) and isinstance(v, str)}
                  if isinstance(working, dict) else {}, staged=_tree_path(text("staged")),
-                 next_kernel=_kernel(text("next_kernel")))
+                 pinned=_pin(doc.get("pinned")))
 
 
-def _kernel(value: str | None) -> str | None:
-    return value if value is not None and KERNEL_RELEASE_RE.match(value) else None
+def _pin(doc: Any) -> Pin | None:
+    if not isinstance(doc, dict) or not isinstance(doc.get("at"), int | float):
+        return None
+    tree, instead_of = _tree_path(doc.get("tree")), _tree_path(doc.get("instead_of"))
+    kernel = _kernel(doc.get("kernel"))
+    if tree is None or instead_of is None or kernel is None:
+        return None
+    return Pin(tree, instead_of, kernel, float(doc["at"]))
 
 
-def _tree_path(value: str | None) -> str | None:
+def read_next_kernel(path: Path) -> str | None:
+    """The kernel a kernel package's postinst hook said the next boot runs (`nvidia-agent stage`)."""
+    try:
+        return _kernel(path.read_text().strip())
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def write_next_kernel(path: Path, kernel: str | None) -> None:
+    if kernel is None:
+        path.unlink(missing_ok=True)
+    else:
+        write_atomic(path, kernel.encode() + b"\n")
+
+
+def _kernel(value: object) -> str | None:
+    return value if isinstance(value, str) and KERNEL_RELEASE_RE.match(value) else None
+
+
+def _tree_path(value: object) -> str | None:
     """A tree path from the state file: absolute and normalized, or not trusted at all."""
     try:
-        return None if value is None or "\0" in value else str(check_host_path(value))
+        return None if not isinstance(value, str) or "\0" in value else str(check_host_path(value))
     except ValueError:
         return None
 

@@ -96,6 +96,8 @@ class Snapshot:
     next_boot: dict[str, str] | None = None
     # The FleetLock reboot gate (update.gate_listen): {"listen", "upstream", "hold", "last"}; None: no gate.
     gate: dict[str, Any] | None = None
+    # `nvidia-agent rollback` holds: {"tree": what runs, "instead_of": the configured tree}
+    pinned: dict[str, str] | None = None
     pid: int = field(default_factory=getpid)
     version: str = ""
 
@@ -349,6 +351,8 @@ def render_text(status: dict[str, Any]) -> str:
         f"target:      {status.get('install_path') or '-'}",
         f"current:     {status.get('current') or '-'}",
         *([f"serving:     {status['serving']} (the previous driver, kept working)"] if status.get("serving") else []),
+        *([f"rolled back: to {status['pinned']['tree']} instead of {status['pinned']['instead_of']} "
+           "(nvidia-agent rollback --undo)"] if status.get("pinned") else []),
         f"mount:       {status.get('mount') or '-'}",
     ]
     if status.get("modules"):

@@ -89,24 +89,30 @@ def test_collect_by_age_then_oldest_first_by_size(tmp_path: Path) -> None:
     assert not paths["old"].exists(), "older than cache_max_age_s"
     assert not paths["older_than_b"].exists(), "300 bytes over a 250-byte budget: the oldest goes"
     assert paths["b"].exists() and paths["young"].exists()
+    partial = paths["b"].with_name(paths["b"].name + ".partial")
+    partial.write_bytes(b"x")
+    store.collect(keep=(), idle=True)
+    assert partial.exists() and not paths["b"].exists() and not paths["young"].exists(), \
+        "nothing being pulled: a complete blob is a crash's leftover, a partial one a download to resume"
 
 
 @given(entries=st.lists(st.tuples(st.sampled_from([f"{i:064x}" for i in range(6)] + ["stray", "x.partial"]),
                                   st.integers(0, 1000), st.floats(0, 10_000), st.booleans()),
                         max_size=12, unique_by=lambda e: e[0]),
        keep=st.sets(st.sampled_from([f"{i:064x}" for i in range(6)])),
-       max_bytes=st.integers(0, 3000), max_age_s=st.floats(0, 10_000))
+       max_bytes=st.integers(0, 3000), max_age_s=st.floats(0, 10_000), idle=st.booleans())
 def test_collection_never_takes_what_is_pulled_and_fits_the_budget(
-        entries: list[tuple[str, int, float, bool]], keep: set[str], max_bytes: int, max_age_s: float) -> None:
+        entries: list[tuple[str, int, float, bool]], keep: set[str], max_bytes: int, max_age_s: float,
+        idle: bool) -> None:
     now = 10_000.0
     listed = [Entry(name, size, mtime, blob and name not in ("stray", "x.partial"))
               for name, size, mtime, blob in entries]
-    gone = to_collect(listed, keep, now, CachePolicy(max_bytes, max_age_s))
+    gone = to_collect(listed, keep, now, CachePolicy(max_bytes, max_age_s), idle=idle)
     for e in listed:
         if e.blob and e.name in keep:
             assert e.name not in gone, "the image being pulled is never collected"
-        elif not e.blob or now - e.mtime > max_age_s:
-            assert e.name in gone, "strays and old downloads always go"
+        elif not e.blob or now - e.mtime > max_age_s or idle:
+            assert e.name in gone, "strays, old downloads and (idle) complete blobs always go"
     left = sum(e.size for e in listed if e.blob and e.name not in gone)
     kept_only = sum(e.size for e in listed if e.blob and e.name in keep)
     assert left <= max(max_bytes, kept_only), "over budget only by what is being pulled"
@@ -119,19 +125,23 @@ def test_collection_never_takes_what_is_pulled_and_fits_the_budget(
 
 def test_free_space_is_checked_per_filesystem_before_a_pull(tmp_path: Path) -> None:
     cache, root = tmp_path / "cache", tmp_path / "opt/nvidia"
-    same = {cache: (1, 300 << 20), root: (1, 300 << 20)}
+    same = {cache: (1, 300 << 20, 10 << 30), root: (1, 300 << 20, 10 << 30)}
     check_space([(cache, 100 << 20, "the layers"), (root, 100 << 20, "the unpacked tree")], free=same.__getitem__)
     with pytest.raises(HostError,
-                       match=r"the layers in .*cache \(150 MiB\) and the unpacked tree .*need 364 MiB") as err:
+                       match=r"the layers in .*cache \(150.0 MiB\) and the unpacked tree .*need 364.0 MiB") as err:
         check_space([(cache, 150 << 20, "the layers"), (root, 150 << 20, "the unpacked tree")], free=same.__getitem__)
-    assert "300 MiB free" in err.value.message and err.value.hint and "keep_trees" in err.value.hint
-    apart = {cache: (1, 300 << 20), root: (2, 300 << 20)}
+    assert "300.0 MiB free" in err.value.message and err.value.hint and "keep_trees" in err.value.hint
+    apart = {cache: (1, 300 << 20, 10 << 30), root: (2, 300 << 20, 10 << 30)}
     check_space([(cache, 150 << 20, "the layers"), (root, 150 << 20, "the unpacked tree")], free=apart.__getitem__)
+    small = {root: (3, 2 << 20, 3 << 20)}  # a 3 MiB filesystem keeps a twentieth free, not 64 MiB
+    check_space([(root, 1 << 20, "the unpacked tree")], free=small.__getitem__)
+    with pytest.raises(HostError, match=r"with a 0\.1 MiB reserve"):
+        check_space([(root, 2 << 20, "the unpacked tree")], free=small.__getitem__)
 
 
 def test_free_bytes_looks_at_the_nearest_existing_parent(tmp_path: Path) -> None:
-    device, free = free_bytes(tmp_path / "not/yet/there")
-    assert device == os.stat(tmp_path).st_dev and free > 0
+    device, free, size = free_bytes(tmp_path / "not/yet/there")
+    assert device == os.stat(tmp_path).st_dev and 0 < free <= size
 
 
 def test_discard_forgets_a_rejected_image(tmp_path: Path) -> None:

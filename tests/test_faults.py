@@ -38,14 +38,15 @@ def current_in_ns(host: Host) -> str:
 
 def test_a_full_disk_keeps_the_previous_driver_and_says_what_to_do(tmp_path: Path, registry: RegistryServer,
                                                                    host: Host) -> None:
-    """/opt/nvidia on a 3 MiB filesystem: the first driver fits; the next kernel's (with a 6 MB library)
-    fills the disk mid-extract. The agent reports ENOSPC with a hint, removes its staging directory,
-    and the previous tree stays current and mounted."""
+    """/opt/nvidia on a 3 MiB filesystem: the first driver fits; the next kernel's (a 6 MB library of
+    zeros: a small layer, so the check before the pull lets it through) fills the disk mid-extract.
+    The agent reports ENOSPC with a hint, removes its staging directory, and the previous tree
+    stays current and mounted."""
     host.in_ns("mkdir", "-p", str(host.root / "opt/nvidia"))
     host.in_ns("mount", "-t", "tmpfs", "-o", "size=3m", "nvidia-small", str(host.root / "opt/nvidia"))
     push_driver(tmp_path, registry.host, K1)
     assert host.once().returncode == 0
-    push_driver(tmp_path, registry.host, K2, big_lib_bytes=6_000_000)
+    push_driver(tmp_path, registry.host, K2, big_lib_bytes=6_000_000, compressible=True)
     host.set_kernel(K2)
     run = host.once()
     assert run.returncode == 2, run.stdout + run.stderr
@@ -55,6 +56,24 @@ def test_a_full_disk_keeps_the_previous_driver_and_says_what_to_do(tmp_path: Pat
     assert current_in_ns(host) == OLD
     assert host.in_ns("ls", "-A", str(host.root / "opt/nvidia")).split() == ["535.261.03", "current"]
     assert len(host.our_mounts()) == 1 and f"{tree_path(K1)}/lib64:" in host.our_mounts()[0]
+
+
+def test_an_image_the_disk_cannot_hold_is_refused_before_the_pull(tmp_path: Path, registry: RegistryServer,
+                                                                  host: Host) -> None:
+    """The same small /opt/nvidia and an image whose layer alone (6 MB, incompressible) is bigger
+    than the free space: refused before a byte of it is downloaded, naming the filesystem."""
+    host.in_ns("mkdir", "-p", str(host.root / "opt/nvidia"))
+    host.in_ns("mount", "-t", "tmpfs", "-o", "size=3m", "nvidia-small", str(host.root / "opt/nvidia"))
+    push_driver(tmp_path, registry.host, K1)
+    assert host.once().returncode == 0
+    push_driver(tmp_path, registry.host, K2, big_lib_bytes=6_000_000)
+    host.set_kernel(K2)
+    run = host.once()
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "not enough free space: " in run.stdout and "the unpacked tree in" in run.stdout, run.stdout
+    assert " pulling " not in run.stdout, "refused before the pull"
+    assert not list((host.root / "var/cache/nvidia-agent/blobs").rglob("*.partial"))
+    assert current_in_ns(host) == OLD
 
 
 def test_a_registry_storm_is_retried_and_a_cut_download_resumed(tmp_path: Path, registry: RegistryServer,

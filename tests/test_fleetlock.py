@@ -77,44 +77,67 @@ def test_generated_client_params_are_taken_only_when_valid(params: dict[str, Any
 
 # --- decisions
 
-@pytest.mark.parametrize(("phase", "serving", "next_boot", "watching", "expected"), [
-    ("ready", False, STAGED, True, (True, False, None)),
-    ("ready", False, MISSING, True, (False, False, "nvidia_driver_missing")),
-    ("ready", False, {**MISSING, "state": "staging"}, True, (False, False, "nvidia_driver_staging")),
-    ("ready", False, {**MISSING, "state": "failed"}, True, (False, False, "nvidia_driver_failed")),
-    ("ready", False, None, True, (False, False, "nvidia_next_boot_unknown")),
-    ("detecting", False, STAGED, True, (True, False, None)),  # mid-pass: the last pass's word stands
-    ("detecting", False, MISSING, True, (False, False, "nvidia_driver_missing")),
-    ("degraded", True, MISSING, True, (False, False, "nvidia_driver_missing")),  # serving: a driver works now
-    ("degraded", False, MISSING, True, (True, True, None)),  # nothing works now: waiting protects nothing
-    ("failed", False, None, True, (True, True, None)),
-    ("no-gpu", False, None, True, (True, False, None)),
-    ("ready", False, None, False, (True, True, None)),  # no updater watched: the next boot is unknown
+UE = "update_engine"
+
+
+@pytest.mark.parametrize(("agent", "next_boot", "told", "expected"), [
+    (("ready", False), STAGED, (UE, True), (True, False, None)),
+    (("ready", False), MISSING, (UE, True), (False, False, "nvidia_driver_missing")),
+    (("ready", False), {**MISSING, "state": "staging"}, (UE, True), (False, False, "nvidia_driver_staging")),
+    (("ready", False), {**MISSING, "state": "failed"}, (UE, True), (False, False, "nvidia_driver_failed")),
+    (("ready", False), None, (UE, True), (False, False, "nvidia_next_boot_unknown")),  # the poll may lag the updater
+    (("starting", False), None, (UE, False), (False, False, "nvidia_next_boot_unknown")),  # not looked yet
+    (("detecting", False), STAGED, (UE, True), (True, False, None)),  # mid-pass: the last pass's word stands
+    (("detecting", False), MISSING, (UE, True), (False, False, "nvidia_driver_missing")),
+    (("degraded", True), MISSING, (UE, True), (False, False, "nvidia_driver_missing")),  # serving: a driver works now
+    (("degraded", False), MISSING, (UE, True), (True, True, None)),  # nothing works now: waiting protects nothing
+    (("failed", False), None, (UE, True), (True, True, None)),
+    (("no-gpu", False), None, (UE, True), (True, False, None)),
+    (("ready", False), None, ("none", True), (True, True, None)),  # no updater watched: the next boot is unknown
+    (("ready", False), None, ("kernel-postinst", True), (True, False, None)),  # no hook said a new kernel comes
+    (("starting", False), None, ("kernel-postinst", False), (False, False, "nvidia_next_boot_unknown")),
+    (("ready", False), MISSING, ("kernel-postinst", True), (False, False, "nvidia_driver_missing")),
 ])
-def test_decide(phase: str, serving: bool, next_boot: dict[str, str] | None, watching: bool,
+def test_decide(agent: tuple[str, bool], next_boot: dict[str, str] | None, told: tuple[str, bool],
                 expected: tuple[bool, bool, str | None]) -> None:
-    grant, warning, kind = expected
-    verdict = decide(phase, serving, next_boot, watching=watching, hold=None, now=1000.0, hold_max_s=600)
+    (phase, serving), (source, looked), (grant, warning, kind) = agent, told, expected
+    verdict = decide(phase, serving, next_boot, source=source, looked=looked, hold=None, now=1000.0,
+                     hold_max_s=600)
     assert (verdict.grant, verdict.warning) == (grant, warning), verdict
     assert (verdict.refusal.kind if verdict.refusal else None) == kind
     if not grant:
         assert verdict.refusal is not None and verdict.refusal.status == 409
         assert verdict.hold == Hold(next_boot["os_key"] if next_boot else "?", 1000.0)
     else:
-        assert verdict.hold is None, "a grant ends the hold"
+        assert verdict.hold is None, "nothing was held"
 
 
-def test_the_hold_is_bounded_per_next_boot() -> None:
+def refused_at(now: float, hold: Hold | None, next_boot: dict[str, str] | None = MISSING) -> Any:
+    return decide("ready", False, next_boot, source=UE, looked=True, hold=hold, now=now, hold_max_s=600)
+
+
+def test_the_hold_is_bounded_and_stays_run_out() -> None:
     hold = Hold(MISSING["os_key"], 1000.0)
-    still = decide("ready", False, MISSING, watching=True, hold=hold, now=1599.0, hold_max_s=600)
+    still = refused_at(1599.0, hold)
     assert not still.grant and still.hold == hold and "held 599s of 600s" in still.reason
-    opened = decide("ready", False, MISSING, watching=True, hold=hold, now=1600.0, hold_max_s=600)
-    assert opened.grant and opened.warning and opened.hold is None and "hold_max_s" in opened.reason
-    other = decide("ready", False, {**MISSING, "os_key": "flatcar-3139.2.2-6.1.0-30-amd64"}, watching=True,
-                   hold=hold, now=1600.0, hold_max_s=600)
-    assert not other.grant and other.hold == Hold("flatcar-3139.2.2-6.1.0-30-amd64", 1600.0), \
-        "another next boot starts its own hold"
-    assert decide("ready", False, MISSING, watching=True, hold=None, now=0.0, hold_max_s=0).grant, \
+    opened = refused_at(1600.0, hold)
+    assert opened.grant and opened.warning and opened.hold == hold and "hold_max_s" in opened.reason
+    later = refused_at(1660.0, opened.hold)
+    assert later.grant and later.warning, "once run out, the hold never refuses again (the fleet's slot may be busy)"
+    staged = decide("ready", False, STAGED, source=UE, looked=True, hold=hold, now=1700.0, hold_max_s=600)
+    assert staged.grant and not staged.warning and staged.hold is None, "staged: the hold is over"
+
+
+def test_another_next_boot_holds_anew_and_an_unknown_one_does_not() -> None:
+    hold = Hold(MISSING["os_key"], 1000.0)
+    other = refused_at(1500.0, hold, {**MISSING, "os_key": "flatcar-3139.2.2-6.1.0-30-amd64"})
+    assert not other.grant and other.hold == Hold("flatcar-3139.2.2-6.1.0-30-amd64", 1500.0)
+    blip = refused_at(1500.0, hold, {**MISSING, "state": "failed", "os_key": "?"})
+    assert blip.hold == hold, "an updater error (next boot '?') does not restart the clock"
+    named = refused_at(1500.0, Hold("?", 900.0))
+    assert named.hold == Hold(MISSING["os_key"], 900.0), "the same episode, now named"
+    assert refused_at(0.0, None).grant is False
+    assert decide("ready", False, MISSING, source=UE, looked=True, hold=None, now=0.0, hold_max_s=0).grant, \
         "hold_max_s = 0: the gate never holds"
 
 
@@ -212,7 +235,7 @@ class Zincati:
 
 class Clock:
     def __init__(self) -> None:
-        self.now = 1_000_000.0
+        self.now = 1_000.0
 
     def __call__(self) -> float:
         return self.now
@@ -235,7 +258,8 @@ def serve(port: int, tmp_path: Path, snap: dict[str, Snapshot], clock: Clock, *,
         pokes.write_text(str(int(pokes.read_text() or "0") + 1) if pokes.exists() else "1")
 
     gate = RebootGate(f"127.0.0.1:{port}", upstream, hold_max_s=hold_max_s, snapshot=lambda: snap["now"],
-                      watching=lambda: True, poke=poke, hold_file=tmp_path / "run/gate-hold.json", clock=clock)
+                      source="update_engine", looked=lambda: True, poke=poke, hold_file=tmp_path / "run/gate-hold.json",
+                      clock=clock)
     gate.start()
     return gate
 
@@ -278,7 +302,9 @@ def test_the_hold_ends_after_hold_max_s_with_a_warning(gate_parts: tuple[dict[st
         assert zincati.pre_reboot() == (True, {})
     granted = [e for e in logs if e["event"] == "gate_granted"]
     assert granted and granted[0]["log_level"] == "warning" and "hold_max_s" in granted[0]["reason"]
-    assert not (tmp_path / "run/gate-hold.json").exists(), "granted: nothing held any more"
+    clock.now += 3600
+    assert zincati.pre_reboot() == (True, {}), "run out stays run out"
+    assert json.loads((tmp_path / "run/gate-hold.json").read_text())["since"] == 1000.0
 
 
 def test_the_hold_survives_an_agent_restart(port: int, tmp_path: Path) -> None:
@@ -373,3 +399,65 @@ def test_a_taken_port_is_a_clear_error(port: int, tmp_path: Path) -> None:
         assert err.value.hint and "update.gate_listen" in err.value.hint
     finally:
         first.stop()
+
+
+def test_a_slow_client_holds_only_its_own_slot_and_not_the_stop(port: int, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends a byte now and then (each read within the per-read timeout) is cut off
+    at the request's deadline; meanwhile others are answered, and stopping the gate never waits."""
+    import socket  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from agent.update import gate as gate_module  # noqa: PLC0415
+
+    monkeypatch.setattr(gate_module, "REQUEST_DEADLINE_S", 2.0)
+    snap = {"now": Snapshot(phase=Phase.READY, next_boot=STAGED)}
+    gate = serve(port, tmp_path, snap, Clock())
+    slow = socket.create_connection(("127.0.0.1", port))
+    try:
+        slow.sendall(b"POST /v1/pre-reboot HTTP/1.1\r\n")
+        started = time.monotonic()
+        assert Zincati(f"http://127.0.0.1:{port}").pre_reboot() == (True, {})
+        assert time.monotonic() - started < 2, "another client waited for the slow one"
+        cut_off = False
+        for _ in range(8):  # one header byte a second: each read is on time, the whole is not
+            try:
+                slow.sendall(b"X")
+                time.sleep(1)
+                if slow.recv(1, socket.MSG_DONTWAIT) == b"":
+                    cut_off = True
+                    break
+            except BlockingIOError:
+                continue
+            except OSError:
+                cut_off = True
+                break
+        assert cut_off, "the slow client was never cut off"
+        started = time.monotonic()
+        gate.stop()
+        assert time.monotonic() - started < 2
+    finally:
+        slow.close()
+
+
+def test_a_fleet_server_answering_other_than_200_or_an_error_refuses(port: int, tmp_path: Path) -> None:
+    class Odd(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    odd = ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    threading.Thread(target=odd.serve_forever, daemon=True).start()
+    snap = {"now": Snapshot(phase=Phase.READY, next_boot=STAGED)}
+    gate = serve(port, tmp_path, snap, Clock(), upstream=f"http://127.0.0.1:{odd.server_address[1]}/")
+    try:
+        granted, error = Zincati(f"http://127.0.0.1:{port}").pre_reboot()
+        assert not granted and error["kind"] == "upstream_unexpected_status" and "204" in error["value"]
+    finally:
+        gate.stop()
+        odd.shutdown()
+        odd.server_close()

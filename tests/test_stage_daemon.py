@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from agent.state import STATE_FILE, load_state, read_marker
+from agent.state import NEXT_KERNEL_FILE, read_marker
 from support.flaky_proxy import Fault, FlakyProxy, blobs
 from support.flatcar import MOCK, NEW, OLD, flatcar_tree, make_flatcar, push_flatcar, reboot_into, update_written
 from support.registry import RegistryServer
@@ -153,9 +153,11 @@ def test_a_kernel_packages_hook_stages_its_driver_and_the_new_kernel_boots_offli
                              text=True, env=env, timeout=90, check=False)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "next boot: ready" in out.stdout, out.stdout
-        bad = subprocess.run(["nvidia-agent", "stage", "--kernel", "../../etc"], capture_output=True, text=True,
-                             env=env, timeout=60, check=False)
-        assert bad.returncode == 1 and "a release as uname -r prints it" in bad.stderr, bad.stderr
+        for kernel, why in (("../../etc", "a release as uname -r prints it"), (K1, "is the running kernel"),
+                            ("6.1.0-99-amd64", "is not installed here")):
+            bad = subprocess.run(["nvidia-agent", "stage", "--kernel", kernel], capture_output=True, text=True,
+                                 env=env, timeout=60, check=False)
+            assert bad.returncode == 1 and why in bad.stderr, (kernel, bad.stderr)
         code, log = agent.stop()
     assert code == 0, log
     assert f"stage_requested next_kernel={K2}" in log, log
@@ -163,7 +165,11 @@ def test_a_kernel_packages_hook_stages_its_driver_and_the_new_kernel_boots_offli
     marker = read_marker(staged)
     assert marker is not None and marker.digest == digest
     assert host.current() == f"{DRIVER}/ubuntu-22.04-{K1}", "staged, not activated"
-    assert load_state(host.root / STATE_FILE.lstrip("/")).next_kernel == K2, "remembered across a restart"
+    assert (host.root / NEXT_KERNEL_FILE.lstrip("/")).read_text() == f"{K2}\n", "kept on disk across restarts"
+    with RunningAgent(host) as agent:  # a restart: the next boot is still known
+        status = wait_for(agent, "next boot known again", lambda s: next_state(s) == "ready")
+        assert status["next_boot"]["kernel"] == K2 and status["next_boot"]["source"] == "kernel-postinst"
+        assert agent.stop()[0] == 0
 
     registry.stop()
     host.set_kernel(K2)
@@ -172,7 +178,7 @@ def test_a_kernel_packages_hook_stages_its_driver_and_the_new_kernel_boots_offli
     for event in (" resolving ", " pulling "):
         assert event not in first.stdout, f"the first boot of {K2} asked the registry: {first.stdout}"
     assert host.current() == f"{DRIVER}/ubuntu-22.04-{K2}"
-    assert load_state(host.root / STATE_FILE.lstrip("/")).next_kernel is None, "booted: nothing to stage"
+    assert not (host.root / NEXT_KERNEL_FILE.lstrip("/")).exists(), "booted: nothing to stage"
     assert tag(K2) in (host.root / tree_path(K2).lstrip("/") / ".nvidia-agent.json").read_text()
 
 
@@ -222,6 +228,7 @@ def test_a_reboot_while_staging_finishes_it_and_the_new_os_boots_offline(
     assert code == 0, log
     assert "finishing_next_boot" in log and "next_boot_finished" in log and "state=ready" in log, log
     assert took > 2, f"the stop returned in {took:.1f}s: it cannot have finished a ~12 s download"
+    assert "staging_pulling" in log.split("finishing_next_boot")[0], "the staging was in flight at the stop"
     staged = host.root / flatcar_tree(K2, NEW).lstrip("/")
     assert read_marker(staged) is not None, log
 
@@ -274,3 +281,51 @@ def test_the_bound_cuts_a_staging_that_cannot_finish(
     assert "next_boot_unfinished" in log and "update.finish_s ran out" in log, log
     assert took < 2 + 5 + 3, f"the stop took {took:.1f}s for a 2 s bound"
     assert read_marker(host.root / flatcar_tree(K2, NEW).lstrip("/")) is None
+
+
+def test_a_reboot_stages_what_the_last_pass_could_not(
+        tmp_path: Path, registry: RegistryServer, host: Host, bus: dict[str, Any]) -> None:
+    """The image was missing at the last pass and is published since: the stop at shutdown stages it
+    itself (a pass of its own, only the next boot), and the new OS boots offline."""
+    make_flatcar(host, K1)
+    # the next pass would come in check_interval_s (300 s): only the stop can stage it in this test
+    host.configure(registry.host, extra="[update]\npoll_s = 3600\nfinish_s = 60\n")
+    push_flatcar(tmp_path, registry.host, K1, OLD)
+    update_written(host, K2)
+    bus["update_engine"].SetStatus(1700000000, 0.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT", NEW, 1,
+                                   dbus_interface=MOCK)
+    with RunningAgent(host) as agent:
+        wait_for(agent, "missing", lambda s: next_state(s) == "missing")
+        push_flatcar(tmp_path, registry.host, K2, NEW)  # published; the agent would look again in an hour
+        bus["systemd"].UpdateProperties(MANAGER, {"SystemState": "stopping"}, dbus_interface=MOCK)
+        code, log = agent.stop()
+    assert code == 0, log
+    assert "finishing_next_boot" in log and "state=missing" in log and "next_boot_finished" in log, log
+    assert read_marker(host.root / flatcar_tree(K2, NEW).lstrip("/")) is not None
+    registry.stop()
+    reboot_into(host, K2, NEW, "b")
+    bus["update_engine"].ResetStatus()
+    after = host.once()
+    assert after.returncode == 0 and " pulling " not in after.stdout, after.stdout + after.stderr
+    assert host.current() == f"{DRIVER}/flatcar-{NEW}-{K2}"
+
+
+def test_update_engines_signal_stages_at_once_without_waiting_for_the_poll(
+        tmp_path: Path, registry: RegistryServer, host: Host, bus: dict[str, Any]) -> None:
+    """update.poll_s is an hour: the StatusUpdate signal (emitted by the stand-in as update_engine
+    does) wakes the agent, which stages within seconds."""
+    make_flatcar(host, K1)
+    host.configure(registry.host, extra="[update]\npoll_s = 3600\n")
+    push_flatcar(tmp_path, registry.host, K1, OLD)
+    push_flatcar(tmp_path, registry.host, K2, NEW)
+    with RunningAgent(host) as agent:
+        status = wait_for(agent, "ready", lambda s: s["phase"] == "ready")
+        assert status.get("next_boot") is None
+        update_written(host, K2)
+        bus["update_engine"].SetStatus(1700000000, 0.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT", NEW, 1,
+                                       dbus_interface=MOCK)
+        # the next pass without the signal: check_interval_s (300 s) away
+        wait_for(agent, "staged", lambda s: next_state(s) == "ready", timeout_s=30)
+        code, log = agent.stop()
+    assert code == 0, log
+    assert "update_status_changed operation=UPDATE_STATUS_UPDATED_NEED_REBOOT" in log, log

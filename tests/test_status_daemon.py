@@ -47,6 +47,30 @@ def test_socket_protocol_refuses_anything_but_status(request_bytes: bytes, ok: b
         assert error in reply["error"]
 
 
+@pytest.mark.parametrize(("uid", "ok"), [(0, True), (1000, False), (None, False)])
+def test_commands_that_change_the_daemon_are_for_root_only(uid: int | None, ok: bool) -> None:
+    """`stage` and `rollback` go through only for a peer whose uid the kernel says is 0; `status`
+    is for everyone who may connect. A command that raises is an error reply, not a dead server."""
+    called: list[dict[str, object]] = []
+
+    def stage(request: dict[str, object]) -> dict[str, object]:
+        called.append(request)
+        return {"ok": True}
+
+    commands = {"stage": stage, "rollback": lambda _r: 1 / 0}
+    reply = handle_request(b'{"command": "stage", "kernel": "6.1.0-29-amd64"}\n', Snapshot(), uid=uid,
+                           commands=commands)  # type: ignore[arg-type]
+    assert reply["ok"] is ok and bool(called) is ok
+    if not ok:
+        assert f"uid {uid}" in reply["error"]
+    assert handle_request(b'{"command": "status"}\n', Snapshot(), uid=uid)["ok"]
+    if uid == 0:
+        broken = handle_request(b'{"command": "rollback"}\n', Snapshot(), uid=0, commands=commands)  # type: ignore[arg-type]
+        assert not broken["ok"] and "ZeroDivisionError" in broken["error"]
+    unknown = handle_request(b'{"command": "reboot"}\n', Snapshot(), uid=0, commands=commands)  # type: ignore[arg-type]
+    assert "supported: status, rollback, stage" in unknown["error"]
+
+
 @pytest.mark.parametrize(("phase", "code"), [
     (Phase.READY, ExitCode.OK), (Phase.NO_GPU, ExitCode.OK), (Phase.DEGRADED, ExitCode.DEGRADED),
     (Phase.PULLING, ExitCode.DEGRADED), (Phase.FAILED, ExitCode.FAILED),

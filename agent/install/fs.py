@@ -34,35 +34,40 @@ def os_error(exc: OSError, what: str) -> HostError:
     return HostError(f"{what}: {reason}{where}", hint=_HINTS.get(exc.errno or 0))
 
 
-SPACE_RESERVE_BYTES = 64 << 20  # left free beyond what an image needs: the host keeps working
+SPACE_RESERVE_BYTES = 64 << 20  # left free beyond what an image needs (at most a twentieth of the filesystem)
 
 
-def free_bytes(path: Path) -> tuple[int, int]:
-    """(device, bytes an unprivileged writer may still use) of the filesystem holding `path` or,
-    while it does not exist yet, its nearest existing parent."""
+def free_bytes(path: Path) -> tuple[int, int, int]:
+    """(device, bytes an unprivileged writer may still use, size) of the filesystem holding `path`
+    or, while it does not exist yet, its nearest existing parent."""
     probe = path
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     st = os.statvfs(probe)
-    return os.stat(probe).st_dev, st.f_bavail * st.f_frsize
+    return os.stat(probe).st_dev, st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
-def check_space(needs: list[tuple[Path, int, str]], free: Callable[[Path], tuple[int, int]] = free_bytes) -> None:
+def check_space(needs: list[tuple[Path, int, str]],
+                free: Callable[[Path], tuple[int, int, int]] = free_bytes) -> None:
     """Refuse, before a download, what the filesystems cannot hold: `needs` is (where, bytes, what
-    for); needs on one filesystem add up. HostError naming each filesystem short of space."""
-    by_device: dict[int, tuple[int, int, list[str]]] = {}
+    for); needs on one filesystem add up, and a reserve stays free (64 MiB, or a twentieth of a
+    small filesystem). HostError naming each filesystem short of space."""
+    by_device: dict[int, tuple[int, int, int, list[str]]] = {}
     for where, need, what in needs:
-        device, available = free(where)
-        total, _, whats = by_device.get(device, (0, available, []))
-        by_device[device] = (total + need, available, [*whats, f"{what} in {where} ({need >> 20} MiB)"])
-    short = [(total, available, whats) for total, available, whats in by_device.values()
-             if total + SPACE_RESERVE_BYTES > available]
+        device, available, size = free(where)
+        total, _, reserve, whats = by_device.get(device, (0, available, min(SPACE_RESERVE_BYTES, size // 20), []))
+        by_device[device] = (total + need, available, reserve, [*whats, f"{what} in {where} ({_mib(need)})"])
+    short = [entry for entry in by_device.values() if entry[0] + entry[2] > entry[1]]
     if short:
-        total, available, whats = short[0]
-        raise HostError(f"not enough free space: {' and '.join(whats)} need {(total + SPACE_RESERVE_BYTES) >> 20} MiB "
-                        f"with a {SPACE_RESERVE_BYTES >> 20} MiB reserve; {available >> 20} MiB free",
+        total, available, reserve, whats = short[0]
+        raise HostError(f"not enough free space: {' and '.join(whats)} need {_mib(total + reserve)} "
+                        f"with a {_mib(reserve)} reserve; {_mib(available)} free",
                         hint="free space there (old trees go with a lower install.keep_trees; the blob cache "
                              "with a lower install.cache_max_mib), or point install.root elsewhere")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 def remove_tree(path: Path) -> None:

@@ -14,7 +14,7 @@ from agent.hostfacts import OSInfo, os_key
 
 # A kernel release as `uname -r` prints it and a package names its /lib/modules/<release>: what a
 # postinst hook or the socket may name (it becomes a path component and part of an image tag).
-KERNEL_RELEASE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}$")
+KERNEL_RELEASE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}\Z")
 
 
 @dataclass(frozen=True)

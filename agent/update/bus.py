@@ -2,8 +2,8 @@
 
 Thin: each call returns the pure model of update_engine.py / rpm_ostree.py, and every failure
 (no bus, no such service, a refused call, an answer the interface cannot give) is a HostError
-naming the service, never a crash of the daemon. Polled by the caller; the StatusUpdate signal
-would need a GLib main loop in the daemon and is not listened to yet.
+naming the service, never a crash of the daemon. Polled by the caller every update.poll_s;
+update_engine's StatusUpdate signal (signals.py) wakes the daemon for a pass in between.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ PRE_REBOOT = "/v1/pre-reboot"
 STEADY_STATE = "/v1/steady-state"
 OPERATIONS = {PRE_REBOOT: "pre-reboot", STEADY_STATE: "steady-state"}
 PROTOCOL_HEADER = "fleet-lock-protocol"
-GROUP_RE = re.compile(r"^[a-zA-Z0-9.-]+$")  # the spec's client group
+GROUP_RE = re.compile(r"^[a-zA-Z0-9.-]+\Z")  # the spec's client group (\Z: no newline after it)
 MAX_BODY_BYTES = 4096
 MAX_ID_CHARS = 256
 
@@ -90,31 +90,36 @@ class Verdict:
     warning: bool = False  # granted although the next boot's driver is not staged
 
 
-def decide(phase: str, serving: bool, next_boot: dict[str, Any] | None, *, watching: bool,
+def decide(phase: str, serving: bool, next_boot: dict[str, Any] | None, *, source: str, looked: bool,
            hold: Hold | None, now: float, hold_max_s: float) -> Verdict:
     """Whether a pre-reboot may be granted now (steady-state always is: the gate holds no slot).
 
     `phase`, `serving`, `next_boot`: the agent's snapshot (mid-pass, `next_boot` is still the last
-    pass's word); `watching`: an updater is asked about the next boot. A host with no working
-    driver now, or no GPU, gains nothing from waiting.
+    pass's word); `source`: who tells the next boot (update.source as resolved); `looked`: a pass
+    has asked it since the agent started. A host with no working driver now, or no GPU, gains
+    nothing from waiting. The hold is one episode per next boot: it starts at the first refusal,
+    is not restarted by a pass that could not tell the next boot ("?"), and once it has run out
+    it stays run out (every later request is granted) until the driver is staged or another
+    next boot comes.
     """
     if phase == "no-gpu":
         return Verdict(True, "no NVIDIA GPU on this host", None)
     if phase in ("failed", "degraded") and not serving:
         return Verdict(True, f"this boot has no working driver ({phase}): holding the reboot "
-                       "protects nothing", None, warning=True)
-    if not watching:
-        return Verdict(True, "no updater is watched here (update.source): the next boot is not known", None,
-                       warning=True)
+                       "protects nothing", hold, warning=True)
+    if source == "none":
+        return Verdict(True, "no updater is watched here (update.source = none): the next boot is not known",
+                       None, warning=True)
     if next_boot is not None and next_boot.get("state") == "ready":
         return Verdict(True, f"the driver for {next_boot.get('os_key')} is staged", None)
-    os_key = str(next_boot.get("os_key")) if next_boot else "?"
-    if hold is None or hold.os_key != os_key:
-        hold = Hold(os_key, now)
+    if next_boot is None and looked and source == "kernel-postinst":
+        return Verdict(True, "no new kernel was announced: the next boot runs this kernel and its driver", None)
+    hold = _held(hold, str(next_boot.get("os_key") or "?") if next_boot else "?", now)
+    os_key = hold.os_key
     held_s = now - hold.since
     if held_s >= hold_max_s:
         return Verdict(True, f"held {held_s:.0f}s (update.hold_max_s = {hold_max_s:g}) without the driver for "
-                       f"{os_key}: rebooting anyway; the next boot installs it when it can", None, warning=True)
+                       f"{os_key}: rebooting anyway; the next boot installs it when it can", hold, warning=True)
     state = next_boot.get("state") if next_boot else None
     detail = str(next_boot.get("detail") or "") if next_boot else ""
     if next_boot is None:
@@ -127,3 +132,14 @@ def decide(phase: str, serving: bool, next_boot: dict[str, Any] | None, *, watch
         kind, value = "nvidia_driver_staging", f"the driver for {os_key} is being staged: {detail}"
     value += f" (held {held_s:.0f}s of {hold_max_s:g}s)"
     return Verdict(False, value, hold, refusal=Rejection(409, kind, value))
+
+
+def _held(hold: Hold | None, os_key: str, now: float) -> Hold:
+    """The hold after a refusal for `os_key` ("?": the next boot could not be told this time)."""
+    if hold is None:
+        return Hold(os_key, now)
+    if os_key in ("?", hold.os_key):
+        return hold
+    if hold.os_key == "?":  # the same episode, now with its name
+        return Hold(os_key, hold.since)
+    return Hold(os_key, now)  # another next boot: its own hold

@@ -10,15 +10,17 @@ agent restart does not restart the clock, and a reboot forgets it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import socketserver
 import threading
 import time
 import traceback
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import asdict
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,18 @@ from agent.status import Snapshot
 from agent.update.fleetlock import PRE_REBOOT, PROTOCOL_HEADER, Hold, Rejection, Request, decide, parse_request
 
 HOLD_FILE = "/run/nvidia-agent/gate-hold.json"
-CLIENT_TIMEOUT_S = 5.0  # a local client has this long to send its request
-UPSTREAM_TIMEOUT_S = (5.0, 15.0)  # connect, read
+CLIENT_TIMEOUT_S = 5.0  # a local client has this long for each read
+REQUEST_DEADLINE_S = 30.0  # and this long for its whole request and answer (upstream included)
+MAX_CLIENTS = 8  # connections served at once; more are closed at once
+UPSTREAM_TIMEOUT_S = (5.0, 10.0)  # connect, each read
+MAX_REPLY_BYTES = 4096
 LOG_PERIOD_S = 3600.0
+
+
+def boottime() -> float:
+    """Seconds since boot, suspend included: the hold's clock (an NTP step does not move it; /run,
+    where the hold is kept, lasts exactly one boot, like this clock)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -61,20 +72,21 @@ def upstream_url(base: str, operation: str) -> str:
 
 class RebootGate:
     def __init__(self, listen: str, upstream: str, *, hold_max_s: float, snapshot: Callable[[], Snapshot],
-                 watching: Callable[[], bool], poke: Callable[[], None], hold_file: Path,
-                 clock: Callable[[], float] = time.time) -> None:
+                 source: str, looked: Callable[[], bool], poke: Callable[[], None], hold_file: Path,
+                 clock: Callable[[], float] = boottime) -> None:
         self.listen = listen
         self.upstream = upstream
         self.hold_max_s = hold_max_s
+        self.source = source  # who tells the next boot here (source_for)
         self._snapshot = snapshot
-        self._watching = watching
+        self._looked = looked
         self._poke = poke
         self._hold_file = hold_file
         self._clock = clock
         self._lock = threading.Lock()  # one request decides at a time (the server is serial anyway)
         self._hold = self._load_hold()
         self._last: dict[str, Any] | None = None
-        self._server: HTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._session = requests.Session()
         self._session.trust_env = False  # no proxy from the environment between two local services
@@ -105,16 +117,18 @@ class RebootGate:
                       hold_max_s=self.hold_max_s)
 
     def stop(self) -> None:
+        """Stop listening; a request in flight is not waited for (its thread is a daemon's)."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
         self._session.close()
 
     def view(self) -> dict[str, Any]:
-        """The gate as `status` shows it."""
+        """The gate as `status` shows it (times as wall-clock seconds)."""
         with self._lock:
-            return {"listen": self.listen, "upstream": self.upstream or None,
-                    "hold": asdict(self._hold) if self._hold else None, "last": self._last}
+            hold = None if self._hold is None else {
+                "os_key": self._hold.os_key, "since": time.time() - (self._clock() - self._hold.since)}
+            return {"listen": self.listen, "upstream": self.upstream or None, "hold": hold, "last": self._last}
 
     # --- one request
 
@@ -132,12 +146,12 @@ class RebootGate:
 
     def _pre_reboot(self, request: Request) -> Rejection | None:
         snap = self._snapshot()
-        verdict = decide(snap.phase.value, bool(snap.serving), snap.next_boot, watching=self._watching(),
-                         hold=self._hold, now=self._clock(), hold_max_s=self.hold_max_s)
+        verdict = decide(snap.phase.value, bool(snap.serving), snap.next_boot, source=self.source,
+                         looked=self._looked(), hold=self._hold, now=self._clock(), hold_max_s=self.hold_max_s)
         if verdict.hold != self._hold:
             self._save_hold(verdict.hold)
         self._last = {"operation": request.operation, "client": request.client_id, "granted": verdict.grant,
-                      "reason": verdict.reason, "at": self._clock()}
+                      "reason": verdict.reason, "at": time.time()}
         ctx = {"client": request.client_id, "group": request.group, "reason": verdict.reason}
         if verdict.grant:
             self._refusals.forget()
@@ -147,8 +161,8 @@ class RebootGate:
         if self._refusals.should_log(verdict.refusal.kind)[0]:
             self.log.warning("gate_refused", kind=verdict.refusal.kind, **ctx,
                              hint="the reboot waits for the next boot's driver; `nvidia-agent status` says why")
-        if snap.next_boot is None:
-            self._poke()  # the updater may have staged just now: look at once, not at the next poll
+        if snap.next_boot is None or snap.next_boot.get("state") != "staging":
+            self._poke()  # the updater may have staged just now, or the image come: look at once
         return verdict.refusal
 
     def _forward(self, request: Request) -> tuple[int, bytes]:
@@ -156,19 +170,22 @@ class RebootGate:
         if not self.upstream:
             return 200, b""
         url = upstream_url(self.upstream, request.operation)
+        deadline = time.monotonic() + REQUEST_DEADLINE_S - CLIENT_TIMEOUT_S
         try:
-            reply = self._session.post(url, data=request.body, timeout=UPSTREAM_TIMEOUT_S, allow_redirects=False,
-                                       headers={PROTOCOL_HEADER: "true", "Content-Type": "application/json"})
-        except requests.RequestException as exc:
+            with self._session.post(url, data=request.body, timeout=UPSTREAM_TIMEOUT_S, allow_redirects=False,
+                                    stream=True, headers={PROTOCOL_HEADER: "true",
+                                                          "Content-Type": "application/json"}) as reply:
+                status, content = reply.status_code, _bounded_body(reply, deadline)
+        except (requests.RequestException, TimeoutError) as exc:
             self.log.warning("gate_upstream_unreachable", url=url, error=f"{type(exc).__name__}: {exc}")
             rejection = Rejection(502, "upstream_unreachable", f"the fleet lock server {url} is unreachable")
             self._note_upstream(request, False, rejection.value)
             return rejection.status, rejection.body()
-        if reply.status_code == 200:
+        if status == 200:
             self._note_upstream(request, True, "granted by the fleet lock server")
-            return 200, reply.content[:4096]
-        rejection = _upstream_rejection(reply.status_code, reply.content)
-        self.log.info("gate_upstream_refused", url=url, status=reply.status_code, kind=rejection.kind,
+            return 200, content
+        rejection = _upstream_rejection(status, content)
+        self.log.info("gate_upstream_refused", url=url, status=status, kind=rejection.kind,
                       value=rejection.value)
         self._note_upstream(request, False, f"fleet lock server: {rejection.value}")
         return rejection.status, rejection.body()
@@ -176,7 +193,7 @@ class RebootGate:
     def _note_upstream(self, request: Request, granted: bool, reason: str) -> None:
         with self._lock:
             self._last = {"operation": request.operation, "client": request.client_id, "granted": granted,
-                          "reason": reason, "at": self._clock()}
+                          "reason": reason, "at": time.time()}
 
     # --- the hold, kept across agent restarts (not reboots)
 
@@ -199,8 +216,24 @@ class RebootGate:
             self.log.warning("gate_hold_not_saved", path=str(self._hold_file), error=exc.strerror)
 
 
+def _bounded_body(reply: requests.Response, deadline: float) -> bytes:
+    """At most MAX_REPLY_BYTES of the body, read before `deadline` (a dripping server is cut off)."""
+    body = b""
+    for chunk in reply.iter_content(chunk_size=512):
+        body += bytes(chunk)
+        if len(body) >= MAX_REPLY_BYTES:
+            return body[:MAX_REPLY_BYTES]
+        if time.monotonic() > deadline:
+            raise TimeoutError("the fleet lock server's answer took too long")
+    return body
+
+
 def _upstream_rejection(status: int, content: bytes) -> Rejection:
-    """The upstream's refusal passed on as it said it; a body that is not the protocol's is named."""
+    """The upstream's refusal passed on as it said it; a body that is not the protocol's is named.
+    Any status but 200 refuses (the spec); a 2xx or 3xx other than 200 is the server's fault: 502."""
+    if status < 400:
+        return Rejection(502, "upstream_unexpected_status",
+                         f"the fleet lock server answered HTTP {status}, not 200 or an error")
     try:
         doc = json.loads(content[:4096])
         if isinstance(doc, dict) and isinstance(doc.get("kind"), str) and isinstance(doc.get("value"), str) \
@@ -211,8 +244,38 @@ def _upstream_rejection(status: int, content: bytes) -> Rejection:
     return Rejection(status, f"upstream_http_{status}", f"the fleet lock server answered HTTP {status}")
 
 
-class _Server(HTTPServer):
+class _Server(ThreadingHTTPServer):
+    """One thread per connection, at most MAX_CLIENTS at once, each cut off after REQUEST_DEADLINE_S:
+    a client that sends one byte every few seconds holds only its own slot, and not for long."""
+
     allow_reuse_address = True
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        """As HTTPServer's, without its reverse DNS lookup (getfqdn) of the loopback address."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: this client tries again later
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        timer = threading.Timer(REQUEST_DEADLINE_S, _cut, (request,))
+        timer.daemon = True
+        timer.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            timer.cancel()
+            self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """One broken connection is logged, not printed to stderr; the server goes on."""
@@ -256,6 +319,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         structlog.get_logger("nvidia-agent").debug("gate_request", line=format % args)
+
+
+def _cut(conn: socket.socket) -> None:
+    """The request's time is up: its reads and writes fail at once, its thread ends."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
 
 
 def _error(rejection: Rejection) -> tuple[int, bytes]:

@@ -114,13 +114,15 @@ class Host:
 
 
 def push_driver(tmp_path: Path, registry: str, kernel: str, *, tag_kernel: str | None = None,
-                fmt: str = "oci", repo: str = REPO, big_lib_bytes: int = 0) -> str:
+                fmt: str = "oci", repo: str = REPO, big_lib_bytes: int = 0, compressible: bool = False) -> str:
     """Build and push a driver image for `kernel`; `big_lib_bytes` adds an incompressible library
-    of that size (a layer of several download chunks)."""
+    of that size (a layer of several download chunks), or with `compressible` one of zeros (a
+    small layer that unpacks big)."""
     tree = make_driver_tree(tmp_path / f"tree-{kernel}-{tag_kernel}-{fmt}-{big_lib_bytes}", driver=DRIVER,
                             kernel=kernel)
     if big_lib_bytes:
-        write(tree / f"lib64/libnvidia-big.so.{DRIVER}", os.urandom(big_lib_bytes))
+        write(tree / f"lib64/libnvidia-big.so.{DRIVER}",
+              bytes(big_lib_bytes) if compressible else os.urandom(big_lib_bytes))
     return build_image(tree, f"{registry}/{repo}:{tag(tag_kernel or kernel)}", driver=DRIVER, os_id="ubuntu",
                        os_version="22.04", kernel=kernel, fmt=fmt)
 
