@@ -226,7 +226,9 @@ class Agent:
             else:
                 self.snapshot = self.snapshot.evolve(serving=None)
             raise
-        protected = {self.host(target.tree)} | ({self.host(state.staged)} if state.staged else set())
+        # the active tree, the next boot's, and the previous boot's (an OS rollback needs it)
+        previous = installed.current if installed.current not in (None, target.tree) else state.previous_tree
+        protected = {self.host(t) for t in (target.tree, state.staged, previous) if t}
         for old in prune_trees(install_root, self.settings.install.keep_trees, protected,
                                target.driver, self._debris):
             self.log.info("pruned", tree=self.host.host_view(old))
@@ -238,7 +240,7 @@ class Agent:
             last_kernel=facts.kernel, last_os_key=target.os_key, last_ready_at=now,
             previous_kernel=changed or state.previous_kernel,
             kernel_changed_at=now if changed else state.kernel_changed_at, working=working,
-            staged=state.staged if state.staged != target.tree else None,
+            staged=state.staged if state.staged != target.tree else None, previous_tree=previous,
             pinned=state.pinned if target.tree != configured.tree else None))  # a void pin is dropped
         failpoints.hit("state.written")
         self.snapshot = self.snapshot.evolve(last_error=None, serving=None,

@@ -106,6 +106,9 @@ class State:
     # The tree installed for the next boot an OS update staged: kept through pruning until that boot.
     staged: str | None = None
     pinned: Pin | None = None
+    # The tree that was active before the last switch (the previous boot's, after an OS update):
+    # kept through pruning, so a rollback of the OS finds its driver.
+    previous_tree: str | None = None
 
 
 def load_state(path: Path) -> State:
@@ -133,7 +136,7 @@ def load_state(path: Path) -> State:
                  refused=_refusal(doc.get("refused")),
                  working={k: v for k, v in working.items() if isinstance(k, str) and isinstance(v, str)}
                  if isinstance(working, dict) else {}, staged=_tree_path(text("staged")),
-                 pinned=_pin(doc.get("pinned")))
+                 pinned=_pin(doc.get("pinned")), previous_tree=_tree_path(text("previous_tree")))
 
 
 def _pin(doc: Any) -> Pin | None:

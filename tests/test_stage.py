@@ -137,3 +137,26 @@ def test_a_ready_host_polled_often_does_not_rewrite_its_state(
     out = flatcar.once()
     assert out.returncode == 0, out.stdout + out.stderr
     assert (state.stat().st_mtime_ns, state.read_bytes()) == before
+
+
+def test_the_previous_boots_tree_survives_pruning_after_the_update(
+        tmp_path: Path, registry: RegistryServer, flatcar: Host, update_engine: Any) -> None:
+    """install.keep_trees = 1 and the new OS booted: the old OS's tree is the previous boot's, kept
+    for a rollback of the OS, pass after pass; a tree older than that goes."""
+    host = flatcar
+    host.configure(registry.host, extra="[install]\nkeep_trees = 1\n")
+    push_flatcar(tmp_path, registry.host, K1, OLD)
+    push_flatcar(tmp_path, registry.host, K2, NEW)
+    assert host.once().returncode == 0
+    write(host.root / "boot/flatcar/vmlinuz-b", bzimage_head(K2))
+    update_engine.SetStatus(1700000000, 0.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT", NEW, 1, dbus_interface=MOCK)
+    assert host.once().returncode == 0
+    registry.stop()
+    reboot_into(host, K2, NEW, "b")
+    update_engine.ResetStatus()
+    for _ in range(3):
+        out = host.once()
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert (host.root / flatcar_tree(K1, OLD).lstrip("/")).is_dir(), out.stdout
+    assert host.current() == f"{DRIVER}/flatcar-{NEW}-{K2}"
+    assert load_state(host.root / STATE_FILE.lstrip("/")).previous_tree == flatcar_tree(K1, OLD)

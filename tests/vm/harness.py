@@ -739,7 +739,8 @@ def _assemble(base: Path, images: Path, *, wheels: Path, deps: Path) -> Path:
 
 
 UPDATE_FILES = [REPO / "packaging/kernel/postinst.d/nvidia-agent", HERE / "update_engine_standin.py",
-                REPO / "tests/fixtures/update/update_engine.xml"]
+                REPO / "tests/fixtures/update/update_engine.xml", HERE / "rpm_ostree_standin.py",
+                REPO / "tests/fixtures/update/rpm-ostree-sysroot.xml"]
 UPDATE_ENGINE_POLICY = """\
 <!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -750,6 +751,28 @@ UPDATE_ENGINE_POLICY = """\
     <allow send_destination="com.coreos.update1"/>
   </policy>
 </busconfig>
+"""
+RPM_OSTREE_POLICY = """\
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<!-- as rpm-ostree's org.projectatomic.rpmostree1.conf: root owns it, anyone may ask (nvidia-agent VM tests) -->
+<busconfig>
+  <policy user="root">
+    <allow own="org.projectatomic.rpmostree1"/>
+  </policy>
+  <policy context="default">
+    <allow send_destination="org.projectatomic.rpmostree1"/>
+  </policy>
+</busconfig>
+"""
+RPM_OSTREE_UNIT = """\
+[Unit]
+Description=Stand-in for rpm-ostreed's Sysroot on the system bus (nvidia-agent VM tests)
+
+[Service]
+Type=dbus
+BusName=org.projectatomic.rpmostree1
+ExecStart=/usr/bin/python3 /usr/lib/nvidia-agent-vm/rpm_ostree_standin.py
 """
 UPDATE_ENGINE_UNIT = """\
 [Unit]
@@ -768,7 +791,8 @@ WantedBy=multi-user.target
 def _updates(root: Path, kernels: Kernels, debs: Path) -> None:
     """What the OS-update scenarios (tests/vm/test_vm_update.py) need in the Debian guest: the other
     kernel's packages for the guest's dpkg, both kernel images (a Flatcar-like host's
-    /boot/flatcar/vmlinuz-a and -b), and update_engine's stand-in (not enabled)."""
+    /boot/flatcar/vmlinuz-a and -b, an ostree deployment's vmlinuz), and the stand-ins of
+    update_engine and rpm-ostreed (not enabled)."""
     for deb in debs.glob("*.deb"):
         put(root, f"usr/lib/nvidia-agent-vm/debs/{deb.name}", deb.read_bytes())
     for kver in kernels.both:
@@ -779,6 +803,12 @@ def _updates(root: Path, kernels: Kernels, debs: Path) -> None:
         (REPO / "tests/fixtures/update/update_engine.xml").read_bytes())
     put(root, "etc/dbus-1/system.d/com.coreos.update1.conf", UPDATE_ENGINE_POLICY)
     put(root, "etc/systemd/system/update-engine.service", UPDATE_ENGINE_UNIT)
+    put(root, "usr/lib/nvidia-agent-vm/rpm_ostree_standin.py", (HERE / "rpm_ostree_standin.py").read_bytes(),
+        mode=0o755)
+    put(root, "usr/lib/nvidia-agent-vm/rpm-ostree-sysroot.xml",
+        (REPO / "tests/fixtures/update/rpm-ostree-sysroot.xml").read_bytes())
+    put(root, "etc/dbus-1/system.d/org.projectatomic.rpmostree1.conf", RPM_OSTREE_POLICY)
+    put(root, "etc/systemd/system/rpm-ostreed.service", RPM_OSTREE_UNIT)
 
 
 def _test_infrastructure(root: Path, images: Path) -> None:

@@ -14,10 +14,15 @@ Each scenario boots its own Debian guest (a fresh disk):
    real dpkg runs its postinst, which runs /etc/kernel/postinst.d/nvidia-agent (installed as
    README says); the agent stages; the registry goes; the reboot into that kernel is READY offline.
 
-Not here: rpm-ostree (its stand-in speaks the interface on a private bus in
-tests/test_update_bus.py, not in a guest), and a reboot that interrupts staging (proven with a
-real process and a systemd stand-in in tests/test_stage_daemon.py: the guest's registry is too
-fast to catch a staging in flight).
+3. Fedora CoreOS-like: the guest says it is Fedora CoreOS (os-release with OSTREE_VERSION), and
+   rpm-ostreed's stand-in (tests/vm/rpm_ostree_standin.py: the Sysroot interface of rpm-ostree's
+   org.projectatomic.rpmostree1.xml, on the guest's real system bus) lists a staged deployment of
+   a new version whose /ostree/deploy/.../usr/lib/modules/<cloud>/vmlinuz is the cloud kernel;
+   /run/ostree/staged-deployment appears as rpm-ostree writes it. The agent stages; the registry
+   goes; the reboot into the new kernel and version is READY offline.
+
+Not here: a reboot that interrupts staging (proven with a real process and a systemd stand-in
+in tests/test_stage_daemon.py: the guest's registry is too fast to catch a staging in flight).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.integration, pytest.mark.timeout(1500)
 
 OLD, NEW = "3139.2.0", "3139.2.1"
 FLATCAR = (harness.REPO / "tests/fixtures/os-release/flatcar-3139.2.0").read_text()
+FCOS = (harness.REPO / "tests/fixtures/os-release/fedora-coreos-37").read_text()
+FCOS_OLD, FCOS_NEW = "37.20230126.20.0", "37.20230205.20.0"
 VM_FILES = "/usr/lib/nvidia-agent-vm"
 
 
@@ -167,3 +174,55 @@ def test_a_kernel_package_stages_its_driver_and_its_first_boot_is_ready_offline(
     assert not asked_the_registry(journal), f"the first boot of {cloud} asked the registry:\n{journal}"
     assert_serving(vm, st, DRIVER, cloud)
     assert st.get("next_boot") is None, st.get("next_boot")
+
+
+def be_fcos(g: Guest, version: str) -> None:
+    g.run("rm -f /etc/os-release", check=True)
+    g.put("/etc/os-release", FCOS.replace(FCOS_OLD, version).rstrip("\n") + "\n")  # OSTREE_VERSION included
+
+
+def deployment(checksum: str, version: str, *, booted: bool, staged: bool) -> dict[str, Any]:
+    """One record of Sysroot.Deployments, keys and types as rpm-ostree's interface lists them."""
+    return {"id": f"fedora-coreos-{checksum}.0", "osname": "fedora-coreos", "serial": 0, "checksum": checksum,
+            "version": version, "timestamp": 1675555200, "origin": "fedora:fedora/x86_64/coreos/stable",
+            "booted": booted, "staged": staged, "pinned": False}
+
+
+def test_an_rpm_ostree_staged_deployment_is_staged_and_its_first_boot_is_ready_offline(vm: Guest) -> None:
+    amd, cloud = vm.kernels.amd64, vm.kernels.cloud
+    old_key, new_key = f"fedora-coreos-{FCOS_OLD}-{amd}", f"fedora-coreos-{FCOS_NEW}-{cloud}"
+    settle(vm)
+    vm.tag_image("nvidia/driver", f"{DRIVER}-debian-12-{amd}", f"{DRIVER}-{old_key}")
+    staged_digest = vm.tag_image("nvidia/driver", f"{DRIVER}-debian-12-{cloud}", f"{DRIVER}-{new_key}")
+    be_fcos(vm, FCOS_OLD)
+    booted, new = "a" * 64, "b" * 64
+    vm.put("/run/rpm-ostree-standin.json", json.dumps([deployment(booted, FCOS_OLD, booted=True, staged=False)]))
+    vm.put(OVERRIDE, "[update]\npoll_s = 5\n")
+    vm.run("systemctl start rpm-ostreed.service", check=True)
+    t = vm.guest_time()
+    vm.run("systemctl restart --no-block nvidia-agent", check=True)
+    settle(vm, since=t)
+    assert current_target(vm) == f"{DRIVER}/{old_key}"
+
+    # Zincati had rpm-ostree stage the new version: its deployment on disk, its record on the bus
+    root = f"/ostree/deploy/fedora-coreos/deploy/{new}.0"
+    vm.run(f"mkdir -p {root}/usr/lib/modules/{cloud} && cp {VM_FILES}/vmlinuz-{cloud} "
+           f"{root}/usr/lib/modules/{cloud}/vmlinuz && mkdir -p /run/ostree && touch /run/ostree/staged-deployment",
+           check=True)
+    vm.put("/run/rpm-ostree-standin.json", json.dumps([deployment(new, FCOS_NEW, booted=False, staged=True),
+                                                       deployment(booted, FCOS_OLD, booted=True, staged=False)]))
+    nb = wait_next_boot(vm, cloud)
+    assert nb["os_key"] == new_key and nb["source"] == "rpm-ostree", nb
+    marker = json.loads(vm.run(f"cat /opt/nvidia/{DRIVER}/{new_key}/.nvidia-agent.json", check=True, quiet=True)[1])
+    assert marker["digest"] == staged_digest, marker
+    assert current_target(vm) == f"{DRIVER}/{old_key}", "staged, not activated"
+
+    vm.run("systemctl disable --now docker-registry", check=True)
+    vm.run("systemctl stop nvidia-agent", check=True)
+    be_fcos(vm, FCOS_NEW)
+    vm.reboot(kernel="cloud")
+    vm.wait_agent_active()
+    st = settle(vm)
+    journal = vm.journal()
+    assert not asked_the_registry(journal), f"the first boot of {FCOS_NEW} asked the registry:\n{journal}"
+    assert st["kernel"] == cloud and current_target(vm) == f"{DRIVER}/{new_key}", st
