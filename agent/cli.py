@@ -92,15 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser(
         "rollback", help="go back to the previous driver tree for the running kernel",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Ask the running daemon to activate, instead of the configured driver, the tree\n"
-                    "for this kernel installed before it (of the trees built for this kernel other\n"
-                    "than `current`, the newest): its modules are loaded (the running ones unloaded if\n"
-                    "nothing holds them), `current` and the overlay switch to it. It holds until\n"
-                    "`nvidia-agent rollback --undo`, a new configured driver, or another kernel. Root\n"
-                    "only.\n\n"
-                    "Exit 0: done (with --wait: the agent is ready on it). 1: nothing to roll back to\n"
-                    "(the reason is printed), or --wait saw it fail. 2: --wait ran out. 69: the\n"
-                    "daemon is not running.")
+        description="Ask the running daemon to activate, instead of the configured driver, an earlier\n"
+                    "tree for this OS and kernel: of those installed (other driver versions; not the\n"
+                    "configured, the staged or a refused one), the newest (after an earlier rollback:\n"
+                    "the newest installed before the pinned one). Its modules are\n"
+                    "loaded (the running ones unloaded if nothing holds them), `current` and the\n"
+                    "overlay switch to it. It holds until `nvidia-agent rollback --undo`, a new\n"
+                    "configured driver, another OS version or kernel. Root only.\n\n"
+                    "Exit 0: accepted (with --wait: the agent is ready on it). 1: nothing to roll back\n"
+                    "to (the trees there are printed), or --wait saw it fail. 2: --wait ran out.\n"
+                    "69: the daemon is not running.")
     rb.add_argument("--undo", action="store_true", help="back to the configured driver")
     rb.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                     help="wait up to SECONDS for the agent to be ready on it")
@@ -311,7 +312,9 @@ def cmd_rollback(host: HostRoot, args: argparse.Namespace) -> int:
         if status.get("current") == reply.get("tree") and status.get("phase") == Phase.READY:
             print(f"ready: {status.get('detail')}")
             return ExitCode.OK
-        if status.get("phase") in (Phase.FAILED, Phase.DEGRADED) and status.get("current") != reply.get("tree"):
+        after = (status.get("last_reconcile_at") or 0) > (reply.get("at") or 0)  # a pass since the request
+        failed = status.get("phase") in (Phase.FAILED, Phase.DEGRADED) and status.get("current") != reply.get("tree")
+        if after and failed:
             err = status.get("last_error") or {}
             print(f"nvidia-agent: rollback: {status.get('phase')}: {err.get('message')}", file=sys.stderr)
             return ExitCode.FAILED

@@ -40,6 +40,7 @@ STALL_LIMIT_S = 600.0  # a pass silent this long is hung (every wait in it is bo
 MOUNTS_SETTLE_S = 1.0  # after a mount change, the overlay is looked at this much later (a sysext refresh is two)
 MOUNTINFO = "/proc/self/mountinfo"
 ERROR_LOG_PERIOD_S = 3600.0
+SIGNAL_MIN_GAP_S = 5.0  # update_engine's signal brings a pass at most this often
 
 
 class LockHeld(AgentError):
@@ -367,9 +368,13 @@ def _serve(agent: Agent, socket_path: Path, triggers: Triggers, log: Any, *,
     server.start()
     signals = None
     if not once and _source(agent) == "update_engine":
+        last = [0.0]
+
         def changed(operation: str) -> None:
             log.info("update_status_changed", operation=operation)
-            triggers.request_pass()
+            if time.monotonic() - last[0] >= SIGNAL_MIN_GAP_S:  # a wake, not a flood of passes
+                last[0] = time.monotonic()
+                triggers.request_pass()
 
         signals = StatusSignals(changed)
         if not signals.start():
@@ -441,7 +446,7 @@ def _finish_at_shutdown(agent: Agent, worker: Worker, cancel: Cancel, notifier: 
     not wait: the system is not going down then."""
     bound = agent.settings.update.finish_s
     nxt = agent.snapshot.next_boot
-    if bound <= 0 or (nxt is not None and nxt.get("state") == "ready") or (nxt is None and not agent.watches_updates):
+    if bound <= 0 or not agent.next_boot_pending():
         return
     try:
         if not agent.systemd.shutting_down():

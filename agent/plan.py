@@ -125,24 +125,36 @@ def target_for(settings: Settings, facts: HostFacts, state: State | None = None,
 
 def pinned_target(configured: Target, kernel: str, state: State | None, installed: Installed | None) -> Target | None:
     """The rolled-back-to tree while the pin holds: same kernel, same configured target (a new
-    driver.version or image settings end it), and the tree still installed for this kernel."""
+    driver.version, another OS version or kernel ends it), the tree still installed for this OS
+    and kernel, and from the configured registry and repository (a reinstall of it pulls from
+    there: another one was not asked for)."""
     pin = state.pinned if state is not None else None
     if pin is None or installed is None or (pin.kernel, pin.instead_of) != (kernel, configured.tree):
         return None
     for tree, marker in installed.trees:
-        if tree == pin.tree and marker.kernel == kernel:
+        if tree == pin.tree and (marker.kernel, marker.os_key) == (kernel, configured.os_key):
             try:
                 ref = Reference.parse(marker.reference)
             except ValueError:
-                ref = configured.reference
+                return None
+            if (ref.registry, ref.repository) != (configured.reference.registry, configured.reference.repository):
+                return None
             return Target(marker.driver, marker.os_key, kernel, ref, tree, str(PurePosixPath(tree) / "lib64"))
     return None
 
 
-def rollback_candidate(installed: Installed, kernel: str) -> tuple[str, TreeMarker] | None:
-    """The tree `nvidia-agent rollback` goes back to: of the trees built for this kernel other than
-    `current`, the one installed last."""
-    others = [(tree, m) for tree, m in installed.trees if m.kernel == kernel and tree != installed.current]
+def rollback_candidate(installed: Installed, configured: Target, state: State) -> tuple[str, TreeMarker] | None:
+    """The tree `nvidia-agent rollback` goes back to: of the trees for this OS and kernel (other
+    driver versions) that are not the configured one, the staged one or a refused one, the newest
+    installed before the one running now (the pinned one after an earlier rollback, else the
+    newest)."""
+    excluded = {configured.tree, state.staged, state.refused.tree if state.refused else None}
+    others = [(tree, m) for tree, m in installed.trees
+              if (m.kernel, m.os_key) == (configured.kernel, configured.os_key) and tree not in excluded]
+    if state.pinned is not None:
+        pinned_at = next((m.installed_at for t, m in installed.trees if t == state.pinned.tree), None)
+        if pinned_at is not None:
+            others = [(t, m) for t, m in others if t != state.pinned.tree and m.installed_at < pinned_at]
     return max(others, key=lambda t: t[1].installed_at) if others else None
 
 

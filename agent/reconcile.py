@@ -207,7 +207,9 @@ class Agent:
         if installed.marker is not None:
             self.snapshot = self.snapshot.evolve(image=installed.marker.reference, digest=installed.marker.digest)
         if not any(isinstance(a, InstallImage) for a in the_plan.actions):
-            self.store.collect(keep=(), idle=True)  # nothing pulled now: only cut-off downloads are kept
+            # nothing pulled now: complete blobs are a crash's leftovers, unless the next boot's pull
+            # was cut off (its finished layers are what it resumes from)
+            self.store.collect(keep=(), idle=not self.next_boot_pending())
         try:
             self._run(the_plan.actions, facts, cancel, target)
             if the_plan.no_gpu:
@@ -228,9 +230,10 @@ class Agent:
             raise
         # the active tree, the next boot's, and the previous boot's (an OS rollback needs it)
         previous = installed.current if installed.current not in (None, target.tree) else state.previous_tree
-        protected = {self.host(t) for t in (target.tree, state.staged, previous) if t}
+        pin = state.pinned.instead_of if state.pinned and target.tree != configured.tree else None
+        protected = {self.host(t) for t in (target.tree, state.staged, previous, pin) if t}
         for old in prune_trees(install_root, self.settings.install.keep_trees, protected,
-                               target.driver, self._debris):
+                               configured.driver, self._debris):
             self.log.info("pruned", tree=self.host.host_view(old))
         now = time.time()
         changed = the_plan.kernel_changed_from
@@ -241,7 +244,8 @@ class Agent:
             previous_kernel=changed or state.previous_kernel,
             kernel_changed_at=now if changed else state.kernel_changed_at, working=working,
             staged=state.staged if state.staged != target.tree else None, previous_tree=previous,
-            pinned=state.pinned if target.tree != configured.tree else None))  # a void pin is dropped
+            pinned=state.pinned if target.tree != configured.tree else None,  # a void pin is dropped
+            refused=state.refused if state.refused and state.refused.tree != target.tree else None))
         failpoints.hit("state.written")
         self.snapshot = self.snapshot.evolve(last_error=None, serving=None,
                                              kernel_changed_from=changed or state.previous_kernel,
@@ -289,6 +293,19 @@ class Agent:
             self.log.exception("next_boot_crashed", error=f"{type(exc).__name__}: {exc}")
             self._next(None, self.settings.update.source, "failed", f"{type(exc).__name__}: {exc}", error=str(exc))
 
+    def next_boot_pending(self) -> bool:
+        """Whether the next boot's driver may still be missing: the last word on it is not `ready`,
+        or nothing was seen where an updater is polled (its poll may lag), or a kernel hook
+        announced a kernel the last pass has not staged yet."""
+        nxt = self.snapshot.next_boot
+        if nxt is not None:
+            return nxt.get("state") != "ready" or self._announced_kernel() not in (None, nxt.get("kernel"))
+        return self.watches_updates or self._announced_kernel() is not None
+
+    def _announced_kernel(self) -> str | None:
+        with self._request_lock:
+            return read_next_kernel(self.host(NEXT_KERNEL_FILE))
+
     def request_rollback(self, *, undo: bool) -> dict[str, Any]:
         """`nvidia-agent rollback [--undo]` (the socket's thread): pick the tree to go back to, or
         say why there is none; the next pass pins and activates it."""
@@ -306,15 +323,16 @@ class Agent:
         current = current_target(install_root)
         trees = tuple((self.host.host_view(t), m) for t, m in installed_trees(install_root))
         found = rollback_candidate(Installed(None, self.host.host_view(current) if current else None, None, trees),
-                                   kernel)
+                                   configured, state)
         if found is None:
-            kept = ", ".join(t for t, m in trees if m.kernel == kernel) or "none"
-            return {"ok": False, "error": f"no other driver tree for kernel {kernel} is installed "
-                                          f"(trees for it: {kept}): nothing to roll back to"}
+            kept = ", ".join(t for t, m in trees if m.os_key == configured.os_key) or "none"
+            return {"ok": False, "error": f"no earlier driver tree for {configured.os_key} is installed (trees for "
+                                          f"it: {kept}; the configured, staged and refused ones do not count): "
+                                          "nothing to roll back to"}
         tree, marker = found
         with self._request_lock:
-            self._rollback = "undo" if tree == configured.tree else Pin(tree, configured.tree, kernel, time.time())
-        return {"ok": True, "tree": tree, "instead_of": configured.tree,
+            self._rollback = Pin(tree, configured.tree, kernel, time.time())
+        return {"ok": True, "tree": tree, "instead_of": configured.tree, "at": time.time(),
                 "detail": f"activating {tree} (driver {marker.driver}, installed "
                           f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(marker.installed_at))} UTC) "
                           f"instead of {configured.tree}, until `nvidia-agent rollback --undo`, a new "
@@ -326,7 +344,7 @@ class Agent:
         if asked is None:
             return state
         pinned = None if asked == "undo" else asked
-        self.log.info("rollback_undone" if pinned is None else "rolled_back",
+        self.log.info("rollback_undone" if pinned is None else "rollback_pinned",
                       **({"tree": pinned.tree, "instead_of": pinned.instead_of} if pinned else {}))
         state = replace(state, pinned=pinned)
         save_state(self.host(STATE_FILE), state)
@@ -360,7 +378,8 @@ class Agent:
     def finish_staging(self, cancel: Cancel) -> Phase:
         """At shutdown (the daemon's bounded stop): only the next boot's driver, nothing else, and
         at once (a backoff after a missing image does not hold this last try back)."""
-        self._stage_retry = ("", 0, 0.0)
+        with self._request_lock:
+            self._stage_retry = ("", 0, 0.0)
         try:
             facts = self.probe.facts(self.settings.mount.target)
             running = target_for(self.settings, facts)
@@ -401,7 +420,8 @@ class Agent:
             self._next(t, source, "ready", f"{t.tree} is installed")
             self._remember_staged(state, t.tree)
             return
-        key, failures, not_before = self._stage_retry
+        with self._request_lock:
+            key, failures, not_before = self._stage_retry
         if key != t.os_key:  # another next boot than the one that failed: try at once
             failures, not_before = 0, 0.0
         if time.monotonic() < not_before:
@@ -423,12 +443,14 @@ class Agent:
             return
         except AgentError as exc:
             delay = next_delay_s(failures + 1, self.settings.daemon.retry_initial_s, self.settings.daemon.retry_max_s)
-            self._stage_retry = (t.os_key, failures + 1, time.monotonic() + delay)
+            with self._request_lock:
+                self._stage_retry = (t.os_key, failures + 1, time.monotonic() + delay)
             missing = isinstance(exc, ImageMissing)
             self._next(t, source, "missing" if missing else "failed",
                        f"{'no image yet: ' if missing else ''}{exc}; next try in {delay:.0f}s", error=str(exc))
             return
-        self._stage_retry = ("", 0, 0.0)
+        with self._request_lock:
+            self._stage_retry = ("", 0, 0.0)
         self._remember_staged(state, t.tree)
         self._next(t, source, "ready", f"{t.tree} installed ({result.marker.digest})")
 

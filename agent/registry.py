@@ -217,7 +217,7 @@ def parse_retry_after(value: str | None, now_s: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit alone takes "²", which int() refuses
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -864,7 +864,7 @@ class RegistryClient:
 
 def _content_length(resp: requests.Response) -> int | None:
     value = resp.headers.get("Content-Length", "")
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def _error_detail(resp: requests.Response) -> str:

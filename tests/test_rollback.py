@@ -20,7 +20,7 @@ import pytest
 from agent.config import DriverSettings, ImageSettings, Settings
 from agent.hostfacts import OSInfo
 from agent.plan import Installed, pinned_target, rollback_candidate, target_for_boot
-from agent.state import Pin, State, TreeMarker, load_state
+from agent.state import Pin, Refusal, State, TreeMarker, load_state
 from support.images import build_image, make_driver_tree
 from support.registry import RegistryServer
 from support.sandbox import DRIVER, K1, K2, REPO, REPO_ROOT, Host, RunningAgent, push_driver, tree_path
@@ -42,21 +42,46 @@ TREES = ((tree(DRIVER, K1), marker(DRIVER, K1, 100.0)), (tree(DRIVER2, K1), mark
          (tree(DRIVER, K2), marker(DRIVER, K2, 300.0)))
 
 
-@pytest.mark.parametrize(("current", "kernel", "expected"), [
-    (tree(DRIVER2, K1), K1, tree(DRIVER, K1)),  # the one before the new driver
-    (tree(DRIVER, K1), K1, tree(DRIVER2, K1)),  # rolled back already: "previous" is the other one
-    (tree(DRIVER, K2), K2, None),  # the only tree for this kernel
-    (None, K1, tree(DRIVER2, K1)),
+DRIVER3 = "535.261.05"
+SETTINGS = Settings(driver=DriverSettings(DRIVER2), image=ImageSettings(registry="r.example"))
+
+
+def configured_for(kernel: str, driver: str = DRIVER2) -> Any:
+    return target_for_boot(Settings(driver=DriverSettings(driver), image=ImageSettings(registry="r.example")),
+                           UBUNTU, kernel, "amd64")
+
+
+@pytest.mark.parametrize(("current", "state", "expected"), [
+    (tree(DRIVER2, K1), State(), tree(DRIVER, K1)),  # the one before the new driver
+    (None, State(), tree(DRIVER, K1)),
+    # serving the old tree while the configured one fails: the configured one is never "back"
+    (tree(DRIVER, K1), State(), tree(DRIVER, K1)),
+    # rolled back already: further back, not forward to the configured one
+    (tree(DRIVER, K1), State(pinned=Pin(tree(DRIVER, K1), tree(DRIVER2, K1), K1, 1.0)), None),
+    (tree(DRIVER2, K1), State(refused=Refusal(tree(DRIVER, K1), "sha256:" + "a" * 64, K1, "[]", "no", 1.0)), None),
 ])
-def test_the_candidate_is_the_newest_other_tree_for_this_kernel(current: str | None, kernel: str,
-                                                                expected: str | None) -> None:
-    found = rollback_candidate(Installed(None, current, None, TREES), kernel)
+def test_the_candidate_is_an_earlier_tree_for_this_os_and_kernel(current: str | None, state: State,
+                                                                 expected: str | None) -> None:
+    found = rollback_candidate(Installed(None, current, None, TREES), configured_for(K1), state)
     assert (found[0] if found else None) == expected
 
 
+def test_the_next_boots_staged_tree_is_no_candidate() -> None:
+    """An OS update that keeps the kernel staged its tree, newest of all: not a rollback target."""
+    staged_tree = f"/opt/nvidia/{DRIVER2}/ubuntu-22.04.1-{K1}"
+    staged = (staged_tree, TreeMarker(DRIVER2, f"ubuntu-22.04.1-{K1}", K1, "r.example/nvidia/driver:x",
+                                      "sha256:" + "b" * 64, 900.0))
+    installed = Installed(None, tree(DRIVER2, K1), None, (*TREES, staged))
+    found = rollback_candidate(installed, configured_for(K1), State(staged=staged_tree))
+    assert found is not None and found[0] == tree(DRIVER, K1)
+    older = (tree(DRIVER3, K1), marker(DRIVER3, K1, 50.0))
+    pinned = State(pinned=Pin(tree(DRIVER, K1), tree(DRIVER2, K1), K1, 1.0))
+    further = rollback_candidate(Installed(None, tree(DRIVER, K1), None, (*TREES, older)), configured_for(K1), pinned)
+    assert further is not None and further[0] == tree(DRIVER3, K1), "a second rollback goes further back"
+
+
 def test_a_pin_holds_only_for_its_kernel_and_configured_target() -> None:
-    settings = Settings(driver=DriverSettings(DRIVER2), image=ImageSettings(registry="r.example"))
-    configured = target_for_boot(settings, UBUNTU, K1, "amd64")
+    configured = target_for_boot(SETTINGS, UBUNTU, K1, "amd64")
     assert configured.tree == tree(DRIVER2, K1)
     pin = Pin(tree(DRIVER, K1), configured.tree, K1, 1.0)
     installed = Installed(None, tree(DRIVER, K1), None, TREES)
@@ -68,6 +93,11 @@ def test_a_pin_holds_only_for_its_kernel_and_configured_target() -> None:
     assert pinned_target(other, K1, State(pinned=pin), installed) is None, "another configured driver ends it"
     gone = Installed(None, None, None, TREES[1:])
     assert pinned_target(configured, K1, State(pinned=pin), gone) is None, "a pruned tree cannot be pinned"
+    elsewhere = Installed(None, None, None, ((tree(DRIVER, K1), TreeMarker(
+        DRIVER, f"ubuntu-22.04-{K1}", K1, f"other.example/nvidia/driver:{DRIVER}-ubuntu-22.04-{K1}",
+        "sha256:" + "a" * 64, 1.0)),))
+    assert pinned_target(configured, K1, State(pinned=pin), elsewhere) is None, \
+        "a tree from a registry no longer configured is not brought back"
 
 
 @pytest.mark.parametrize("pinned", [
@@ -113,6 +143,7 @@ def test_rollback_to_the_previous_driver_and_undo(tmp_path: Path, registry: Regi
         wait_current(agent, tree_path(K1))
         nothing = cli(host, "rollback")
         assert nothing.returncode == 1 and "nothing to roll back to" in nothing.stderr, nothing.stderr
+        assert f"trees for it: {tree_path(K1)}" in nothing.stderr, nothing.stderr
         agent.stop()
     host.configure(registry.host, extra=f'[driver]\nversion = "{DRIVER2}"\n')
     with RunningAgent(host) as agent:
@@ -125,7 +156,7 @@ def test_rollback_to_the_previous_driver_and_undo(tmp_path: Path, registry: Regi
         assert f"rolled back: to {tree_path(K1)}" in agent.status().stdout
         assert host.current() == f"{DRIVER}/ubuntu-22.04-{K1}"
         code, log = agent.stop()
-    assert code == 0 and "rolled_back" in log, log
+    assert code == 0 and "rollback_pinned" in log, log
     state = load_state(host.root / "var/lib/nvidia-agent/state.json")
     assert state.pinned is not None and state.pinned.tree == tree_path(K1)
 

@@ -322,6 +322,13 @@ def test_update_engines_signal_stages_at_once_without_waiting_for_the_poll(
         status = wait_for(agent, "ready", lambda s: s["phase"] == "ready")
         assert status.get("next_boot") is None
         update_written(host, K2)
+        # anyone may send a signal on the system bus: one not from update_engine's name is not heard
+        spoof = subprocess.run(
+            ["dbus-send", f"--bus={os.environ['DBUS_SYSTEM_BUS_ADDRESS']}", "--type=signal", "/com/coreos/update1",
+             "com.coreos.update1.Manager.StatusUpdate", "int64:1", "double:0", "string:UPDATE_STATUS_IDLE",
+             "string:0.0.0", "int64:0"], capture_output=True, text=True, timeout=30, check=False)
+        assert spoof.returncode == 0, spoof.stderr
+        time.sleep(2)
         bus["update_engine"].SetStatus(1700000000, 0.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT", NEW, 1,
                                        dbus_interface=MOCK)
         # the next pass without the signal: check_interval_s (300 s) away
@@ -329,3 +336,4 @@ def test_update_engines_signal_stages_at_once_without_waiting_for_the_poll(
         code, log = agent.stop()
     assert code == 0, log
     assert "update_status_changed operation=UPDATE_STATUS_UPDATED_NEED_REBOOT" in log, log
+    assert "update_status_changed operation=UPDATE_STATUS_IDLE" not in log, "the spoofed signal was heard"

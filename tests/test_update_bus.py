@@ -119,3 +119,21 @@ def rpm_ostree_mock(system_bus: Any) -> Iterator[Any]:
 def test_the_staged_deployment_over_the_bus(rpm_ostree_mock: Any, connect: Callable[[], Any]) -> None:
     nxt = UpdaterBus(connect).rpm_ostree_next()
     assert nxt is not None and nxt.version == "31.20200517.3.0" and nxt.serial == 0 and nxt.staged
+
+
+def test_the_signal_wakes_the_agent_only_when_reboot_needed_comes_or_goes() -> None:
+    """update_engine signals every progress step while downloading: only the transitions into and
+    out of UPDATED_NEED_REBOOT (and the first word heard) call back; a body the interface cannot
+    carry is ignored."""
+    from agent.update.signals import StatusSignals  # noqa: PLC0415
+
+    seen: list[str] = []
+    signals = StatusSignals(seen.append)
+    for op, progress in [("UPDATE_STATUS_IDLE", 0.0), ("UPDATE_STATUS_DOWNLOADING", 0.1),
+                         ("UPDATE_STATUS_DOWNLOADING", 0.5), ("UPDATE_STATUS_FINALIZING", 1.0),
+                         ("UPDATE_STATUS_UPDATED_NEED_REBOOT", 1.0), ("UPDATE_STATUS_UPDATED_NEED_REBOOT", 1.0),
+                         ("UPDATE_STATUS_IDLE", 0.0)]:
+        signals._fired(":1.1", "/com/coreos/update1", "com.coreos.update1.Manager", "StatusUpdate",
+                       (1700000000, progress, op, "3815.2.1", 1))
+    signals._fired(":1.1", "/", "i", "StatusUpdate", ("not", "the", "signature"))
+    assert seen == ["UPDATE_STATUS_IDLE", "UPDATE_STATUS_UPDATED_NEED_REBOOT", "UPDATE_STATUS_IDLE"]

@@ -20,7 +20,7 @@ from agent.blobs import BlobStore
 from agent.errors import DigestMismatch, ImageRejected
 from agent.install import fs
 from agent.install.trees import STAGING_PREFIX, move_into_place
-from agent.install.unpack import Staging
+from agent.install.unpack import MAX_STREAM_BYTES, Staging
 from agent.install.verify import VerifiedTree, verify_tree
 from agent.reference import Reference
 from agent.registry import Platform, RegistryClient, ResolvedImage, layer_diff_ids
@@ -75,6 +75,9 @@ def install_image(
     digests = [d.digest for d in image.layers]
     store.collect(keep=digests)  # stray files, old downloads, what is over the cache's budget
     layer_bytes = sum(d.size for d in image.layers)
+    if layer_bytes > MAX_STREAM_BYTES:  # extraction would refuse it: do not download it first
+        raise ImageRejected(f"{ref}: its layers claim {layer_bytes >> 20} MiB; a driver image is refused above "
+                            f"{MAX_STREAM_BYTES >> 30} GiB")
     # The download, then the tree: unpacked, a layer is at least its compressed size.
     fs.check_space([(store.root, layer_bytes - sum(store.present_bytes(d) for d in digests), "the layers"),
                     (install_root, layer_bytes, "the unpacked tree")])

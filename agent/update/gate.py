@@ -53,7 +53,7 @@ def parse_listen(value: str) -> tuple[str, int]:
     import ipaddress  # noqa: PLC0415 - only for config validation
 
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError("a loopback address and port such as \"127.0.0.1:9797\"")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
@@ -294,7 +294,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit()):
             self._reply(*_error(Rejection(411, "length_required", "send the body with a Content-Length")))
             return
         if int(length) > 4096:

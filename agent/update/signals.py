@@ -20,6 +20,8 @@ import structlog
 
 from agent.update import update_engine
 
+NEED_REBOOT = "UPDATE_STATUS_UPDATED_NEED_REBOOT"
+
 
 class StatusSignals:
     """Calls `on_change(operation)` from its own thread when update_engine's operation changes."""
@@ -42,7 +44,9 @@ class StatusSignals:
             context.push_thread_default()  # the connection and its signals belong to this context
             try:
                 bus = pydbus.connect(_system_address())  # a connection of its own, for this context
-                self._subscription = bus.subscribe(iface=update_engine.INTERFACE, signal=update_engine.SIGNAL,
+                # sender: only update_engine's own name; anyone may send a signal on the system bus
+                self._subscription = bus.subscribe(sender=update_engine.BUS_NAME, iface=update_engine.INTERFACE,
+                                                   signal=update_engine.SIGNAL,
                                                    object=update_engine.OBJECT_PATH, signal_fired=self._fired)
             finally:
                 context.pop_thread_default()
@@ -59,8 +63,8 @@ class StatusSignals:
             operation = update_engine.Status.from_dbus(tuple(params)).current_operation
         except (update_engine.BadStatus, TypeError, ValueError):
             return  # not the interface's signature: GetStatus in the pass says what is wrong
-        if operation != self._last:
-            self._last = operation
+        before, self._last = self._last, operation
+        if before is None or (before == NEED_REBOOT) != (operation == NEED_REBOOT):  # into or out of it
             self._on_change(operation)
 
     def stop(self) -> None:
