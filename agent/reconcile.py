@@ -86,6 +86,11 @@ MODULE_DIRS = ("/lib/modules", "/usr/lib/modules")  # where a kernel package put
 Notify = Callable[[str], None]
 
 
+# Steps every pass goes through that change nothing on a settled host (loading is a no-op when
+# the modules are loaded at the right version): not shown while re-checking one.
+QUIET_PHASES = (Phase.DETECTING, Phase.UNITS, Phase.LOADING)
+
+
 class Refused(AgentError):
     """The target's modules were refused by this kernel before, and nothing has changed since."""
 
@@ -109,7 +114,6 @@ class Agent:
         self.watches_updates = False  # an updater is asked about the next boot (the daemon polls it)
         self.update_source = "none"  # who says what the next boot runs here (source_for), once a pass looked
         self.next_boot_looked = False  # a pass has asked it since the agent started (the gate waits for that)
-        self._requested_kernel: str | None = None  # from `nvidia-agent stage` (the socket's thread)
         self._rollback: Pin | Literal["undo"] | None = None  # from `nvidia-agent rollback` (likewise)
         self._request_lock = threading.Lock()
         self._stage_errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
@@ -124,6 +128,7 @@ class Agent:
         self._last_outcome: tuple[Phase, str] | None = None
         self._kernel_change_seen: tuple[str, str] | None = None  # logged once, not on every retry
         self._overlay: tuple[str, str] | None = None  # (lower, library dir) the last check found shown
+        self._rechecking = False  # this pass re-checks a settled host: the steps that change nothing stay quiet
 
     # --- reporting: one place that updates the log, the snapshot and systemd's STATUS=
 
@@ -134,6 +139,13 @@ class Agent:
         debug, so the journal holds changes, not a heartbeat.
         """
         settled = phase in (Phase.READY, Phase.NO_GPU)
+        if self._rechecking and phase in QUIET_PHASES:
+            # A re-check of a ready host (every update.poll_s where an updater is asked) goes
+            # through detecting, units and loading with nothing to do: `status`, STATUS= and the
+            # gate keep seeing the settled phase. A step that changes something is shown.
+            self.log.debug(phase.value, **({"detail": detail} if detail else {}), **ctx)
+            return
+        self._rechecking = False
         if phase is Phase.DETECTING or (settled and self._last_outcome == (phase, detail)):
             level = "debug"
         if settled:
@@ -148,6 +160,7 @@ class Agent:
         started = time.monotonic()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(driver=self.settings.driver.version)
+        self._rechecking = self.snapshot.phase in (Phase.READY, Phase.NO_GPU)
         try:
             outcome = self._reconcile(cancel)
         except Cancelled as exc:  # stopping: nothing failed, nothing half-done (staging is removed)
@@ -540,6 +553,7 @@ class Agent:
                 self._install(t, refuse, cancel, install_root)
             case SwitchCurrent(tree=tree):
                 self._phase(Phase.ACTIVATING, f"current -> {tree}")
+                self._remember_previous(install_root, tree)
                 switch_current(install_root, self.host(tree))
                 self.snapshot = self.snapshot.evolve(current=tree)
             case Unmount(path=path, reason=reason):
@@ -562,6 +576,17 @@ class Agent:
                 started = ensure_persistenced(self.host(tree), self.host.root, self.systemd)
                 outcome = {"pid": started} if isinstance(started, int) else {"skipped": started}
                 self.log.info("persistenced", **outcome)
+
+    def _remember_previous(self, install_root: Path, tree: str) -> None:
+        """Before `current` moves, the tree it leaves is written down as the previous boot's: a
+        crash between the switch and the end of the pass must not leave it unprotected."""
+        old = current_target(install_root)
+        previous = self.host.host_view(old) if old is not None else None
+        if previous is None or previous == tree:
+            return
+        state = load_state(self.host(STATE_FILE))
+        if state.previous_tree != previous:
+            save_state(self.host(STATE_FILE), replace(state, previous_tree=previous))
 
     def _link_tools(self, bin_dir: str) -> None:
         """Make install.bin_dir show the tools of the tree `current` names (none if there is none)."""

@@ -74,13 +74,19 @@ def test_first_install_killed_at_each_checkpoint_converges(tmp_path: Path, regis
         assert "blob_resumed" in again.stdout, "the partial download was thrown away instead of resumed"
 
 
+K0 = "6.1.0-27-amd64"
+
+
 @pytest.mark.parametrize("point", UPGRADE)
 def test_kernel_update_killed_at_each_checkpoint_keeps_a_complete_current(
         tmp_path: Path, registry: RegistryServer, host: Host, point: str) -> None:
-    """Killed while installing the new kernel's tree and pruning the old one, `current` names the old
-    complete tree or the new complete tree, never anything else; the next run converges on the new one."""
-    push_driver(tmp_path, registry.host, K1)
-    assert host.once().returncode == 0
+    """Killed while installing the new kernel's tree and pruning an old one, `current` names the old
+    complete tree or the new complete tree, never anything else; the next run converges on the new one.
+    Three kernels: the oldest tree is the one keep_trees = 1 prunes (the previous boot's always stays)."""
+    for kernel in (K0, K1):
+        push_driver(tmp_path, registry.host, kernel)
+        host.set_kernel(kernel)
+        assert host.once().returncode == 0
     push_driver(tmp_path, registry.host, K2, big_lib_bytes=BIG_LIB_BYTES)
     host.set_kernel(K2)
     host.configure(registry.host, "[install]\nkeep_trees = 1\n")
@@ -92,7 +98,8 @@ def test_kernel_update_killed_at_each_checkpoint_keeps_a_complete_current(
     assert again.returncode == 0, again.stdout + again.stderr
     assert host.current() == new
     assert tree_is_complete(host.root / tree_path(K2).lstrip("/"))
-    assert not (host.root / tree_path(K1).lstrip("/")).exists(), "keep_trees = 1 prunes the old tree"
+    assert not (host.root / tree_path(K0).lstrip("/")).exists(), "keep_trees = 1 prunes the oldest tree"
+    assert tree_is_complete(host.root / tree_path(K1).lstrip("/")), "the previous boot's tree stays"
     assert len(host.our_mounts()) == 1
     assert_clean(host)
 

@@ -17,6 +17,7 @@ from agent.cancel import Cancel
 from agent.config import DaemonSettings, Settings, UpdateSettings
 from agent.daemon import EXTEND_S, Readiness, Triggers, _schedule, run_daemon
 from agent.errors import ExitCode
+from agent.hostfacts import OSInfo
 from agent.notify import Notifier
 from agent.status import Phase, Snapshot
 
@@ -91,8 +92,23 @@ def test_readiness_table(systemd: SystemdSocket, phases: list[Phase], at: float,
     assert len([m for m in sent if m.get("READY") == "1"]) == (1 if any(expect) else 0)
 
 
+class _OSProbe:
+    def os(self) -> OSInfo:
+        return OSInfo("debian", "12", "Debian GNU/Linux 12", False)
+
+
+class DaemonFacing:
+    """What the daemon asks of an agent besides its passes: the OS (the update source), and whether
+    a stop must wait for the next boot's driver (never, here)."""
+
+    probe = _OSProbe()
+
+    def next_boot_pending(self) -> bool:
+        return False
+
+
 @dataclass
-class FakeAgent:
+class FakeAgent(DaemonFacing):
     """Fails `fail_times` reconciles, then works; records the STATUS texts it was given."""
 
     fail_times: int
@@ -197,7 +213,7 @@ def test_process_age_reads_proc(tmp_path: Path) -> None:
 
 
 @dataclass
-class BlockedAgent:
+class BlockedAgent(DaemonFacing):
     """A pass that waits on the stop request (as an interruptible pull does), or ignores it for `stubborn_s`."""
 
     settings: Settings
