@@ -337,3 +337,24 @@ def test_update_engines_signal_stages_at_once_without_waiting_for_the_poll(
     assert code == 0, log
     assert "update_status_changed operation=UPDATE_STATUS_UPDATED_NEED_REBOOT" in log, log
     assert "update_status_changed operation=UPDATE_STATUS_IDLE" not in log, "the spoofed signal was heard"
+
+
+def test_a_ready_host_re_checked_often_always_reads_ready(
+        tmp_path: Path, registry: RegistryServer, host: Host, bus: dict[str, Any]) -> None:
+    """update.poll_s = 5: a re-check every 5 s goes through detecting, units and a no-op load;
+    `status` (and so its exit code, STATUS= and the gate) reads ready throughout: ready since
+    the first pass, not since the last re-check."""
+    make_flatcar(host, K1)
+    host.configure(registry.host, extra="[update]\npoll_s = 5\n")
+    push_flatcar(tmp_path, registry.host, K1, OLD)
+    with RunningAgent(host) as agent:
+        first = wait_for(agent, "ready", lambda s: s["phase"] == "ready")
+        phases = set()
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline:
+            phases.add(str(agent.status_json().get("phase")))
+        last = agent.status_json()
+        assert agent.stop()[0] == 0
+    assert phases == {"ready"}, phases
+    assert (last.get("last_reconcile_at") or 0) > (first.get("last_reconcile_at") or 0) + 5, "no re-check ran"
+    assert last["phase_since"] == first["phase_since"], "a re-check left ready for a moment"
