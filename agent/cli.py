@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the full status as JSON")
     s.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait up to SECONDS for the daemon to be reachable and ready")
-    s.add_argument("--socket", type=Path, default=None, help=f"socket path (default <root>{SOCKET_FILE})")
+    _socket_argument(s)
 
     st = sub.add_parser(
         "stage", help="install the driver for the kernel the next boot runs, before the reboot",
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--kernel", required=True, metavar="K", help="the kernel release the next boot runs (uname -r)")
     st.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                     help="wait up to SECONDS for the driver to be staged (default: return once accepted)")
-    st.add_argument("--socket", type=Path, default=None, help=f"socket path (default <root>{SOCKET_FILE})")
+    _socket_argument(st)
 
     rb = sub.add_parser(
         "rollback", help="go back to the previous driver tree for the running kernel",
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--undo", action="store_true", help="back to the configured driver")
     rb.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                     help="wait up to SECONDS for the agent to be ready on it")
-    rb.add_argument("--socket", type=Path, default=None, help=f"socket path (default <root>{SOCKET_FILE})")
+    _socket_argument(rb)
 
     sub.add_parser("config", help="validate the configuration and print the merged result as JSON",
                    description="Exit 0 with the effective settings, or 78 naming the file, key and what is valid.")
@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the scratch directory goes, under the host root (default /var/tmp): it "
                         "holds one driver image while it is checked")
     return parser
+
+
+def _socket_argument(parser: argparse.ArgumentParser) -> None:
+    """--socket, for the commands that talk to the running daemon."""
+    parser.add_argument("--socket", type=Path, default=None, help=f"socket path (default <root>{SOCKET_FILE})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -417,7 +417,7 @@ def _stage_command(agent: Agent, triggers: Triggers, log: Any) -> Callable[[dict
         kernel = request.get("kernel")
         if not isinstance(kernel, str) or not KERNEL_RELEASE_RE.match(kernel):
             return {"ok": False, "error": "kernel: a release as uname -r prints it, such as 6.1.0-29-amd64"}
-        source = source_for(agent.probe.os(), agent.settings.update.source)
+        source = _source(agent)
         if source != "kernel-postinst":
             return {"ok": False, "error": f"this host's next boot is told by {source} (update.source), "
                                           "not by kernel hooks: nothing to do"}

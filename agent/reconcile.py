@@ -369,7 +369,7 @@ class Agent:
         pass stages it, at once (an earlier failure's backoff does not hold it back)."""
         if kernel == self.probe.kernel():
             return {"ok": False, "error": f"{kernel} is the running kernel: its driver is this boot's"}
-        if not any(self.host(f"{d}/{kernel}").is_dir() for d in MODULE_DIRS):
+        if not self._kernel_installed(kernel):
             return {"ok": False, "error": f"{kernel} is not installed here (no /lib/modules/{kernel})"}
         with self._request_lock:
             write_next_kernel(self.host(NEXT_KERNEL_FILE), kernel)
@@ -377,13 +377,15 @@ class Agent:
         return {"ok": True, "kernel": kernel, "at": time.time(),
                 "detail": "staging in the background; `nvidia-agent status` shows the next boot"}
 
+    def _kernel_installed(self, kernel: str) -> bool:
+        return any(self.host(f"{d}/{kernel}").is_dir() for d in MODULE_DIRS)
+
     def _postinst_next(self, facts: HostFacts) -> NextBoot | None:
         """The kernel the last postinst hook named, while it is installed and not the running one."""
         with self._request_lock:
             path = self.host(NEXT_KERNEL_FILE)
             kernel = read_next_kernel(path)
-            if kernel is not None and (kernel == facts.kernel or not any(
-                    self.host(f"{d}/{kernel}").is_dir() for d in MODULE_DIRS)):
+            if kernel is not None and (kernel == facts.kernel or not self._kernel_installed(kernel)):
                 write_next_kernel(path, None)  # booted, or its package removed again
                 kernel = None
         return next_boot_of(facts.os, kernel, "kernel-postinst") if kernel else None

@@ -13,7 +13,17 @@ from typing import Any
 import pytest
 
 from agent.state import STATE_FILE, load_state, read_marker
-from support.flatcar import FLATCAR, MOCK, NEW, OLD, bzimage_head, flatcar_tree, push_flatcar, reboot_into
+from support.flatcar import (
+    FLATCAR,
+    MOCK,
+    NEW,
+    OLD,
+    bzimage_head,
+    flatcar_tree,
+    push_flatcar,
+    reboot_into,
+    update_written,
+)
 from support.registry import RegistryServer
 from support.sandbox import DRIVER, K1, K2, Host, write
 from tests.support.bus import private_system_bus, update_engine_stand_in
@@ -37,6 +47,12 @@ def flatcar(host: Host) -> Host:
     return host
 
 
+def announce_update(host: Host, update_engine: Any) -> None:
+    """update_engine wrote NEW's kernel (K2) into slot b and waits for the reboot."""
+    update_written(host, K2)
+    update_engine.SetStatus(1700000000, 0.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT", NEW, 1, dbus_interface=MOCK)
+
+
 def test_the_next_boots_driver_is_staged_and_the_new_os_boots_offline(
         tmp_path: Path, registry: RegistryServer, flatcar: Host, update_engine: Any) -> None:
     host = flatcar
@@ -48,8 +64,7 @@ def test_the_next_boots_driver_is_staged_and_the_new_os_boots_offline(
     assert not re.search(r" next_boot_\w+ ", first.stdout), "nothing staged yet: nothing to say"
 
     # update_engine wrote the new OS and its kernel into slot b, and waits for the reboot
-    write(host.root / "boot/flatcar/vmlinuz-b", bzimage_head(K2))
-    update_engine.SetStatus(1700000000, 0.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT", NEW, 1, dbus_interface=MOCK)
+    announce_update(host, update_engine)
     second = host.once()
     assert second.returncode == 0, second.stdout + second.stderr
     assert " next_boot_ready " in second.stdout and " staging_pulling " in second.stdout, second.stdout
@@ -77,8 +92,7 @@ def test_an_image_not_published_yet_is_missing_and_the_host_stays_ready(
         tmp_path: Path, registry: RegistryServer, flatcar: Host, update_engine: Any) -> None:
     host = flatcar
     push_flatcar(tmp_path, registry.host, K1, OLD)
-    write(host.root / "boot/flatcar/vmlinuz-b", bzimage_head(K2))
-    update_engine.SetStatus(1700000000, 0.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT", NEW, 1, dbus_interface=MOCK)
+    announce_update(host, update_engine)
     out = host.once()
     assert out.returncode == 0, out.stdout + out.stderr
     assert " next_boot_missing " in out.stdout, out.stdout
@@ -110,8 +124,7 @@ def test_the_staged_tree_survives_pruning_until_the_update_is_withdrawn(
     push_flatcar(tmp_path, registry.host, K1, OLD)
     push_flatcar(tmp_path, registry.host, K2, NEW)
     assert host.once().returncode == 0
-    write(host.root / "boot/flatcar/vmlinuz-b", bzimage_head(K2))
-    update_engine.SetStatus(1700000000, 0.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT", NEW, 1, dbus_interface=MOCK)
+    announce_update(host, update_engine)
     staged = host.root / flatcar_tree(K2, NEW).lstrip("/")
     for _ in range(2):  # the pass that stages, then one that prunes with it in place
         out = host.once()
@@ -148,8 +161,7 @@ def test_the_previous_boots_tree_survives_pruning_after_the_update(
     push_flatcar(tmp_path, registry.host, K1, OLD)
     push_flatcar(tmp_path, registry.host, K2, NEW)
     assert host.once().returncode == 0
-    write(host.root / "boot/flatcar/vmlinuz-b", bzimage_head(K2))
-    update_engine.SetStatus(1700000000, 0.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT", NEW, 1, dbus_interface=MOCK)
+    announce_update(host, update_engine)
     assert host.once().returncode == 0
     registry.stop()
     reboot_into(host, K2, NEW, "b")

@@ -217,14 +217,19 @@ def start_staging(tmp_path: Path, registry: RegistryServer, proxy: FlakyProxy, h
     return agent
 
 
+def stop_at_shutdown(agent: RunningAgent, bus: dict[str, Any]) -> tuple[int, str, float]:
+    """SIGTERM while systemd says the system is going down: (exit status, log, seconds the stop took)."""
+    bus["systemd"].UpdateProperties(MANAGER, {"SystemState": "stopping"}, dbus_interface=MOCK)
+    started = time.monotonic()
+    code, log = agent.stop()
+    return code, log, time.monotonic() - started
+
+
 def test_a_reboot_while_staging_finishes_it_and_the_new_os_boots_offline(
         tmp_path: Path, registry: RegistryServer, slow_registry: FlakyProxy, host: Host,
         bus: dict[str, Any]) -> None:
     with start_staging(tmp_path, registry, slow_registry, host, bus=bus, finish_s=90) as agent:
-        bus["systemd"].UpdateProperties(MANAGER, {"SystemState": "stopping"}, dbus_interface=MOCK)
-        started = time.monotonic()
-        code, log = agent.stop()
-        took = time.monotonic() - started
+        code, log, took = stop_at_shutdown(agent, bus)
     assert code == 0, log
     assert "finishing_next_boot" in log and "next_boot_finished" in log and "state=ready" in log, log
     assert took > 2, f"the stop returned in {took:.1f}s: it cannot have finished a ~12 s download"
@@ -273,10 +278,7 @@ def test_the_bound_cuts_a_staging_that_cannot_finish(
         tmp_path: Path, registry: RegistryServer, slow_registry: FlakyProxy, host: Host,
         bus: dict[str, Any]) -> None:
     with start_staging(tmp_path, registry, slow_registry, host, bus=bus, finish_s=2) as agent:
-        bus["systemd"].UpdateProperties(MANAGER, {"SystemState": "stopping"}, dbus_interface=MOCK)
-        started = time.monotonic()
-        code, log = agent.stop()
-        took = time.monotonic() - started
+        code, log, took = stop_at_shutdown(agent, bus)
     assert code == 0, log
     assert "next_boot_unfinished" in log and "update.finish_s ran out" in log, log
     assert took < 2 + 5 + 3, f"the stop took {took:.1f}s for a 2 s bound"

@@ -229,6 +229,17 @@ def mirror() -> str:
     raise RuntimeError("no Debian mirror for bookworm in /etc/apt/sources.list.d/*.sources or sources.list")
 
 
+def _apt_download(where: Path, *names: str, update: bool = False) -> bool:
+    """`apt-get download` into `where`: whether it worked; with `update`, the package lists are
+    refreshed first and a failure raises."""
+    if update:
+        sh(*APT, "update")
+        sh("apt-get", "download", "-q", *names, cwd=where)
+        return True
+    return subprocess.run(["apt-get", "download", "-q", *names], cwd=where, capture_output=True,
+                          check=False).returncode == 0
+
+
 def kernel_dir(kver: str) -> Path:
     return CACHE / f"kernel-{kver}"
 
@@ -242,13 +253,8 @@ def fetch_kernel(kver: str) -> Path:
         tmp = CACHE / f"kernel-{kver}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for name in (f"linux-image-{kver}", f"linux-image-{kver}-unsigned"):
-            got = subprocess.run(["apt-get", "download", "-q", name], cwd=tmp, capture_output=True, check=False)
-            if got.returncode == 0:
-                break
-        else:
-            sh(*APT, "update")
-            sh("apt-get", "download", "-q", f"linux-image-{kver}", cwd=tmp)
+        if not any(_apt_download(tmp, name) for name in (f"linux-image-{kver}", f"linux-image-{kver}-unsigned")):
+            _apt_download(tmp, f"linux-image-{kver}", update=True)
         deb = next(tmp.glob("linux-image-*.deb"))
         sh("dpkg-deb", "-x", deb, tmp)
         deb.unlink()
@@ -274,11 +280,8 @@ def kernel_debs(kver: str) -> Path:
         tmp = CACHE / f"debs-{kver}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        got = subprocess.run(["apt-get", "download", "-q", "linux-base", f"linux-image-{kver}"], cwd=tmp,
-                             capture_output=True, check=False)
-        if got.returncode != 0:
-            sh(*APT, "update")
-            sh("apt-get", "download", "-q", "linux-base", f"linux-image-{kver}", cwd=tmp)
+        if not _apt_download(tmp, "linux-base", f"linux-image-{kver}"):
+            _apt_download(tmp, "linux-base", f"linux-image-{kver}", update=True)
         (tmp / ".complete").touch()
         shutil.rmtree(d, ignore_errors=True)
         tmp.rename(d)
@@ -740,7 +743,7 @@ def _assemble(base: Path, images: Path, *, wheels: Path, deps: Path) -> Path:
 
 UPDATE_FILES = [REPO / "packaging/kernel/postinst.d/nvidia-agent", HERE / "update_engine_standin.py",
                 REPO / "tests/fixtures/update/update_engine.xml", HERE / "rpm_ostree_standin.py",
-                REPO / "tests/fixtures/update/rpm-ostree-sysroot.xml"]
+                REPO / "tests/fixtures/update/rpm-ostree-sysroot.xml", HERE / "gio_standin.py"]
 UPDATE_ENGINE_POLICY = """\
 <!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -797,6 +800,7 @@ def _updates(root: Path, kernels: Kernels, debs: Path) -> None:
         put(root, f"usr/lib/nvidia-agent-vm/debs/{deb.name}", deb.read_bytes())
     for kver in kernels.both:
         put(root, f"usr/lib/nvidia-agent-vm/vmlinuz-{kver}", vmlinuz(kver).read_bytes())
+    put(root, "usr/lib/nvidia-agent-vm/gio_standin.py", (HERE / "gio_standin.py").read_bytes())
     put(root, "usr/lib/nvidia-agent-vm/update_engine_standin.py", (HERE / "update_engine_standin.py").read_bytes(),
         mode=0o755)
     put(root, "usr/lib/nvidia-agent-vm/update_engine.xml",

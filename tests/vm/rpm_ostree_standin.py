@@ -13,11 +13,11 @@ deployments. Methods answer as a daemon with nothing to do would.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 
 from gi.repository import Gio, GLib
+from gio_standin import interface, serve  # beside this script in the guest
 
 BUS_NAME = "org.projectatomic.rpmostree1"
 OBJECT_PATH = "/org/projectatomic/rpmostree1/Sysroot"
@@ -47,7 +47,6 @@ PROPERTIES = {
 
 
 def main() -> int:
-    node = Gio.DBusNodeInfo.new_for_xml((Path(__file__).parent / "rpm-ostree-sysroot.xml").read_text())
     bus = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
 
     def call(_conn, _sender, _path, _iface, method, _params, invocation):
@@ -59,13 +58,8 @@ def main() -> int:
     def get(_conn, _sender, _path, _iface, name):
         return PROPERTIES[name]()
 
-    bus.register_object(OBJECT_PATH, node.lookup_interface(INTERFACE), call, get, None)
-    loop = GLib.MainLoop()
-    GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signal.SIGTERM, lambda: loop.quit() or False)
-    Gio.bus_own_name_on_connection(bus, BUS_NAME, Gio.BusNameOwnerFlags.NONE, None,
-                                   lambda *_: (print(f"lost {BUS_NAME}", file=sys.stderr), loop.quit()))
-    loop.run()
-    return 0
+    bus.register_object(OBJECT_PATH, interface("rpm-ostree-sysroot.xml", INTERFACE), call, get, None)
+    return serve(bus, BUS_NAME)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,25 @@ def asked_the_registry(journal: str) -> list[str]:
                               if re.match(r"^(<\d>)?(resolving|staging_\w+)\b", line)]
 
 
+def restart_with_updater(g: Guest, unit: str, *, enable: bool = False) -> None:
+    """The updater's stand-in running (`enable`: after reboots too, as update_engine is), the agent
+    asking it every 5 s, restarted and ready."""
+    g.put(OVERRIDE, "[update]\npoll_s = 5\n")
+    g.run(f"systemctl {'enable --now' if enable else 'start'} {unit}", check=True)
+    t = g.guest_time()
+    g.run("systemctl restart --no-block nvidia-agent", check=True)
+    settle(g, since=t)
+
+
+def reboot_offline_into(g: Guest, new_os: Callable[[], None]) -> None:
+    """No registry from here on; the new OS's /usr (its os-release, written by `new_os`) is in place
+    when the cloud kernel boots, as an update's new partition or deployment would be."""
+    g.run("systemctl disable --now docker-registry", check=True)
+    g.run("systemctl stop nvidia-agent", check=True)
+    new_os()
+    g.reboot(kernel="cloud")
+
+
 def be_flatcar(g: Guest, version: str) -> None:
     g.run("rm -f /etc/os-release", check=True)
     g.put("/etc/os-release", FLATCAR.replace(OLD, version))
@@ -101,11 +120,7 @@ def test_a_flatcar_update_is_staged_and_its_first_boot_is_ready_offline(vm: Gues
     staged_digest = vm.tag_image("nvidia/driver", f"{DRIVER}-debian-12-{cloud}", f"{DRIVER}-flatcar-{NEW}-{cloud}")
     be_flatcar(vm, OLD)
     vm.run(f"mkdir -p /boot/flatcar && cp {VM_FILES}/vmlinuz-{amd} /boot/flatcar/vmlinuz-a", check=True)
-    vm.put(OVERRIDE, "[update]\npoll_s = 5\n")
-    vm.run("systemctl enable --now update-engine.service", check=True)
-    t = vm.guest_time()
-    vm.run("systemctl restart --no-block nvidia-agent", check=True)
-    settle(vm, since=t)
+    restart_with_updater(vm, "update-engine.service", enable=True)
     assert current_target(vm) == f"{DRIVER}/flatcar-{OLD}-{amd}"
     st = vm.status() or {}
     assert st.get("next_boot") is None, st.get("next_boot")
@@ -130,11 +145,7 @@ def test_a_flatcar_update_is_staged_and_its_first_boot_is_ready_offline(vm: Gues
     rc, shown = vm.run("nvidia-agent status", quiet=True)
     assert rc == 0 and f"next boot:   ready: flatcar-{NEW}-{cloud}" in shown, shown
 
-    # no registry from here on; the new /usr (its os-release) is in place when the new kernel boots
-    vm.run("systemctl disable --now docker-registry", check=True)
-    vm.run("systemctl stop nvidia-agent", check=True)
-    be_flatcar(vm, NEW)
-    vm.reboot(kernel="cloud")
+    reboot_offline_into(vm, lambda: be_flatcar(vm, NEW))
     assert vm.run("uname -r", quiet=True)[1].strip() == cloud
     new_s = vm.wait_agent_active()
     st = settle(vm)
@@ -197,11 +208,7 @@ def test_an_rpm_ostree_staged_deployment_is_staged_and_its_first_boot_is_ready_o
     be_fcos(vm, FCOS_OLD)
     booted, new = "a" * 64, "b" * 64
     vm.put("/run/rpm-ostree-standin.json", json.dumps([deployment(booted, FCOS_OLD, booted=True, staged=False)]))
-    vm.put(OVERRIDE, "[update]\npoll_s = 5\n")
-    vm.run("systemctl start rpm-ostreed.service", check=True)
-    t = vm.guest_time()
-    vm.run("systemctl restart --no-block nvidia-agent", check=True)
-    settle(vm, since=t)
+    restart_with_updater(vm, "rpm-ostreed.service")
     assert current_target(vm) == f"{DRIVER}/{old_key}"
 
     # Zincati had rpm-ostree stage the new version: its deployment on disk, its record on the bus
@@ -217,10 +224,7 @@ def test_an_rpm_ostree_staged_deployment_is_staged_and_its_first_boot_is_ready_o
     assert marker["digest"] == staged_digest, marker
     assert current_target(vm) == f"{DRIVER}/{old_key}", "staged, not activated"
 
-    vm.run("systemctl disable --now docker-registry", check=True)
-    vm.run("systemctl stop nvidia-agent", check=True)
-    be_fcos(vm, FCOS_NEW)
-    vm.reboot(kernel="cloud")
+    reboot_offline_into(vm, lambda: be_fcos(vm, FCOS_NEW))
     vm.wait_agent_active()
     st = settle(vm)
     journal = vm.journal()

@@ -14,11 +14,11 @@ after a boot). SIGHUP re-reads it and emits StatusUpdate, as update_engine does 
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 
 from gi.repository import Gio, GLib
+from gio_standin import interface, serve  # beside this script in the guest
 
 BUS_NAME = "com.coreos.update1"
 OBJECT_PATH = "/com/coreos/update1"
@@ -37,9 +37,6 @@ def status() -> GLib.Variant:
 
 
 def main() -> int:
-    xml = (Path(__file__).parent / "update_engine.xml").read_text()
-    node = Gio.DBusNodeInfo.new_for_xml(xml)
-    iface = node.lookup_interface(INTERFACE)
     bus = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
 
     def call(_conn, _sender, _path, _iface, method, _params, invocation):
@@ -51,19 +48,9 @@ def main() -> int:
         else:  # AttemptUpdate: nothing to check for here
             invocation.return_value(None)
 
-    bus.register_object(OBJECT_PATH, iface, call, None, None)
-
-    def emit() -> bool:
-        bus.emit_signal(None, OBJECT_PATH, INTERFACE, "StatusUpdate", status())
-        return GLib.SOURCE_CONTINUE
-
-    loop = GLib.MainLoop()
-    GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signal.SIGHUP, lambda: emit() and True)
-    GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signal.SIGTERM, lambda: loop.quit() or False)
-    Gio.bus_own_name_on_connection(bus, BUS_NAME, Gio.BusNameOwnerFlags.NONE, None,
-                                   lambda *_: (print(f"lost {BUS_NAME}", file=sys.stderr), loop.quit()))
-    loop.run()
-    return 0
+    bus.register_object(OBJECT_PATH, interface("update_engine.xml", INTERFACE), call, None, None)
+    return serve(bus, BUS_NAME,  # SIGHUP: StatusUpdate, as update_engine emits on every change
+                 on_hup=lambda: bus.emit_signal(None, OBJECT_PATH, INTERFACE, "StatusUpdate", status()))
 
 
 if __name__ == "__main__":
