@@ -95,6 +95,9 @@ def test_gnu_base_256_sizes_are_read_and_negative_ones_refused() -> None:
 
 @pytest.mark.parametrize(("block", "message"), [
     (header(checksum=b"0000001\0"), "bad checksum"),
+    # garbage whose signed byte sum is exactly 0 "matches" a blank checksum field (found by the fuzz suite)
+    (b"\x06\x0f\x0f\x10\x15\x18&\x93\x9b\xa0\xab".ljust(512, b"\0"), "no checksum"),
+    (header(checksum=b" " * 8), "no checksum"),
     (header(size=b"0000000009x"), "not an octal number"),
 ])
 def test_malformed_headers_are_refused_naming_the_offset(block: bytes, message: str) -> None:

@@ -143,9 +143,13 @@ def parse_header(block: bytes, offset: int) -> _Header | None:
         return None
     raw_name = _cstring(block[0:100])
     where = f"tar header at byte {offset} ({_decode(raw_name)[:120]!r})"
-    stored = _number(block[148:156], where)
-    unsigned = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
-    if stored != unsigned and stored != unsigned - 256 * sum(1 for b in block if b > 127):  # old tars summed signed
+    field = block[148:156]
+    if not field.replace(b"\0", b" ").strip():  # GNU tar refuses a blank number too; every writer fills it in
+        raise ImageRejected(f"{where}: no checksum (not a tar archive, or corrupt)")
+    stored = _number(field, where)
+    rest = block[:148] + block[156:]
+    unsigned = sum(rest) + 8 * 0x20
+    if stored != unsigned and stored != unsigned - 256 * sum(1 for b in rest if b > 127):  # old tars summed signed
         raise ImageRejected(f"{where}: bad checksum (not a tar archive, or corrupt)")
     magic = block[257:263]
     if magic == b"ustar\0":  # POSIX: a prefix field joins the name
