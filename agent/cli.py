@@ -21,12 +21,13 @@ from agent.credentials import Credentials
 from agent.daemon import LOCK_FILE, LockHeld, Triggers, acquire_lock, run_daemon
 from agent.devices import pci_monitor
 from agent.errors import AgentError, ConfigError, ExitCode
+from agent.fetch.manifest import Platform
+from agent.fetch.registry import RegistryClient
 from agent.hostfacts import HostProbe, oci_arch
 from agent.hostroot import HostRoot
 from agent.notify import Notifier
 from agent.plan import target_for_boot
 from agent.reconcile import Agent
-from agent.registry import Platform, RegistryClient
 from agent.status import SOCKET_FILE, Phase, ask, query, render_text
 from agent.trust import session_for, trust_context
 from agent.update.preflight import check_image

@@ -13,7 +13,6 @@ import structlog
 
 from agent import __version__, failpoints
 from agent import mount as mounts
-from agent.blobs import BlobStore, CachePolicy
 from agent.bus import Systemd
 from agent.cancel import Cancel, next_delay_s
 from agent.config import Settings
@@ -27,6 +26,9 @@ from agent.devices import (
     wait_gpus_bound,
 )
 from agent.errors import AgentError, Cancelled, HostError, ImageMissing, RegistryUnavailable, cause_chain
+from agent.fetch.manifest import Platform
+from agent.fetch.registry import RegistryClient
+from agent.fetch.store import BlobStore, CachePolicy
 from agent.hostfacts import HostFacts, HostProbe, read_modules, visible_mount
 from agent.hostroot import HostRoot
 from agent.install.image import Unchanged, Want, install_image
@@ -57,7 +59,6 @@ from agent.plan import (
     target_for,
     target_for_boot,
 )
-from agent.registry import Platform, RegistryClient
 from agent.state import (
     NEXT_KERNEL_FILE,
     STATE_FILE,

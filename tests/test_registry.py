@@ -19,8 +19,9 @@ from structlog.testing import capture_logs
 from agent import subp
 from agent.credentials import Credentials
 from agent.errors import Cancelled, DigestMismatch, HostError, RegistryError, RegistryUnavailable
+from agent.fetch.manifest import Descriptor, Platform, ResolvedImage
+from agent.fetch.registry import RegistryClient
 from agent.reference import Reference
-from agent.registry import Descriptor, Platform, RegistryClient, ResolvedImage
 from support.flaky_proxy import BlobStore, Fault, FlakyProxy, blobs, manifests
 from support.registry import (
     DOCKER_LIST,

@@ -12,26 +12,24 @@ import requests
 
 from agent.credentials import Credentials, registry_from_key
 from agent.errors import ConfigError, RegistryError
-from agent.reference import Reference
-from agent.registry import (
+from agent.fetch.auth import Challenge, parse_retry_after, parse_www_authenticate
+from agent.fetch.manifest import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
-    Challenge,
     Descriptor,
     ManifestError,
     Platform,
-    RegistryClient,
     load_json_object,
     manifest_media_type,
     parse_descriptor,
     parse_image_manifest,
     parse_index,
-    parse_retry_after,
-    parse_www_authenticate,
     select_manifest,
 )
+from agent.fetch.registry import RegistryClient
+from agent.reference import Reference
 
 FIXTURES = Path(__file__).parent / "fixtures" / "registry"
 DIGEST = "sha256:" + "ab" * 32

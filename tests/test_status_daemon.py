@@ -335,10 +335,10 @@ def test_a_settled_host_is_rechecked_quietly(tmp_path: Path) -> None:
     """A no-GPU host: the first reconcile logs no-gpu at info; re-checks that find the same log at debug only."""
     from agent.bus import Systemd  # noqa: PLC0415
     from agent.config import ImageSettings, Settings  # noqa: PLC0415
+    from agent.fetch.registry import RegistryClient  # noqa: PLC0415
     from agent.hostfacts import HostProbe  # noqa: PLC0415
     from agent.hostroot import HostRoot  # noqa: PLC0415
     from agent.reconcile import Agent  # noqa: PLC0415
-    from agent.registry import RegistryClient  # noqa: PLC0415
     from tests.conftest import write  # noqa: PLC0415
     from tests.test_hostfacts import FakeUdev  # noqa: PLC0415
 

@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from agent import failpoints
-from agent.blobs import BlobStore
 from agent.errors import DigestMismatch, ImageRejected
+from agent.fetch.manifest import Platform, ResolvedImage, layer_diff_ids
+from agent.fetch.registry import RegistryClient
+from agent.fetch.store import BlobStore
 from agent.install import fs
 from agent.install.trees import STAGING_PREFIX, move_into_place
 from agent.install.unpack import MAX_STREAM_BYTES, Staging
 from agent.install.verify import VerifiedTree, verify_tree
 from agent.reference import Reference
-from agent.registry import Platform, RegistryClient, ResolvedImage, layer_diff_ids
 from agent.state import TREE_MARKER, TreeMarker, marker_bytes
 
 MAX_LAYERS = 64

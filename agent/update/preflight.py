@@ -14,11 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.blobs import BlobStore
 from agent.errors import HostError
+from agent.fetch.manifest import Platform
+from agent.fetch.registry import RegistryClient
+from agent.fetch.store import BlobStore
 from agent.install.image import InstallResult, Want, install_image
 from agent.plan import Target
-from agent.registry import Platform, RegistryClient
 
 
 def check_image(registry: RegistryClient, target: Target, *, platform: Platform, lib64_allow: tuple[str, ...],

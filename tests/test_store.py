@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.blobs import BlobStore, CachePolicy, Entry, to_collect
 from agent.errors import HostError
+from agent.fetch.manifest import Descriptor
+from agent.fetch.store import BlobStore, CachePolicy, Entry, to_collect
 from agent.install.fs import check_space, free_bytes
 from agent.reference import Reference
-from agent.registry import Descriptor
 
 REF = Reference("registry.example", "nvidia/driver", "t")
 GZ = "application/vnd.oci.image.layer.v1.tar+gzip"

@@ -26,9 +26,9 @@ from typing import Protocol
 
 import structlog
 
+from agent.fetch.manifest import Descriptor
 from agent.install import fs
 from agent.reference import DIGEST_RE, Reference
-from agent.registry import Descriptor
 
 log = structlog.get_logger(__name__)
 READ_BYTES = 1 << 20
