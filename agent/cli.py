@@ -21,13 +21,17 @@ from agent.credentials import Credentials
 from agent.daemon import LOCK_FILE, LockHeld, Triggers, acquire_lock, run_daemon
 from agent.devices import pci_monitor
 from agent.errors import AgentError, ConfigError, ExitCode
+from agent.fetch.engine import engine_for
+from agent.fetch.imported import IMAGES_DIR, ImageStore
 from agent.fetch.manifest import Platform
 from agent.fetch.registry import RegistryClient
+from agent.fetch.sources import sources_for
 from agent.hostfacts import HostProbe, oci_arch
 from agent.hostroot import HostRoot
 from agent.notify import Notifier
 from agent.plan import target_for_boot
 from agent.reconcile import Agent
+from agent.reference import Reference, normalize
 from agent.status import SOCKET_FILE, Phase, ask, query, render_text
 from agent.trust import session_for, trust_context
 from agent.update.preflight import check_image
@@ -108,6 +112,31 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wait up to SECONDS for the agent to be ready on it")
     _socket_argument(rb)
 
+    im = sub.add_parser(
+        "import", help="bring driver images in from an archive, for hosts without a registry",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Import the images of PATH for this host's platform into " + IMAGES_DIR + ",\n"
+                    "an OCI image layout kept until replaced or removed. The daemon uses an imported\n"
+                    "image, with no network, whenever the reference it wants (image.registry,\n"
+                    "image.repository, the rendered tag) is one of the names imported: for this boot,\n"
+                    "and for staging the next OS's driver.\n\n"
+                    "PATH is an oci-archive (skopeo copy ... oci-archive:FILE:TAG), a docker-archive\n"
+                    "(docker save, gzipped or not) or an OCI image layout directory (skopeo copy ...\n"
+                    "oci:DIR:TAG, umoci). Every blob is checked against its digest, every layer against\n"
+                    "the config's diff_ids; a tampered archive is refused and nothing is kept. Names:\n"
+                    "whole references as the archive carries them (docker's short forms as docker reads\n"
+                    "them); a bare tag (what oci-archive:FILE:TAG writes) belongs to image.registry/\n"
+                    "image.repository. --as names the archive's one image.\n\n"
+                    "  nvidia-agent import driver-535-flatcar-3815.2.0.oci.tar\n"
+                    "  nvidia-agent import --as registry.example/nvidia/driver:535.261.03-flatcar-3815.2.0 d.tar\n"
+                    "  nvidia-agent import --list\n\n"
+                    "Exit 0: imported (the names are printed). 1: refused (the reason is printed).\n"
+                    "64: bad arguments. 78: bad configuration.")
+    im.add_argument("path", nargs="?", type=Path, metavar="PATH", help="the archive or layout directory")
+    im.add_argument("--as", dest="as_ref", metavar="REF", help="the name to keep the archive's one image under")
+    im.add_argument("--list", action="store_true", help="list the imported images")
+    im.add_argument("--remove", metavar="REF", help="forget an imported image (and the blobs only it used)")
+
     sub.add_parser("config", help="validate the configuration and print the merged result as JSON",
                    description="Exit 0 with the effective settings, or 78 naming the file, key and what is valid.")
 
@@ -161,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.OK
     if args.command == "preflight":
         return cmd_preflight(host, settings, args)
+    if args.command == "import":
+        return cmd_import(host, settings, args)
     return cmd_daemon(host, settings, once=args.once)
 
 
@@ -183,6 +214,40 @@ def _registry_client(host: HostRoot, settings: Settings, cancel: Cancel) -> Regi
                           session=session_for(context), sleep=cancel.sleep)
 
 
+def cmd_import(host: HostRoot, settings: Settings, args: argparse.Namespace) -> int:
+    store = ImageStore(host(IMAGES_DIR))
+    if args.list:
+        for e in store.entries():
+            print(f"{e.name}  {e.manifest.digest}  {e.manifest.size + 0} bytes of manifest  from {e.source}")
+        return ExitCode.OK
+    try:
+        as_ref = normalize(args.as_ref) if args.as_ref else None
+        remove = normalize(args.remove) if args.remove else None
+    except ValueError as exc:
+        print(f"nvidia-agent import: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    if remove is not None:
+        if not store.remove(remove):
+            print(f"nvidia-agent import: no imported image named {remove}", file=sys.stderr)
+            return ExitCode.FAILED
+        print(f"removed {remove}")
+        return ExitCode.OK
+    if args.path is None:
+        print("nvidia-agent import: name an archive or layout directory (or --list, --remove REF)", file=sys.stderr)
+        return ExitCode.USAGE
+    default = (Reference(settings.image.registry, settings.image.repository, tag="x")
+               if settings.image.registry else None)
+    try:
+        named = store.import_path(args.path.absolute(), Platform.host(), default=default, as_ref=as_ref)
+    except AgentError as exc:
+        print(f"nvidia-agent import: {args.path}: refused: {exc}" + (f"\n  {exc.hint}" if exc.hint else ""),
+              file=sys.stderr)
+        return ExitCode.FAILED
+    for ref, image in named:
+        print(f"imported {ref} ({image.manifest.digest}, config {image.config_digest})")
+    return ExitCode.OK
+
+
 def cmd_preflight(host: HostRoot, settings: Settings, args: argparse.Namespace) -> int:
     logger = structlog.get_logger("nvidia-agent")
     try:
@@ -197,7 +262,12 @@ def cmd_preflight(host: HostRoot, settings: Settings, args: argparse.Namespace) 
         current = HostProbe(host).os()
         os_ = replace(current, id=args.os_id or current.id, version=args.os_version)
         target = target_for_boot(settings, os_, args.kernel, oci_arch(platform.machine()))
-        result = check_image(registry, target, platform=Platform.host(), lib64_allow=settings.install.lib64_allow,
+        imported = ImageStore(host(IMAGES_DIR))
+        image = settings.image
+        result = check_image(lambda cache: sources_for(
+                                 registry, cache, mirrors=image.mirrors, imported=imported,
+                                 engine=engine_for(image.source, host(image.engine_socket), cache, image.timeout_s)),
+                             target, platform=Platform.host(), lib64_allow=settings.install.lib64_allow,
                              workdir=host(str(args.workdir)),
                              on_phase=lambda name, ctx: logger.info(name, **ctx) if name != "installing" else None)
     except AgentError as exc:

@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 from agent.hostroot import HostRoot, check_host_path
-from agent.reference import REGISTRY_RE, REPOSITORY_RE, render_tag
+from agent.reference import DIGEST_RE, REGISTRY_RE, REPOSITORY_RE, TAG_RE, render_tag
 
 # Lowest precedence first. A later directory's file of the same name replaces
 # an earlier one; a file that is a symlink to /dev/null masks the name.
@@ -59,6 +59,10 @@ class ImageSettings:
     ca_file: str = ""  # extra CA certificates (PEM) trusted beside the host's store
     timeout_s: float = 30.0
     attempts: int = 5
+    mirrors: tuple[str, ...] = ()  # registries serving the same repository, tried in order before registry
+    pins: Mapping[str, str] = field(default_factory=dict)  # tag or OS key -> the only digest accepted
+    source: str = "auto"  # auto | engine | registry: whether the docker engine is asked first
+    engine_socket: str = "/run/docker.sock"
 
 
 @dataclass(frozen=True)
@@ -247,6 +251,20 @@ def _parameters(value: Any) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def _pins(value: Any) -> dict[str, str]:
+    valid = 'a table of tag or OS key = "sha256:<64 hex>", e.g. "flatcar-3815.2.0" = "sha256:..."'
+    if not isinstance(value, dict):
+        raise ValueError(valid)
+    out: dict[str, str] = {}
+    for key, digest in value.items():
+        if not TAG_RE.match(key):
+            raise ValueError(f"{valid}; {key!r} is not a tag or OS key")
+        if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+            raise ValueError(f"{valid}; {key} = {digest!r} is not a sha256 digest")
+        out[key] = digest
+    return out
+
+
 SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
     "driver": {"version": _string(DRIVER_VERSION_RE, "a driver version such as \"535.261.03\"")},
     "image": {
@@ -258,6 +276,10 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "ca_file": _optional_host_path,
         "timeout_s": _number(1, 3600),
         "attempts": _integer(1, 100),
+        "mirrors": _string_list(REGISTRY_RE, "registry host[:port] strings"),
+        "pins": _pins,
+        "source": _choice(("auto", "engine", "registry")),
+        "engine_socket": _host_path,
     },
     "install": {"root": _host_path, "keep_trees": _integer(1, 100),
                 "lib64_allow": _string_list(LIB_PATTERN_RE,

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
+from agent.reference import DOCKER_HUB_ALIASES
 
 # Keys of an "auths" entry that carry secrets for features this agent does not implement.
 _UNSUPPORTED_ENTRY_KEYS = ("identitytoken", "registrytoken")
@@ -57,7 +58,11 @@ class Credentials:
 
     def lookup(self, registry: str) -> tuple[str, str] | None:
         """The (user, password) for `registry` ("host[:port]", exact but case-insensitive), or None."""
-        return self.auths.get(registry.lower())
+        host = registry.lower()
+        if host in DOCKER_HUB_ALIASES:  # docker login writes "https://index.docker.io/v1/" for docker.io
+            return next((self.auths[h] for h in ("index.docker.io", "docker.io", "registry-1.docker.io")
+                         if h in self.auths), None)
+        return self.auths.get(host)
 
     def describe(self, registry: str) -> str:
         """Where an operator fixes the credentials for `registry`: file and key."""

@@ -163,8 +163,10 @@ def target_for_boot(settings: Settings, os_: OSInfo, kernel: str, arch: str) -> 
     key = os_key(os_, kernel)
     fields = {"driver": settings.driver.version, "os": key, "os_id": os_.id,
               "os_version": os_.version, "kernel": kernel, "arch": arch}
-    ref = Reference(settings.image.registry, settings.image.repository,
-                    tag=render_tag(settings.image.tag_template, fields))
+    tag = render_tag(settings.image.tag_template, fields)
+    pins = settings.image.pins
+    ref = Reference(settings.image.registry, settings.image.repository, tag=tag,
+                    digest=pins.get(tag) or pins.get(key))  # a pinned digest: nothing else is accepted
     tree = PurePosixPath(settings.install.root) / settings.driver.version / key
     return Target(settings.driver.version, key, kernel, ref, str(tree), str(tree / "lib64"))
 

@@ -26,8 +26,11 @@ from agent.devices import (
     wait_gpus_bound,
 )
 from agent.errors import AgentError, Cancelled, HostError, ImageMissing, RegistryUnavailable, cause_chain
+from agent.fetch.engine import engine_for
+from agent.fetch.imported import IMAGES_DIR, ImageStore
 from agent.fetch.manifest import Platform
 from agent.fetch.registry import RegistryClient
+from agent.fetch.sources import ImageSource, sources_for
 from agent.fetch.store import BlobStore, CachePolicy
 from agent.hostfacts import HostFacts, HostProbe, read_modules, visible_mount
 from agent.hostroot import HostRoot
@@ -102,7 +105,7 @@ class Agent:
     def __init__(self, host: HostRoot, settings: Settings, *, probe: HostProbe, registry: RegistryClient,
                  notify: Notify = lambda _status: None, platform: Platform | None = None,
                  udev_monitor: Callable[[], Monitor] | None = None, systemd: Systemd | None = None,
-                 next_boot: NextBootProbe | None = None) -> None:
+                 next_boot: NextBootProbe | None = None, engine: ImageSource | None = None) -> None:
         self.host = host
         self.settings = settings
         self.probe = probe
@@ -122,6 +125,11 @@ class Agent:
         self._next_said: tuple[str, str | None] | None = None  # the next boot's last logged (state, os key)
         self.store = BlobStore(host(CACHE_DIR) / "blobs", CachePolicy(settings.install.cache_max_mib << 20,
                                                                       settings.install.cache_max_age_s))
+        self.imported = ImageStore(host(IMAGES_DIR))
+        image = settings.image
+        engine = engine or engine_for(image.source, host(image.engine_socket), self.store, image.timeout_s)
+        self.sources = sources_for(registry, self.store, mirrors=image.mirrors, imported=self.imported,
+                                   engine=engine)
         self.snapshot = Snapshot(version=__version__, driver=settings.driver.version)
         self.log = structlog.get_logger("nvidia-agent")
         self._errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
@@ -447,8 +455,8 @@ class Agent:
         preempt = _Preempt(cancel, self.overlay_shown)
         try:
             result = install_image(
-                self.registry, t.reference, platform=self.platform, install_root=install_root,
-                tree=self.host(t.tree), store=self.store, want=want, cancelled=preempt,
+                self.sources, t.reference, platform=self.platform, install_root=install_root,
+                tree=self.host(t.tree), want=want, cancelled=preempt,
                 on_phase=lambda name, ctx: self.log.info(f"staging_{name}", next_os=t.os_key, **ctx))
         except Cancelled:
             if cancel():
@@ -614,8 +622,8 @@ class Agent:
         want = Want(t.driver, t.os_key, t.kernel, self.settings.install.lib64_allow)
         try:
             result = install_image(
-                self.registry, t.reference, platform=self.platform, install_root=install_root,
-                tree=self.host(t.tree), store=self.store, want=want, cancelled=cancel, refuse_digest=refuse,
+                self.sources, t.reference, platform=self.platform, install_root=install_root,
+                tree=self.host(t.tree), want=want, cancelled=cancel, refuse_digest=refuse,
                 on_phase=lambda name, ctx: self._phase(Phase(name), **ctx))
         except Unchanged:
             raise self._refused(t, refuse) from None

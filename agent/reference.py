@@ -71,6 +71,39 @@ class Reference:
         return cls(host, path, tag or None, digest or None)
 
 
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_ENDPOINT = "registry-1.docker.io"  # where docker talks the distribution API for docker.io
+DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+
+
+def normalize(text: str) -> Reference:
+    """A reference as docker reads it: `ubuntu` is docker.io/library/ubuntu:latest, `nvidia/driver:x`
+    is docker.io/nvidia/driver:x; a first component with a dot or a port, or `localhost`, is a
+    registry host (as in distribution's reference.ParseNormalizedNamed)."""
+    rest, _, digest = text.partition("@")
+    first, slash, remainder = rest.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        host, path = first, remainder
+    else:
+        host, path = DOCKER_HUB, rest
+    if host in DOCKER_HUB_ALIASES:
+        host = DOCKER_HUB
+    tag = None
+    last = path.rsplit("/", 1)[-1]
+    if ":" in last:
+        path, _, tag = path.rpartition(":")
+    if host == DOCKER_HUB and "/" not in path:
+        path = f"library/{path}"
+    if not tag and not digest:
+        tag = "latest"
+    return Reference(host, path, tag or None, digest or None)
+
+
+def endpoint(registry: str) -> str:
+    """The host that serves a registry's API: docker.io's is registry-1.docker.io."""
+    return DOCKER_HUB_ENDPOINT if registry in DOCKER_HUB_ALIASES else registry
+
+
 def sanitize_tag_part(value: str) -> str:
     """Map a value into tag characters: anything outside [A-Za-z0-9_.-] becomes '_'."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", value)

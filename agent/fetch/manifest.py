@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import platform as _platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.errors import RegistryError
+from agent.errors import DigestMismatch, RegistryError
 from agent.reference import DIGEST_RE, Reference
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -107,6 +107,7 @@ class ResolvedImage:
     media_type: str
     config: Descriptor
     layers: tuple[Descriptor, ...]
+    origin: str = "registry"  # the source that resolved it (agent.fetch.sources): where its blobs come from
 
 
 class ManifestError(ValueError):
@@ -256,3 +257,41 @@ def layer_diff_ids(config: Mapping[str, Any], layers: int) -> tuple[str, ...]:
 def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
+
+
+TAMPERED_HINT = "the image is corrupt or was tampered with; it was not used"
+
+
+def check_blob(size: int, digest: str, desc: Descriptor, what: str) -> None:
+    """The one check every blob passes before anything reads it, whatever its source: its size and
+    sha256 are the descriptor's. Raises DigestMismatch naming `what`."""
+    if size != desc.size:
+        raise DigestMismatch(f"{what}: got {size} bytes, the descriptor says {desc.size}", hint=TAMPERED_HINT)
+    if digest != desc.digest:
+        raise DigestMismatch(f"{what}: the content has digest {digest}", hint=TAMPERED_HINT)
+
+
+GetManifest = Callable[[str, str], tuple[str, str, dict[str, Any]]]  # (selector, missing hint) -> digest, type, doc
+
+
+def resolve_manifest(ref: Reference, platform: Platform, get: GetManifest, what: str, missing: str, *,
+                     origin: str = "registry") -> ResolvedImage:
+    """`ref` to the single-platform manifest for `platform`, following an index, with `get` fetching a
+    manifest by tag or digest. The caller checks a single-platform manifest's config platform."""
+    digest, media_type, doc = get(ref.selector, missing)
+    index_digest = None
+    if media_type in INDEX_TYPES:
+        index_digest = digest
+        try:
+            chosen = select_manifest(parse_index(doc), platform)
+        except ManifestError as exc:
+            raise RegistryError(f"{what}: {exc}", hint=exc.hint) from exc
+        digest, media_type, doc = get(chosen.digest, f"the index names manifest {chosen.digest}, which "
+                                                     f"{ref.name} lacks; push the image again")
+        if media_type not in IMAGE_MANIFEST_TYPES:
+            raise RegistryError(f"{what}: index entry {chosen.digest} is a {media_type}, not an image manifest")
+    try:
+        config, layers = parse_image_manifest(doc)
+    except ManifestError as exc:
+        raise RegistryError(f"{what}: manifest {digest}: {exc}", hint=exc.hint) from exc
+    return ResolvedImage(ref.with_digest(digest), index_digest, media_type, config, layers, origin)

@@ -34,23 +34,20 @@ from agent.errors import (
 from agent.fetch.auth import Challenge, parse_retry_after, parse_www_authenticate
 from agent.fetch.manifest import (
     CONFIG_MAX_BYTES,
-    IMAGE_MANIFEST_TYPES,
-    INDEX_TYPES,
     MANIFEST_ACCEPT,
     MANIFEST_MAX_BYTES,
     Descriptor,
     ManifestError,
     Platform,
     ResolvedImage,
+    check_blob,
     config_platform,
     load_json_object,
     manifest_media_type,
-    parse_image_manifest,
-    parse_index,
-    select_manifest,
+    resolve_manifest,
     sha256_digest,
 )
-from agent.reference import DIGEST_RE, TAG_RE, Reference
+from agent.reference import DIGEST_RE, TAG_RE, Reference, endpoint
 
 log = structlog.get_logger(__name__)
 
@@ -134,23 +131,9 @@ class RegistryClient:
             missing = f"{ref.name} has no manifest {ref.digest}; check the pinned digest"
         else:
             missing = _MISSING_HINT.format(tag=ref.tag, name=ref.name)
-        digest, media_type, doc = self._get_manifest(ref, ref.selector, what, missing)
-        index_digest = None
-        if media_type in INDEX_TYPES:
-            index_digest = digest
-            try:
-                chosen = select_manifest(parse_index(doc), platform)
-            except ManifestError as exc:
-                raise RegistryError(f"{what}: {exc}", hint=exc.hint) from exc
-            missing = f"the index names manifest {chosen.digest}, which {ref.name} lacks; push the image again"
-            digest, media_type, doc = self._get_manifest(ref, chosen.digest, what, missing)
-            if media_type not in IMAGE_MANIFEST_TYPES:
-                raise RegistryError(f"{what}: index entry {chosen.digest} is a {media_type}, not an image manifest")
-        try:
-            config, layers = parse_image_manifest(doc)
-        except ManifestError as exc:
-            raise RegistryError(f"{what}: manifest {digest}: {exc}", hint=exc.hint) from exc
-        resolved = ResolvedImage(ref.with_digest(digest), index_digest, media_type, config, layers)
+        resolved = resolve_manifest(ref, platform, lambda selector, hint: self._get_manifest(ref, selector, what, hint),
+                                    what, missing)
+        index_digest, digest, layers = resolved.index_digest, resolved.reference.digest, resolved.layers
         if index_digest is None:
             self._check_platform(resolved, platform, what)
         log.debug("image_resolved", ref=str(ref), digest=digest, index_digest=index_digest, layers=len(layers))
@@ -190,7 +173,7 @@ class RegistryClient:
         for tries_left in (1, 0):
             try:
                 digest = self._retrying(what, attempt)
-                self._verify_parts(partial.stat().st_size, digest, desc, what)
+                check_blob(partial.stat().st_size, digest, desc, what)
             except (RegistryUnavailable, Cancelled):
                 raise  # the partial download stays: the next attempt resumes it
             except DigestMismatch as exc:
@@ -255,7 +238,7 @@ class RegistryClient:
                 return self._read_capped(resp, desc.size, what, digest_bound=True)
 
         body = self._retrying(what, attempt)
-        self._verify(body, desc, what)
+        check_blob(len(body), sha256_digest(body), desc, what)
         try:
             doc = load_json_object(body, "the config")
         except ManifestError as exc:
@@ -344,16 +327,6 @@ class RegistryClient:
         if got != want:
             raise RegistryUnavailable(f"{what}: the connection ended after {offset + got} of {desc.size} bytes")
 
-    def _verify(self, body: bytes, desc: Descriptor, what: str) -> None:
-        self._verify_parts(len(body), sha256_digest(body), desc, what)
-
-    @staticmethod
-    def _verify_parts(size: int, digest: str, desc: Descriptor, what: str) -> None:
-        hint = "the image is corrupt or was tampered with; it was not used"
-        if size != desc.size:
-            raise DigestMismatch(f"{what}: got {size} bytes, the descriptor says {desc.size}", hint=hint)
-        if digest != desc.digest:
-            raise DigestMismatch(f"{what}: the content has digest {digest}", hint=hint)
 
     @staticmethod
     def _check_descriptor(desc: Descriptor, what: str) -> None:
@@ -366,7 +339,7 @@ class RegistryClient:
 
     def _url(self, ref: Reference, path: str) -> str:
         scheme = "http" if ref.registry in self._plain_http else "https"
-        return f"{scheme}://{ref.registry}/v2/{ref.repository}/{path}"
+        return f"{scheme}://{endpoint(ref.registry)}/v2/{ref.repository}/{path}"
 
     def _retrying(self, what: str, attempt: Callable[[], _T]) -> _T:
         retrying = tenacity.Retrying(
@@ -399,7 +372,7 @@ class RegistryClient:
         scope = f"repository:{ref.repository}:pull"
         authorization = self._authorization(registry, scope)
         resp, final = self._send(url, headers, authorization, what)
-        if resp.status_code == 401 and urlsplit(final).netloc == registry:
+        if resp.status_code == 401 and urlsplit(final).netloc == endpoint(registry):
             challenge = resp.headers.get("WWW-Authenticate", "")
             resp.close()
             authorization = self._answer(registry, scope, challenge, authorization, what)

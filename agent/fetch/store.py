@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,7 +28,8 @@ from typing import Protocol
 
 import structlog
 
-from agent.fetch.manifest import Descriptor
+from agent.errors import Cancelled, DigestMismatch, ImageMissing, ImageRejected
+from agent.fetch.manifest import OCI_LAYER_TAR, Descriptor, check_blob, sha256_digest
 from agent.install import fs
 from agent.reference import DIGEST_RE, Reference
 
@@ -35,7 +38,7 @@ READ_BYTES = 1 << 20
 PARTIAL = ".partial"
 
 
-class BlobSource(Protocol):
+class BlobSource(Protocol):  # the registry client: it downloads (and resumes) a blob into the store
     def fetch_blob(self, ref: Reference, desc: Descriptor, dest: Path, *,
                    cancelled: Callable[[], bool] = ...) -> None: ...
 
@@ -127,12 +130,77 @@ class BlobStore:
                     size += len(chunk)
         except OSError:
             size = -1
-        if size == desc.size and f"sha256:{digest.hexdigest()}" == desc.digest:
-            self._trusted.add(desc.digest)
-            return True
-        log.warning("cached_blob_corrupt", blob=desc.digest, path=str(path), detail="fetching it again")
-        self.discard([desc.digest])
-        return False
+        try:
+            check_blob(size, f"sha256:{digest.hexdigest()}", desc, f"stored blob {path}")
+        except DigestMismatch as exc:
+            log.warning("stored_blob_corrupt", blob=desc.digest, path=str(path), error=exc.message,
+                        detail="removed; fetched or imported again")
+            self.discard([desc.digest])
+            return False
+        self._trusted.add(desc.digest)
+        return True
+
+    def put(self, chunks: Iterable[bytes | memoryview], *, expect: Descriptor | None, what: str,
+            cancelled: Callable[[], bool] = lambda: False) -> Descriptor:
+        """Write a streamed blob into the store: hashed as it is written, then checked (check_blob)
+        against `expect`, or named by its digest when the stream's own name proves nothing (a
+        docker-archive's layer.tar). Nothing half-written ever carries a digest's name."""
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=".incoming-", dir=self._dir)
+        except OSError as exc:
+            raise fs.os_error(exc, f"writing into the blob store {self._dir}") from exc
+        incoming = Path(name)
+        try:
+            digest, size = hashlib.sha256(), 0
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    if cancelled():
+                        raise Cancelled(f"{what}: cancelled")
+                    size += len(chunk)
+                    if expect is not None and size > expect.size:
+                        check_blob(size, "", expect, what)  # raises: more than its descriptor gives
+                    digest.update(chunk)
+                    out.write(chunk)
+            got = f"sha256:{digest.hexdigest()}"
+            desc = expect or Descriptor(OCI_LAYER_TAR, got, size)
+            check_blob(size, got, desc, what)
+            incoming.replace(self.path(desc.digest))
+        except OSError as exc:
+            incoming.unlink(missing_ok=True)
+            raise fs.os_error(exc, f"{what}: writing {incoming}") from exc
+        except BaseException:
+            incoming.unlink(missing_ok=True)
+            raise
+        self._trusted.add(desc.digest)
+        return desc
+
+    def read(self, desc: Descriptor, limit: int, what: str) -> bytes:
+        """A small blob's bytes (a manifest, a config), checked against `desc` every time it is read."""
+        if desc.size > limit:
+            raise ImageRejected(f"{what}: {desc.size} bytes, more than the {limit}-byte limit")
+        try:
+            with self.path(desc.digest).open("rb") as f:
+                data = f.read(limit + 1)
+        except FileNotFoundError:
+            raise ImageMissing(f"{what}: blob {desc.digest} is not in {self._dir}",
+                               hint="import the image again") from None
+        except OSError as exc:
+            raise fs.os_error(exc, f"{what}: reading {self.path(desc.digest)}") from exc
+        check_blob(len(data), sha256_digest(data), desc, what)
+        return data
+
+    def verified(self, desc: Descriptor, what: str, cancelled: Callable[[], bool] = lambda: False) -> Path:
+        """The path of a blob already in the store, re-hashed now (check_blob); ImageMissing if it is not."""
+        path = self.path(desc.digest)
+        if not path.is_file():
+            raise ImageMissing(f"{what}: blob {desc.digest} is not in {self._dir}", hint="import the image again")
+        if not self._intact(path, desc, cancelled):
+            if cancelled():
+                raise Cancelled(f"{what}: cancelled")
+            raise DigestMismatch(f"{what}: blob {desc.digest} in {self._dir} does not match its digest "
+                                 "any more; it was removed", hint="import the image again")
+        return path
 
     def discard(self, digests: Iterable[str]) -> None:
         """Forget blobs (and their partial downloads): installed, or part of a rejected image."""

@@ -1,4 +1,4 @@
-"""Install one image: pull its layers into the content store, extract and verify in staging, rename into place.
+"""Install one image: layers from a source (agent.fetch.sources), extracted and verified in staging, moved in.
 
 Nothing outside the staging directory changes before the final rename; the tree is on disk
 (syncfs) before that rename makes it visible, and its marker is inside it, so a tree with a
@@ -18,8 +18,7 @@ from typing import Any
 from agent import failpoints
 from agent.errors import DigestMismatch, ImageRejected
 from agent.fetch.manifest import Platform, ResolvedImage, layer_diff_ids
-from agent.fetch.registry import RegistryClient
-from agent.fetch.store import BlobStore
+from agent.fetch.sources import ImageSource
 from agent.install import fs
 from agent.install.trees import STAGING_PREFIX, move_into_place
 from agent.install.unpack import MAX_STREAM_BYTES, Staging
@@ -49,49 +48,48 @@ class Want:
 
 
 def install_image(
-    registry: RegistryClient,
+    source: ImageSource,
     ref: Reference,
     *,
     platform: Platform,
     install_root: Path,
     tree: Path,
-    store: BlobStore,
     want: Want,
     on_phase: Callable[[str, dict[str, Any]], None],
     cancelled: Callable[[], bool] = lambda: False,
     refuse_digest: str | None = None,
 ) -> InstallResult:
-    """Resolve, pull, verify and install `ref` at `tree` (a directory under `install_root`).
+    """Resolve, fetch, verify and install `ref` at `tree` (a directory under `install_root`).
 
+    `source` says where the bytes come from (agent.fetch.sources); every layer it hands out was
+    checked against its descriptor, and is checked against the config's diff_ids here.
     `refuse_digest`: a digest the kernel refused before; resolving to it again raises
     Unchanged before anything is downloaded.
     """
     on_phase("resolving", {"reference": str(ref)})
-    image = registry.resolve(ref, platform)
+    image = source.resolve(ref, platform)
     if refuse_digest is not None and image.reference.digest == refuse_digest:
         raise Unchanged(refuse_digest)
     if len(image.layers) > MAX_LAYERS:
         raise ImageRejected(f"{ref}: {len(image.layers)} layers; a driver image needs far fewer than {MAX_LAYERS}")
-    diff_ids = layer_diff_ids(registry.fetch_config(image.reference, image.config), len(image.layers))
-    digests = [d.digest for d in image.layers]
-    store.collect(keep=digests)  # stray files, old downloads, what is over the cache's budget
+    diff_ids = layer_diff_ids(source.config(image), len(image.layers))
     layer_bytes = sum(d.size for d in image.layers)
     if layer_bytes > MAX_STREAM_BYTES:  # extraction would refuse it: do not download it first
         raise ImageRejected(f"{ref}: its layers claim {layer_bytes >> 20} MiB; a driver image is refused above "
                             f"{MAX_STREAM_BYTES >> 30} GiB")
     # The download, then the tree: unpacked, a layer is at least its compressed size.
-    fs.check_space([(store.root, layer_bytes - sum(store.present_bytes(d) for d in digests), "the layers"),
-                    (install_root, layer_bytes, "the unpacked tree")])
-    on_phase("pulling", {"digest": image.reference.digest, "layers": len(image.layers), "bytes": layer_bytes})
+    fs.check_space([*source.space(image), (install_root, layer_bytes, "the unpacked tree")])
+    on_phase("pulling", {"digest": image.reference.digest, "layers": len(image.layers), "bytes": layer_bytes,
+                         **({"source": image.origin} if image.origin != "registry" else {})})
     try:
-        blobs = [store.get(registry, image.reference, desc, cancelled) for desc in image.layers]
+        blobs = [source.layer(image, desc, cancelled) for desc in image.layers]
         on_phase("verifying", {"digest": image.reference.digest})
         verified, marker = _stage(blobs, image, ref, tree=tree, install_root=install_root, want=want,
                                   on_phase=on_phase, diff_ids=diff_ids, cancelled=cancelled)
     except (ImageRejected, DigestMismatch):
-        store.discard(digests)  # never kept: the next attempt downloads again
+        source.release(image)  # never kept: the next attempt fetches again
         raise
-    store.discard(digests)  # the installed tree is the cache from now on
+    source.release(image)
     return InstallResult(tree, image, verified, marker)
 
 

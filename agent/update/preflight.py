@@ -16,16 +16,17 @@ from typing import Any
 
 from agent.errors import HostError
 from agent.fetch.manifest import Platform
-from agent.fetch.registry import RegistryClient
+from agent.fetch.sources import ImageSource
 from agent.fetch.store import BlobStore
 from agent.install.image import InstallResult, Want, install_image
 from agent.plan import Target
 
 
-def check_image(registry: RegistryClient, target: Target, *, platform: Platform, lib64_allow: tuple[str, ...],
-                workdir: Path, on_phase: Callable[[str, dict[str, Any]], None],
+def check_image(sources: Callable[[BlobStore], ImageSource], target: Target, *, platform: Platform,
+                lib64_allow: tuple[str, ...], workdir: Path, on_phase: Callable[[str, dict[str, Any]], None],
                 cancelled: Callable[[], bool] = lambda: False) -> InstallResult:
     """Resolve, pull and verify `target`'s image under a scratch directory in `workdir`; removed after.
+    `sources` makes the image sources with a download cache in that scratch directory.
 
     Raises what an install raises: RegistryUnavailable, ImageNotFound, ImageRejected, ...
     """
@@ -35,8 +36,8 @@ def check_image(registry: RegistryClient, target: Target, *, platform: Platform,
         raise HostError(f"cannot make a scratch directory in {workdir}: {exc.strerror}",
                         hint="name a writable directory with room for one driver image: --workdir DIR") from None
     try:
-        return install_image(registry, target.reference, platform=platform, install_root=scratch,
-                             tree=scratch / "tree", store=BlobStore(scratch / "blobs"),
+        return install_image(sources(BlobStore(scratch / "blobs")), target.reference, platform=platform,
+                             install_root=scratch, tree=scratch / "tree",
                              want=Want(target.driver, target.os_key, target.kernel, lib64_allow),
                              on_phase=on_phase, cancelled=cancelled)
     finally:

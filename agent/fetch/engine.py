@@ -1,0 +1,179 @@
+"""The docker engine as a source (image.source = engine | auto), through the docker SDK.
+
+The host's engine already knows the operator's mirrors, proxies and `docker login`: with
+`engine` it pulls the image when it lacks it; with `auto` it is used only when its socket is
+there and it has the image (`docker load`ed, or pulled before). Its layers are read from the
+archive the engine exports (`docker save`'s format, streamed, never a container), each one
+stored by its digest and checked against the config's rootfs.diff_ids (agent.fetch.archive);
+they leave the content store once the install is done, like a registry's.
+
+Also names the containers that keep /dev/nvidia* open when the modules are busy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import IO, Any, cast
+
+import docker
+import docker.errors
+import requests
+import structlog
+
+from agent.errors import ImageMissing, ImageRejected, RegistryError, RegistryUnavailable
+from agent.fetch.archive import ArchiveReader, scan_tar
+from agent.fetch.manifest import Descriptor, Platform, ResolvedImage
+from agent.fetch.store import BlobStore
+from agent.reference import Reference
+
+log = structlog.get_logger(__name__)
+
+ORIGIN = "engine"
+EXPORT_CHUNK_BYTES = 1 << 20
+CONTAINER_ID_RE = re.compile(r"(?:docker[-/]|/docker/|containerd[-/]|cri-containerd-|libpod-)([0-9a-f]{64})")
+
+
+class _ChunkReader(io.RawIOBase):
+    """A file object over an iterator of byte chunks (the engine's export stream)."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks: Iterator[bytes] = iter(chunks)
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._buf:
+            try:
+                self._buf = next(self._chunks)
+            except StopIteration:
+                return b""
+        n = len(self._buf) if size < 0 else size
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+
+def docker_name(ref: Reference) -> str:
+    """How the engine names `ref` (registry/repository:tag)."""
+    return f"{ref.name}:{ref.tag}" if ref.tag else ref.name
+
+
+def container_id(cgroup: str) -> str | None:
+    """The container ID a process's /proc/PID/cgroup names (docker, containerd, CRI, podman), if any."""
+    match = CONTAINER_ID_RE.search(cgroup)
+    return match.group(1) if match else None
+
+
+class EngineSource:
+    """Images through the host's docker engine (module docstring)."""
+
+    name = ORIGIN
+
+    def __init__(self, socket: Path, cache: BlobStore, *, pull: bool, timeout_s: float = 60.0,
+                 client: Callable[[str, float], Any] | None = None) -> None:
+        self.socket = socket
+        self.cache = cache
+        self.pull = pull
+        self.timeout_s = timeout_s
+        self._make = client or (lambda url, timeout: docker.DockerClient(base_url=url, timeout=int(timeout)))
+        self._exported: dict[str, list[str]] = {}  # manifest digest -> the blobs its export stored
+
+    def _client(self) -> Any:
+        if not self.socket.exists():
+            raise self._absent(f"no docker engine at {self.socket}")
+        try:
+            return self._make(f"unix://{self.socket}", self.timeout_s)
+        except docker.errors.DockerException as exc:
+            raise self._absent(f"the docker engine at {self.socket} does not answer: {exc}") from exc
+
+    def _absent(self, message: str) -> Exception:
+        if self.pull:  # image.source = engine: the engine is the way images come here
+            return RegistryUnavailable(message, hint="start the docker engine, or set image.source = auto")
+        return ImageMissing(message)
+
+    def resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
+        name = docker_name(ref)
+        client = self._client()
+        try:
+            try:
+                image = client.images.get(name)
+            except docker.errors.ImageNotFound:
+                if not self.pull:
+                    raise ImageMissing(f"the docker engine has no image {name}") from None
+                log.info("engine_pull", image=name)
+                image = client.images.pull(ref.name, tag=ref.tag)
+            return self._export(client, image, ref, platform)
+        except docker.errors.ImageNotFound as exc:
+            raise ImageMissing(f"the docker engine cannot pull {name}: {exc.explanation or exc}",
+                               hint="check the image name and the engine's registry access (docker pull)") from exc
+        except docker.errors.APIError as exc:
+            raise RegistryError(f"the docker engine refused {name}: {exc.explanation or exc}") from exc
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            raise RegistryUnavailable(f"the docker engine at {self.socket}: {exc}") from exc
+        finally:
+            client.close()
+
+    def _export(self, client: Any, image: Any, ref: Reference, platform: Platform) -> ResolvedImage:
+        what = f"the docker engine's image {docker_name(ref)} ({image.id[:19]})"
+        attrs = image.attrs
+        have = Platform(str(attrs.get("Os") or "linux"), str(attrs.get("Architecture") or ""),
+                        attrs.get("Variant") or None)
+        if have.architecture and not platform.matches(have):
+            raise ImageRejected(f"{what}: built for {have}, not {platform}")
+        stream = client.api.get_image(image.id, chunk_size=EXPORT_CHUNK_BYTES)
+        scanned = scan_tar(cast(IO[bytes], _ChunkReader(stream)), self.cache, what)
+        found = [i for i in ArchiveReader(scanned, self.cache, what).images(platform) if i.config_digest == image.id]
+        if not found:
+            raise ImageRejected(f"{what}: the engine's export holds no image with its ID")
+        chosen = found[0].image
+        stored = [d.digest for d in scanned.files.values()] + [chosen.reference.digest or ""]
+        self._exported[chosen.reference.digest or ""] = stored
+        pulled_by = next((d.partition("@")[2] for d in attrs.get("RepoDigests") or []
+                          if isinstance(d, str) and d.partition("@")[0] == ref.name), None)
+        return replace(chosen, reference=ref.with_digest(chosen.reference.digest or ""), origin=ORIGIN,
+                       index_digest=pulled_by or None)
+
+    def config(self, image: ResolvedImage) -> dict[str, Any]:
+        doc = json.loads(self.cache.read(image.config, 4 << 20, f"{image.reference}: config"))
+        if not isinstance(doc, dict):
+            raise ImageRejected(f"{image.reference}: the config is not a JSON object")
+        return doc
+
+    def space(self, image: ResolvedImage) -> list[tuple[Path, int, str]]:
+        return []  # exported already (resolve): the layers are in the content store
+
+    def layer(self, image: ResolvedImage, desc: Descriptor, cancelled: Callable[[], bool]) -> Path:
+        return self.cache.verified(desc, f"{image.reference}: layer from the docker engine", cancelled)
+
+    def release(self, image: ResolvedImage) -> None:
+        self.cache.discard(d for d in self._exported.pop(image.reference.digest or "", []) if d)
+
+    def container_names(self, ids: Iterable[str]) -> dict[str, str]:
+        """{container ID: name} for the IDs the engine knows; {} without an engine."""
+        try:
+            client = self._client()
+        except (ImageMissing, RegistryUnavailable):
+            return {}
+        names: dict[str, str] = {}
+        try:
+            for cid in ids:
+                try:
+                    names[cid] = client.containers.get(cid).name
+                except (docker.errors.DockerException, requests.RequestException):
+                    continue
+        finally:
+            client.close()
+        return names
+
+
+def engine_for(source: str, socket: Path, cache: BlobStore, timeout_s: float) -> EngineSource | None:
+    """The engine source image.source asks for: none for `registry`, pulling for `engine`."""
+    if source == "registry":
+        return None
+    return EngineSource(socket, cache, pull=source == "engine", timeout_s=timeout_s)

@@ -1,0 +1,155 @@
+"""The seam between fetching and installing: where an image's bytes come from.
+
+Every source answers the same five questions (ImageSource), so the install step never knows
+whether a layer came from a registry, a mirror, the docker engine or an imported archive. Each
+blob a source hands out is a local file that passed `check_blob` (its size and sha256 are its
+descriptor's) when it was written, and imported ones again when read; the install step then
+checks each layer's uncompressed digest against the config's diff_ids while it extracts.
+
+`Sources` tries them in order: imported images (an operator put them there; no network), the
+docker engine (image.source), the mirrors (image.mirrors), then the registry the reference
+names. A source that lacks the image passes to the next; a mirror that fails, or serves an
+image other than a pinned digest, is skipped with a warning; the origin's answer is final.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from agent.errors import AgentError, DigestMismatch, ImageMissing, RegistryUnavailable
+from agent.fetch.manifest import Descriptor, Platform, ResolvedImage
+from agent.fetch.registry import RegistryClient
+from agent.fetch.store import BlobStore
+from agent.reference import Reference
+
+log = structlog.get_logger(__name__)
+
+
+class ImageSource(Protocol):
+    name: str
+
+    def resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
+        """`ref` to one single-platform image; ImageMissing when this source does not have it."""
+
+    def config(self, image: ResolvedImage) -> dict[str, Any]:
+        """The image's config, checked against its descriptor."""
+
+    def space(self, image: ResolvedImage) -> list[tuple[Path, int, str]]:
+        """What getting its layers will write: (directory, bytes, what) for fs.check_space."""
+
+    def layer(self, image: ResolvedImage, desc: Descriptor, cancelled: Callable[[], bool]) -> Path:
+        """A local file holding the layer, checked (check_blob) before it is handed out."""
+
+    def release(self, image: ResolvedImage) -> None:
+        """The install is over (done or refused): drop what was fetched only for it."""
+
+
+class RegistrySource:
+    """A registry (the reference's own, or a mirror of it) through the content store."""
+
+    def __init__(self, client: RegistryClient, store: BlobStore, *, mirror: str | None = None) -> None:
+        self.client = client
+        self.store = store
+        self.mirror = mirror
+        self.name = f"mirror {mirror}" if mirror else "registry"
+
+    def resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
+        where = replace(ref, registry=self.mirror) if self.mirror else ref
+        return replace(self.client.resolve(where, platform), origin=self.name)
+
+    def config(self, image: ResolvedImage) -> dict[str, Any]:
+        return self.client.fetch_config(image.reference, image.config)
+
+    def space(self, image: ResolvedImage) -> list[tuple[Path, int, str]]:
+        digests = [d.digest for d in image.layers]
+        self.store.collect(keep=digests)  # strays, old downloads, what is over the cache's budget
+        missing = sum(d.size for d in image.layers) - sum(self.store.present_bytes(d) for d in digests)
+        return [(self.store.root, missing, "the layers")]
+
+    def layer(self, image: ResolvedImage, desc: Descriptor, cancelled: Callable[[], bool]) -> Path:
+        return self.store.get(self.client, image.reference, desc, cancelled)
+
+    def release(self, image: ResolvedImage) -> None:
+        self.store.discard(d.digest for d in image.layers)  # the installed tree is the cache from now on
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """`ref` must resolve to this digest: its index, its manifest or (for an archive or the engine,
+    which keep no manifest of the registry's) its config, docker's image ID."""
+
+    digest: str
+
+    def admits(self, image: ResolvedImage) -> bool:
+        return self.digest in (image.index_digest, image.reference.digest, image.config.digest)
+
+
+class Sources:
+    """The sources in the order they are asked (module docstring); dispatches by ResolvedImage.origin."""
+
+    def __init__(self, sources: Sequence[ImageSource]) -> None:
+        self.sources = list(sources)
+        self._by_name = {s.name: s for s in self.sources}
+        self.name = "sources"
+
+    def resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
+        pin = Pinned(ref.digest) if ref.digest else None
+        last = len(self.sources) - 1
+        missing: ImageMissing | None = None
+        for i, source in enumerate(self.sources):
+            final = i == last
+            try:
+                image = source.resolve(ref, platform)
+            except (ImageMissing, RegistryUnavailable, DigestMismatch) as exc:
+                mirror = source.name.startswith("mirror ")
+                if final or not (mirror or isinstance(exc, ImageMissing)):
+                    raise
+                if mirror:
+                    log.warning("mirror_skipped", mirror=source.name.removeprefix("mirror "), image=str(ref),
+                                error=exc.message)
+                elif isinstance(exc, ImageMissing):
+                    missing = exc
+                continue
+            if pin is not None and not pin.admits(image):
+                error = DigestMismatch(f"{ref}: {source.name} has {image.reference.digest}, not the pinned "
+                                       f"{pin.digest}", hint="image.pins says which image this host accepts")
+                if final:
+                    raise error
+                log.warning("source_skipped", source=source.name, image=str(ref), error=error.message)
+                continue
+            if source.name != "registry":
+                log.info("image_source", source=source.name, image=str(ref), digest=image.reference.digest)
+            return image
+        raise missing or ImageMissing(f"no source has {ref}")
+
+    def _of(self, image: ResolvedImage) -> ImageSource:
+        try:
+            return self._by_name[image.origin]
+        except KeyError:
+            raise AgentError(f"{image.reference}: resolved by {image.origin!r}, which is not a source here") from None
+
+    def config(self, image: ResolvedImage) -> dict[str, Any]:
+        return self._of(image).config(image)
+
+    def space(self, image: ResolvedImage) -> list[tuple[Path, int, str]]:
+        return self._of(image).space(image)
+
+    def layer(self, image: ResolvedImage, desc: Descriptor, cancelled: Callable[[], bool]) -> Path:
+        return self._of(image).layer(image, desc, cancelled)
+
+    def release(self, image: ResolvedImage) -> None:
+        self._of(image).release(image)
+
+
+def sources_for(client: RegistryClient, cache: BlobStore, *, mirrors: Sequence[str] = (),
+                imported: ImageSource | None = None, engine: ImageSource | None = None) -> Sources:
+    """The chain the configuration describes: imported, engine, mirrors in order, the origin."""
+    chain: list[ImageSource] = [s for s in (imported, engine) if s is not None]
+    chain += [RegistrySource(client, cache, mirror=m) for m in mirrors]
+    chain.append(RegistrySource(client, cache))
+    return Sources(chain)
