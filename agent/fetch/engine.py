@@ -88,7 +88,7 @@ class EngineSource:
         if not self.socket.exists():
             raise self._absent(f"no docker engine at {self.socket}")
         try:
-            return self._make(f"unix://{self.socket}", self.timeout_s)
+            return self._make(f"unix://{self.socket.resolve()}", self.timeout_s)  # resolved: sockets take 107 bytes
         except docker.errors.DockerException as exc:
             raise self._absent(f"the docker engine at {self.socket} does not answer: {exc}") from exc
 
