@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import time
 from collections.abc import Callable
@@ -172,6 +173,18 @@ def missing_nodes(dev: Path, nodes: list[Node]) -> list[str]:
         if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(node.major, node.minor):
             out.append(node.path)
     return out
+
+
+# docker-<id>.scope, /docker/<id>, cri-containerd-<id>.scope, crio-<id>.scope, libpod-<id>.scope, and
+# kubelet's cgroupfs layout /kubepods/<qos>/pod<uid>/<id>: the ID is 64 hex digits ending a path component
+CONTAINER_ID_RE = re.compile(r"(?:^|[/:-])([0-9a-f]{64})(?:\.scope)?$", re.MULTILINE)
+
+
+def container_id(cgroup: str) -> str | None:
+    """The container a process runs in, from its /proc/PID/cgroup (docker, containerd, CRI-O, podman;
+    cgroup v1 and v2, cgroupfs and systemd drivers), or None."""
+    match = CONTAINER_ID_RE.search(cgroup)
+    return match.group(1) if match else None
 
 
 def holders_of_nodes(proc: Path, prefix: str = "/dev/nvidia") -> list[str]:

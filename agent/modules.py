@@ -5,18 +5,20 @@ Proven on a real kernel in the QEMU guest (tests/vm); this machine's kernel cann
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent import subp
-from agent.devices import holders_of_nodes
+from agent.devices import container_id, holders_of_nodes
 from agent.errors import HostError
 from agent.hostfacts import read_modules
 from agent.install.modinfo import ModInfo, read_modinfo
 from agent.install.verify import load_order, parse_manifest
 
 Run = Callable[..., subp.Completed]
+ContainerNames = Callable[[list[str]], dict[str, str]]  # container IDs -> names (the docker engine)
 
 
 class ModulesRefused(HostError):
@@ -62,8 +64,10 @@ def plan_loads(order: list[ModInfo], paths: Mapping[str, Path], loaded: Mapping[
 
 
 def module_holders(sys_module: Path, proc: Path, names: tuple[str, ...],
-                   ours: frozenset[int] = frozenset()) -> list[str]:
-    """Who keeps modules busy: holder modules outside the set, processes with /dev/nvidia* open.
+                   ours: frozenset[int] = frozenset(), containers: ContainerNames | None = None) -> list[str]:
+    """Who keeps modules busy: holder modules outside the set, processes with /dev/nvidia* open,
+    with the container each runs in (its ID from /proc/PID/cgroup, its name from `containers`,
+    the docker engine, where there is one).
 
     Processes in `ours` (the agent's own nvidia-persistenced) do not count: the agent stops them
     before unloading. References no visible process explains count only if none of ours could.
@@ -84,13 +88,34 @@ def module_holders(sys_module: Path, proc: Path, names: tuple[str, ...],
             refs.append(f"{name} refcount {refcnt}")
     users = [p for p in holders_of_nodes(proc) if int(p.split()[0]) not in ours]
     if users:
-        return found + refs + [f"pid {u}" for u in users]
+        return found + refs + _in_containers(proc, users, containers)
     return found + (refs if not ours else [])
+
+
+def _in_containers(proc: Path, users: list[str], containers: ContainerNames | None) -> list[str]:
+    """'pid 4242 (python3) /dev/nvidia0 in container trainer (3f2a9c1d0b7e)' where a container holds it."""
+    ids: dict[str, str] = {}
+    for user in users:
+        pid = user.split()[0]
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            found = container_id((proc / pid / "cgroup").read_text())
+            if found:
+                ids[pid] = found
+    names = containers(sorted(set(ids.values()))) if containers and ids else {}
+    out = []
+    for user in users:
+        cid = ids.get(user.split()[0])
+        where = ""
+        if cid:
+            where = f" in container {names[cid]} ({cid[:12]})" if cid in names else f" in container {cid[:12]}"
+        out.append(f"pid {user}{where}")
+    return out
 
 
 def load_modules(tree: Path, host_root: Path, parameters: Mapping[str, tuple[str, ...]],
                  run: Run = subp.run, *, ours: frozenset[int] = frozenset(),
-                 before_unload: Callable[[], object] = lambda: None) -> dict[str, str]:
+                 before_unload: Callable[[], object] = lambda: None,
+                 containers: ContainerNames | None = None) -> dict[str, str]:
     """Bring the loaded modules to the tree's versions; returns name -> loaded version.
 
     `ours` are PIDs the agent itself runs against the driver (nvidia-persistenced), stopped by
@@ -100,7 +125,7 @@ def load_modules(tree: Path, host_root: Path, parameters: Mapping[str, tuple[str
     order, paths = tree_modules(tree)
     plan = plan_loads(order, paths, read_modules(sys_module), parameters)
     if plan.unload:
-        busy = module_holders(sys_module, host_root / "proc", plan.unload, ours)
+        busy = module_holders(sys_module, host_root / "proc", plan.unload, ours, containers)
         if busy:
             raise ModulesBusy(f"loaded nvidia modules are another version and in use: {'; '.join(busy)}",
                             hint="stop the GPU workloads (or drain the node), then: systemctl reload nvidia-agent")

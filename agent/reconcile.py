@@ -26,11 +26,11 @@ from agent.devices import (
     wait_gpus_bound,
 )
 from agent.errors import AgentError, Cancelled, HostError, ImageMissing, RegistryUnavailable, cause_chain
-from agent.fetch.engine import engine_for
+from agent.fetch.engine import EngineSource, engine_for
 from agent.fetch.imported import IMAGES_DIR, ImageStore
 from agent.fetch.manifest import Platform
 from agent.fetch.registry import RegistryClient
-from agent.fetch.sources import ImageSource, sources_for
+from agent.fetch.sources import sources_for
 from agent.fetch.store import BlobStore, CachePolicy
 from agent.hostfacts import HostFacts, HostProbe, read_modules, visible_mount
 from agent.hostroot import HostRoot
@@ -105,7 +105,7 @@ class Agent:
     def __init__(self, host: HostRoot, settings: Settings, *, probe: HostProbe, registry: RegistryClient,
                  notify: Notify = lambda _status: None, platform: Platform | None = None,
                  udev_monitor: Callable[[], Monitor] | None = None, systemd: Systemd | None = None,
-                 next_boot: NextBootProbe | None = None, engine: ImageSource | None = None) -> None:
+                 next_boot: NextBootProbe | None = None, engine: EngineSource | None = None) -> None:
         self.host = host
         self.settings = settings
         self.probe = probe
@@ -127,9 +127,9 @@ class Agent:
                                                                       settings.install.cache_max_age_s))
         self.imported = ImageStore(host(IMAGES_DIR))
         image = settings.image
-        engine = engine or engine_for(image.source, host(image.engine_socket), self.store, image.timeout_s)
+        self.engine = engine or engine_for(image.source, host(image.engine_socket), self.store, image.timeout_s)
         self.sources = sources_for(registry, self.store, mirrors=image.mirrors, imported=self.imported,
-                                   engine=engine)
+                                   engine=self.engine)
         self.snapshot = Snapshot(version=__version__, driver=settings.driver.version)
         self.log = structlog.get_logger("nvidia-agent")
         self._errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
@@ -650,7 +650,8 @@ class Agent:
             loaded = load_modules(
                 self.host(action.tree), self.host.root, action.parameters,
                 ours=frozenset({persisted} if persisted else ()),
-                before_unload=lambda: stop_persistenced(self.host.root, self.systemd))
+                before_unload=lambda: stop_persistenced(self.host.root, self.systemd),
+                containers=self.engine.container_names if self.engine is not None else None)
         except AgentError:
             if action.fallback:
                 self._roll_back(action.fallback, action.parameters)

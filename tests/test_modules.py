@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent import subp
+from agent.devices import container_id
 from agent.errors import HostError
 from agent.install.modinfo import ModInfo
 from agent.modules import load_modules, module_holders, plan_loads
@@ -187,3 +190,49 @@ def test_file_exists_is_a_race_not_a_failure(tmp_path: Path, tree: Path) -> None
 
     versions = load_modules(tree, root, {}, run=racing)
     assert versions["nvidia"] == "535.261.03"
+
+
+CID = "3f2a9c1d0b7e" + "ab" * 26
+
+
+@pytest.mark.parametrize("cgroup", [
+    f"12:pids:/docker/{CID}\n11:memory:/docker/{CID}\n",  # cgroup v1, cgroupfs driver
+    f"0::/system.slice/docker-{CID}.scope\n",  # v2, systemd driver
+    f"0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1a.slice/cri-containerd-{CID}.scope\n",
+    f"0::/kubepods/besteffort/pod0c6a3d2e-1111-2222-3333-444455556666/{CID}\n",  # kubelet, cgroupfs driver
+    f"0::/machine.slice/libpod-{CID}.scope\n",  # podman
+    f"0::/kubepods.slice/kubepods-pod1.slice/crio-{CID}.scope\n",  # CRI-O
+])
+def test_the_container_of_a_process_is_read_from_its_cgroup(cgroup: str) -> None:
+    assert container_id(cgroup) == CID
+
+
+@given(st.text(alphabet="0123456789abcdef/:.-_sclopedkr", max_size=200))
+def test_no_container_is_made_up(cgroup: str) -> None:
+    """An ID is only ever 64 hex digits that end a path component of the cgroup text."""
+    found = container_id(cgroup)
+    assert found is None or (len(found) == 64 and found in cgroup and set(found) <= set("0123456789abcdef"))
+
+
+def test_busy_holders_name_their_container(tmp_path: Path) -> None:
+    """A process in a container: its ID from its cgroup, its name from the engine (a callable here;
+    tests/test_engine.py asks a real dockerd); a host process stays as it was."""
+    write(tmp_path / "sys/module/nvidia/refcnt", "2\n")
+    (tmp_path / "sys/module/nvidia/holders").mkdir(parents=True)
+    for pid, cgroup in ((42, f"0::/system.slice/docker-{CID}.scope\n"), (43, "0::/user.slice/session-1.scope\n")):
+        (tmp_path / f"proc/{pid}/fd").mkdir(parents=True)
+        (tmp_path / f"proc/{pid}/fd/3").symlink_to("/dev/nvidia0")
+        write(tmp_path / f"proc/{pid}/comm", "python3\n")
+        write(tmp_path / f"proc/{pid}/cgroup", cgroup)
+    asked: list[list[str]] = []
+
+    def names(ids: list[str]) -> dict[str, str]:
+        asked.append(ids)
+        return {CID: "trainer"}
+
+    busy = module_holders(tmp_path / "sys/module", tmp_path / "proc", ("nvidia",), containers=names)
+    assert busy == ["nvidia refcount 2", f"pid 42 (python3) /dev/nvidia0 in container trainer ({CID[:12]})",
+                    "pid 43 (python3) /dev/nvidia0"]
+    assert asked == [[CID]]
+    unnamed = module_holders(tmp_path / "sys/module", tmp_path / "proc", ("nvidia",))
+    assert f"pid 42 (python3) /dev/nvidia0 in container {CID[:12]}" in unnamed

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +34,6 @@ log = structlog.get_logger(__name__)
 
 ORIGIN = "engine"
 EXPORT_CHUNK_BYTES = 1 << 20
-CONTAINER_ID_RE = re.compile(r"(?:docker[-/]|/docker/|containerd[-/]|cri-containerd-|libpod-)([0-9a-f]{64})")
 
 
 class _ChunkReader(io.RawIOBase):
@@ -62,12 +60,6 @@ class _ChunkReader(io.RawIOBase):
 def docker_name(ref: Reference) -> str:
     """How the engine names `ref` (registry/repository:tag)."""
     return f"{ref.name}:{ref.tag}" if ref.tag else ref.name
-
-
-def container_id(cgroup: str) -> str | None:
-    """The container ID a process's /proc/PID/cgroup names (docker, containerd, CRI, podman), if any."""
-    match = CONTAINER_ID_RE.search(cgroup)
-    return match.group(1) if match else None
 
 
 class EngineSource:
