@@ -25,7 +25,7 @@ from agent.fetch.engine import engine_for
 from agent.fetch.imported import IMAGES_DIR, ImageStore
 from agent.fetch.manifest import Platform
 from agent.fetch.registry import RegistryClient
-from agent.fetch.sources import sources_for
+from agent.fetch.sources import Trust, load_trust, sources_for
 from agent.hostfacts import HostProbe, oci_arch
 from agent.hostroot import HostRoot
 from agent.notify import Notifier
@@ -214,6 +214,14 @@ def _registry_client(host: HostRoot, settings: Settings, cancel: Cancel) -> Regi
                           session=session_for(context), sleep=cancel.sleep)
 
 
+def _trust(host: HostRoot, settings: Settings) -> Trust | None:
+    """image.verify's public key, or None when signatures are not required."""
+    verify = settings.image.verify
+    if not verify.public_key:
+        return None
+    return load_trust(host(verify.public_key), verify.public_key, verify.match_repository)
+
+
 def cmd_import(host: HostRoot, settings: Settings, args: argparse.Namespace) -> int:
     store = ImageStore(host(IMAGES_DIR))
     if args.list:
@@ -254,6 +262,7 @@ def cmd_preflight(host: HostRoot, settings: Settings, args: argparse.Namespace) 
         if not settings.image.registry:
             raise _registry_unset()
         registry = _registry_client(host, settings, Cancel())
+        trust = _trust(host, settings)
     except ConfigError as exc:
         logger.error("config_invalid", error=str(exc), key=exc.key)
         print(f"nvidia-agent: configuration error: {exc}", file=sys.stderr)
@@ -266,7 +275,8 @@ def cmd_preflight(host: HostRoot, settings: Settings, args: argparse.Namespace) 
         image = settings.image
         result = check_image(lambda cache: sources_for(
                                  registry, cache, mirrors=image.mirrors, imported=imported,
-                                 engine=engine_for(image.source, host(image.engine_socket), cache, image.timeout_s)),
+                                 engine=engine_for(image.source, host(image.engine_socket), cache, image.timeout_s),
+                                 trust=trust),
                              target, platform=Platform.host(), lib64_allow=settings.install.lib64_allow,
                              workdir=host(str(args.workdir)),
                              on_phase=lambda name, ctx: logger.info(name, **ctx) if name != "installing" else None)
@@ -299,11 +309,12 @@ def cmd_daemon(host: HostRoot, settings: Settings, *, once: bool) -> int:
         cancel = Cancel()
         try:
             registry = _registry_client(host, settings, cancel)
+            trust = _trust(host, settings)
         except ConfigError as exc:
             logger.error("config_invalid", error=str(exc))
             print(f"nvidia-agent: configuration error: {exc}", file=sys.stderr)
             return ExitCode.CONFIG
-        agent = Agent(host, settings, probe=HostProbe(host), registry=registry,
+        agent = Agent(host, settings, probe=HostProbe(host), registry=registry, trust=trust,
                       udev_monitor=pci_monitor if host.root == Path("/") else None)
         code = run_daemon(agent, socket_path=host(SOCKET_FILE), once=once, triggers=Triggers.install(),
                           notifier=Notifier.from_env(), cancel=cancel)

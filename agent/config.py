@@ -50,6 +50,12 @@ DEFAULT_LIB64_ALLOW = (
 
 
 @dataclass(frozen=True)
+class VerifySettings:
+    public_key: str = ""  # a PEM public key (cosign.pub): images must carry a cosign signature by it
+    match_repository: bool = False  # the signature must also name the repository pulled from (refuses mirrors)
+
+
+@dataclass(frozen=True)
 class ImageSettings:
     registry: str = ""  # no default: the agent trusts no registry it was not told about
     repository: str = "nvidia/driver"
@@ -63,6 +69,7 @@ class ImageSettings:
     pins: Mapping[str, str] = field(default_factory=dict)  # tag or OS key -> the only digest accepted
     source: str = "auto"  # auto | engine | registry: whether the docker engine is asked first
     engine_socket: str = "/run/docker.sock"
+    verify: VerifySettings = VerifySettings()
 
 
 @dataclass(frozen=True)
@@ -251,6 +258,17 @@ def _parameters(value: Any) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def _verify(value: Any) -> VerifySettings:
+    valid = 'a table: public_key = "/etc/nvidia-agent/cosign.pub", match_repository = false'
+    if not isinstance(value, dict) or set(value) - {"public_key", "match_repository"}:
+        raise ValueError(valid)
+    try:
+        return VerifySettings(public_key=_optional_host_path(value.get("public_key", "")),
+                              match_repository=_boolean(value.get("match_repository", False)))
+    except ValueError:
+        raise ValueError(valid) from None
+
+
 def _pins(value: Any) -> dict[str, str]:
     valid = 'a table of tag or OS key = "sha256:<64 hex>", e.g. "flatcar-3815.2.0" = "sha256:..."'
     if not isinstance(value, dict):
@@ -280,6 +298,7 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "pins": _pins,
         "source": _choice(("auto", "engine", "registry")),
         "engine_socket": _host_path,
+        "verify": _verify,
     },
     "install": {"root": _host_path, "keep_trees": _integer(1, 100),
                 "lib64_allow": _string_list(LIB_PATTERN_RE,

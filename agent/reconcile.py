@@ -30,7 +30,7 @@ from agent.fetch.engine import EngineSource, engine_for
 from agent.fetch.imported import IMAGES_DIR, ImageStore
 from agent.fetch.manifest import Platform
 from agent.fetch.registry import RegistryClient
-from agent.fetch.sources import sources_for
+from agent.fetch.sources import Trust, sources_for
 from agent.fetch.store import BlobStore, CachePolicy
 from agent.hostfacts import HostFacts, HostProbe, read_modules, visible_mount
 from agent.hostroot import HostRoot
@@ -105,7 +105,8 @@ class Agent:
     def __init__(self, host: HostRoot, settings: Settings, *, probe: HostProbe, registry: RegistryClient,
                  notify: Notify = lambda _status: None, platform: Platform | None = None,
                  udev_monitor: Callable[[], Monitor] | None = None, systemd: Systemd | None = None,
-                 next_boot: NextBootProbe | None = None, engine: EngineSource | None = None) -> None:
+                 next_boot: NextBootProbe | None = None, engine: EngineSource | None = None,
+                 trust: Trust | None = None) -> None:
         self.host = host
         self.settings = settings
         self.probe = probe
@@ -129,7 +130,7 @@ class Agent:
         image = settings.image
         self.engine = engine or engine_for(image.source, host(image.engine_socket), self.store, image.timeout_s)
         self.sources = sources_for(registry, self.store, mirrors=image.mirrors, imported=self.imported,
-                                   engine=self.engine)
+                                   engine=self.engine, trust=trust)
         self.snapshot = Snapshot(version=__version__, driver=settings.driver.version)
         self.log = structlog.get_logger("nvidia-agent")
         self._errors = RepeatLimiter(ERROR_LOG_PERIOD_S)

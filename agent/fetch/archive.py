@@ -40,11 +40,13 @@ from agent.fetch.manifest import (
     config_platform,
     layer_diff_ids,
     load_json_object,
+    manifest_blobs,
     manifest_media_type,
     parse_descriptor,
     resolve_manifest,
     sha256_digest,
 )
+from agent.fetch.signature import SIMPLE_SIGNING_TYPE
 from agent.fetch.store import BlobStore
 from agent.install import fs
 from agent.install.tar import DIR, FILE, HARDLINK, SYMLINK, TarReader
@@ -67,6 +69,7 @@ class ArchiveImage:
     image: ResolvedImage  # reference: a placeholder name with the manifest's digest
     manifest: Descriptor
     config_digest: str
+    signature: bool = False  # a cosign signature manifest (kept beside the images it signs), not an image
 
 
 @dataclass
@@ -242,10 +245,13 @@ class ArchiveReader:
     def _image(self, desc: Descriptor, names: tuple[str, ...], platform: Platform) -> ArchiveImage:
         placeholder = Reference("archive.invalid", "image", digest=desc.digest)
         what = f"{self.what}: image {desc.digest}"
-        self._blob(desc.digest, MANIFEST_MAX_BYTES)  # its size and digest are the index entry's
+        body = self._blob(desc.digest, MANIFEST_MAX_BYTES)  # its size and digest are the index entry's
         if self._by_digest[desc.digest].size != desc.size:
             raise DigestMismatch(f"{what}: {self._by_digest[desc.digest].size} bytes, the index says {desc.size}",
                                  hint=TAMPERED_HINT)
+        signed = self._signature(desc, body, names, placeholder)
+        if signed is not None:
+            return signed
         try:
             image = resolve_manifest(placeholder, platform, self._get, what, "the archive is incomplete",
                                      origin="archive")
@@ -260,6 +266,21 @@ class ArchiveReader:
         manifest = self._by_digest[image.reference.digest or ""]
         return ArchiveImage(names, image, Descriptor(image.media_type, manifest.digest, manifest.size),
                             image.config.digest)
+
+    def _signature(self, desc: Descriptor, body: bytes, names: tuple[str, ...],
+                   placeholder: Reference) -> ArchiveImage | None:
+        """A cosign signature manifest (every layer a simple-signing payload), its blobs all in the archive."""
+        try:
+            doc = load_json_object(body, f"manifest {desc.digest}")
+            blobs = manifest_blobs(doc) if desc.media_type in IMAGE_MANIFEST_TYPES else []
+        except ManifestError:
+            return None
+        if len(blobs) < 2 or any(b.media_type != SIMPLE_SIGNING_TYPE for b in blobs[1:]):
+            return None
+        for blob in blobs:
+            self._blob(blob.digest, MANIFEST_MAX_BYTES)
+        image = ResolvedImage(placeholder, None, desc.media_type, blobs[0], tuple(blobs[1:]), origin="archive")
+        return ArchiveImage(names, image, desc, blobs[0].digest, signature=True)
 
     def _config(self, image: ResolvedImage) -> dict[str, Any]:
         body = self._blob(image.config.digest, CONFIG_MAX_BYTES)

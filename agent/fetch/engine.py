@@ -27,6 +27,7 @@ import structlog
 from agent.errors import ImageMissing, ImageRejected, RegistryError, RegistryUnavailable
 from agent.fetch.archive import ArchiveReader, scan_tar
 from agent.fetch.manifest import Descriptor, Platform, ResolvedImage
+from agent.fetch.sources import Signature
 from agent.fetch.store import BlobStore
 from agent.reference import Reference
 
@@ -145,6 +146,9 @@ class EngineSource:
 
     def release(self, image: ResolvedImage) -> None:
         self.cache.discard(d for d in self._exported.pop(image.reference.digest or "", []) if d)
+
+    def signature(self, image: ResolvedImage, digest: str) -> Signature | None:
+        return None  # the engine keeps no signatures: they are looked for in the registry it pulled from
 
     def container_names(self, ids: Iterable[str]) -> dict[str, str]:
         """{container ID: name} for the IDs the engine knows; {} without an engine."""

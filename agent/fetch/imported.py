@@ -44,10 +44,13 @@ from agent.fetch.manifest import (
     Platform,
     ResolvedImage,
     load_json_object,
+    manifest_blobs,
     manifest_media_type,
     parse_descriptor,
     parse_image_manifest,
 )
+from agent.fetch.signature import PAYLOAD_MAX_BYTES, signature_tag
+from agent.fetch.sources import Signature
 from agent.fetch.store import BlobStore, CachePolicy
 from agent.install import fs
 from agent.reference import Reference, normalize
@@ -170,6 +173,19 @@ class ImageStore:
     def release(self, image: ResolvedImage) -> None:
         """Kept: an imported image is the host's offline copy."""
 
+    def signature(self, image: ResolvedImage, digest: str) -> Signature | None:
+        """An imported signature (`skopeo copy docker://REPO:sha256-<hex>.sig oci-archive:F:sha256-<hex>.sig`)."""
+        name = f"{image.reference.name}:{signature_tag(digest)}"
+        entry = next((e for e in self.entries() if e.name == name), None)
+        if entry is None:
+            return None
+        what = f"imported signature {name}"
+        try:
+            doc = load_json_object(self.blobs.read(entry.manifest, MANIFEST_MAX_BYTES, what), what)
+        except ManifestError as exc:
+            raise ImageRejected(f"{what}: {exc}") from exc
+        return doc, lambda desc: self.blobs.read(desc, PAYLOAD_MAX_BYTES, what)
+
     # --- importing ---
 
     def import_path(self, path: Path, platform: Platform, *, default: Reference | None, as_ref: Reference | None,
@@ -226,11 +242,9 @@ class ImageStore:
             keep.add(e.manifest.digest)
             try:
                 doc = json.loads(self.blobs.read(e.manifest, MANIFEST_MAX_BYTES, e.name))
-                config, layers = parse_image_manifest(doc)
-            except (ValueError, ManifestError, ImageRejected, ImageMissing) as exc:
+                keep.update(d.digest for d in manifest_blobs(doc))
+            except (ValueError, AttributeError, ManifestError, ImageRejected, ImageMissing) as exc:
                 log.warning("imported_image_unreadable", image=e.name, error=str(exc))
-                continue
-            keep.update([config.digest, *(d.digest for d in layers)])
         self.blobs.collect(keep=keep, idle=True)
 
     @contextmanager

@@ -186,6 +186,15 @@ def parse_image_manifest(doc: Mapping[str, Any]) -> tuple[Descriptor, tuple[Desc
     return config, layers
 
 
+def manifest_blobs(doc: Mapping[str, Any]) -> list[Descriptor]:
+    """The config and layers a manifest names, whatever their media types (an image's or a signature's)."""
+    layers = doc.get("layers")
+    if not isinstance(layers, list):
+        raise ManifestError("manifest layers is not a list")
+    return [parse_descriptor(doc.get("config"), "config"),
+            *(parse_descriptor(item, f"layer {i}") for i, item in enumerate(layers))]
+
+
 def check_layer_type(media_type: str, index: int) -> None:
     """Refuse layer media types other than tar and tar+gzip, naming the type."""
     if media_type in LAYER_TYPES:

@@ -222,14 +222,24 @@ class RegistryClient:
     def fetch_config(self, ref: Reference, desc: Descriptor) -> dict[str, Any]:
         """Fetch and verify a small JSON blob (the image config); size-capped, digest-checked."""
         what = f"pull {ref}: config {desc.digest}"
-        self._check_descriptor(desc, what)
         cached = self._configs.get(desc.digest)
         if cached is not None:
             return copy.deepcopy(cached)
-        if desc.size > CONFIG_MAX_BYTES:
-            raise RegistryError(
-                f"{what}: {desc.size} bytes is more than the {CONFIG_MAX_BYTES}-byte limit for a config"
-            )
+        body = self.fetch_small(ref, desc, CONFIG_MAX_BYTES, what)
+        try:
+            doc = load_json_object(body, "the config")
+        except ManifestError as exc:
+            raise RegistryError(f"{what}: {exc}") from exc
+        if len(self._configs) >= CONFIG_CACHE_ENTRIES:
+            self._configs.pop(next(iter(self._configs)))
+        self._configs[desc.digest] = doc
+        return copy.deepcopy(doc)
+
+    def fetch_small(self, ref: Reference, desc: Descriptor, limit: int, what: str) -> bytes:
+        """A small blob (a config, a signature payload) in memory: at most `limit` bytes, checked (check_blob)."""
+        self._check_descriptor(desc, what)
+        if desc.size > limit:
+            raise RegistryError(f"{what}: {desc.size} bytes is more than the {limit}-byte limit")
         url = self._url(ref, f"blobs/{desc.digest}")
         missing = f"{ref.name} lacks blob {desc.digest}; push the image again"
 
@@ -239,14 +249,11 @@ class RegistryClient:
 
         body = self._retrying(what, attempt)
         check_blob(len(body), sha256_digest(body), desc, what)
-        try:
-            doc = load_json_object(body, "the config")
-        except ManifestError as exc:
-            raise RegistryError(f"{what}: {exc}") from exc
-        if len(self._configs) >= CONFIG_CACHE_ENTRIES:
-            self._configs.pop(next(iter(self._configs)))
-        self._configs[desc.digest] = doc
-        return copy.deepcopy(doc)
+        return body
+
+    def manifest(self, ref: Reference, what: str) -> tuple[str, str, dict[str, Any]]:
+        """The manifest `ref` names, as it is (no index followed): (digest, media type, document)."""
+        return self._get_manifest(ref, ref.selector, what, f"{ref.name} has no {ref.selector}")
 
     # --- manifests ---
 

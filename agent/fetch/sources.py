@@ -21,13 +21,49 @@ from typing import Any, Protocol
 
 import structlog
 
-from agent.errors import AgentError, DigestMismatch, ImageMissing, RegistryUnavailable
+from agent.errors import AgentError, ConfigError, DigestMismatch, ImageMissing, RegistryUnavailable
 from agent.fetch.manifest import Descriptor, Platform, ResolvedImage
 from agent.fetch.registry import RegistryClient
+from agent.fetch.signature import (
+    PAYLOAD_MAX_BYTES,
+    PublicKey,
+    SignatureRefused,
+    load_public_key,
+    signature_tag,
+    unsigned,
+    verify,
+)
 from agent.fetch.store import BlobStore
 from agent.reference import Reference
 
 log = structlog.get_logger(__name__)
+
+
+Signature = tuple[dict[str, Any], Callable[[Descriptor], bytes]]  # the .sig manifest, a reader of its layers
+
+
+@dataclass(frozen=True)
+class Trust:
+    """image.verify: the key every image must be signed by."""
+
+    key: PublicKey
+    path: str
+    match_repository: bool = False
+
+
+def load_trust(path: Path, shown: str, match_repository: bool) -> Trust:
+    """The configured public key; ConfigError naming image.verify.public_key when it cannot be used."""
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(shown, "image.verify.public_key", f"cannot read: {exc.strerror}",
+                          "a PEM public key such as cosign.pub") from None
+    try:
+        return Trust(load_public_key(pem, shown), shown, match_repository)
+    except ConfigError as exc:
+        named = ConfigError(shown, "image.verify.public_key", exc.message.removeprefix(f"{shown}: "))
+        named.hint = exc.hint
+        raise named from None
 
 
 class ImageSource(Protocol):
@@ -47,6 +83,9 @@ class ImageSource(Protocol):
 
     def release(self, image: ResolvedImage) -> None:
         """The install is over (done or refused): drop what was fetched only for it."""
+
+    def signature(self, image: ResolvedImage, digest: str) -> Signature | None:
+        """The cosign signature manifest of `digest` this source holds (and a reader of its payloads), or None."""
 
 
 class RegistrySource:
@@ -77,6 +116,15 @@ class RegistrySource:
     def release(self, image: ResolvedImage) -> None:
         self.store.discard(d.digest for d in image.layers)  # the installed tree is the cache from now on
 
+    def signature(self, image: ResolvedImage, digest: str) -> Signature | None:
+        ref = Reference(image.reference.registry, image.reference.repository, tag=signature_tag(digest))
+        what = f"signature of {image.reference.name}@{digest}"
+        try:
+            _, _, doc = self.client.manifest(ref, what)
+        except ImageMissing:
+            return None
+        return doc, lambda desc: self.client.fetch_small(ref, desc, PAYLOAD_MAX_BYTES, what)
+
 
 @dataclass(frozen=True)
 class Pinned:
@@ -92,8 +140,9 @@ class Pinned:
 class Sources:
     """The sources in the order they are asked (module docstring); dispatches by ResolvedImage.origin."""
 
-    def __init__(self, sources: Sequence[ImageSource]) -> None:
+    def __init__(self, sources: Sequence[ImageSource], trust: Trust | None = None) -> None:
         self.sources = list(sources)
+        self.trust = trust
         self._by_name = {s.name: s for s in self.sources}
         self.name = "sources"
 
@@ -122,10 +171,53 @@ class Sources:
                     raise error
                 log.warning("source_skipped", source=source.name, image=str(ref), error=error.message)
                 continue
+            if self.trust is not None:
+                try:
+                    self._check_signature(self.trust, source, image)
+                except SignatureRefused as exc:
+                    if final or not source.name.startswith("mirror "):
+                        raise
+                    log.warning("mirror_skipped", mirror=source.name.removeprefix("mirror "), image=str(ref),
+                                error=exc.message)
+                    continue
             if source.name != "registry":
                 log.info("image_source", source=source.name, image=str(ref), digest=image.reference.digest)
             return image
         raise missing or ImageMissing(f"no source has {ref}")
+
+    def _check_signature(self, trust: Trust, source: ImageSource, image: ResolvedImage) -> None:
+        """A signature by the trusted key for the image's index or manifest digest, looked for in the source
+        that resolved it, the imported images, then the origin registry; SignatureRefused if none verifies."""
+        places = list(dict.fromkeys([source, *(s for s in self.sources if s.name == "imported"), self.sources[-1]]))
+        digests = [d for d in (image.index_digest, image.reference.digest) if d]
+        refused: list[SignatureRefused] = []
+        unreachable: list[str] = []
+        for digest in digests:
+            for place in places:
+                try:
+                    found = place.signature(image, digest)
+                except RegistryUnavailable as exc:
+                    unreachable.append(exc.message)
+                    continue
+                if found is None:
+                    continue
+                doc, read = found
+                try:
+                    verify(trust.key, digest, image.reference.name, doc, read,
+                           match_repository=trust.match_repository)
+                except SignatureRefused as exc:
+                    refused.append(exc)
+                    break
+                log.info("signature_verified", image=image.reference.name, digest=digest, key=trust.path,
+                         where=place.name)
+                return
+        if refused:
+            raise refused[0]
+        error = unsigned(image.reference.name, digests[-1])
+        if unreachable:
+            error = SignatureRefused(f"{error.message} (not every place could be asked: {unreachable[0]})",
+                                     hint=error.hint)
+        raise error
 
     def _of(self, image: ResolvedImage) -> ImageSource:
         try:
@@ -145,11 +237,15 @@ class Sources:
     def release(self, image: ResolvedImage) -> None:
         self._of(image).release(image)
 
+    def signature(self, image: ResolvedImage, digest: str) -> Signature | None:
+        return self._of(image).signature(image, digest)
+
 
 def sources_for(client: RegistryClient, cache: BlobStore, *, mirrors: Sequence[str] = (),
-                imported: ImageSource | None = None, engine: ImageSource | None = None) -> Sources:
+                imported: ImageSource | None = None, engine: ImageSource | None = None,
+                trust: Trust | None = None) -> Sources:
     """The chain the configuration describes: imported, engine, mirrors in order, the origin."""
     chain: list[ImageSource] = [s for s in (imported, engine) if s is not None]
     chain += [RegistrySource(client, cache, mirror=m) for m in mirrors]
     chain.append(RegistrySource(client, cache))
-    return Sources(chain)
+    return Sources(chain, trust)
