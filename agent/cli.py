@@ -207,7 +207,7 @@ def _registry_client(host: HostRoot, settings: Settings, cancel: Cancel) -> Regi
     credentials = Credentials.load(host(settings.image.auth_file))
     context = trust_context(host, settings.image.ca_file)
     if credentials.unsupported_helpers:
-        logger.warning("credential_helpers_ignored", helpers=",".join(credentials.unsupported_helpers),
+        logger.warning("credential_entries_ignored", entries=",".join(credentials.unsupported_helpers),
                        file=settings.image.auth_file)
     return RegistryClient(plain_http=settings.image.plain_http, credentials=credentials,
                           timeout_s=settings.image.timeout_s, attempts=settings.image.attempts,

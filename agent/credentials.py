@@ -1,21 +1,50 @@
-"""Registry credentials: read a docker-style config.json into a lookup by registry host."""
+"""Registry credentials: a docker-style config.json, read into a lookup by registry host.
+
+As docker does (docker/cli configfile.GetCredentialsStore): a registry named in "credHelpers"
+asks that helper, else "credsStore" names the helper for every registry, else "auths" holds the
+secret itself. A helper is the program `docker-credential-<name>`, run as `get` with the server
+(`https://index.docker.io/v1/` for docker.io, else the host) on stdin, answering
+{"ServerURL", "Username", "Secret"} (docker-credential-helpers' protocol); "<token>" as the user
+means the secret is an identity token, exchanged at the registry's token realm. What a helper
+says is kept HELPER_CACHE_S at most and dropped when the registry refuses it, so short-lived
+tokens (a cloud registry's 12-hour password) are read again when they expire.
+"""
 
 from __future__ import annotations
 
 import binascii
 import json
+import re
+import time
 from base64 import b64decode
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from agent.errors import ConfigError
+from agent import subp
+from agent.errors import ConfigError, RegistryError
 from agent.reference import DOCKER_HUB_ALIASES
 
 # Keys of an "auths" entry that carry secrets for features this agent does not implement.
-_UNSUPPORTED_ENTRY_KEYS = ("identitytoken", "registrytoken")
+_UNSUPPORTED_ENTRY_KEYS = ("registrytoken",)
+IDENTITY_TOKEN_USER = "<token>"  # noqa: S105 - a marker: the secret is an identity (refresh) token
+HELPER_CACHE_S = 300.0
+HELPER_TIMEOUT_S = 30.0
+HELPER_OUTPUT_MAX_BYTES = 64 * 1024
+HELPER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+DOCKER_HUB_SERVER = "https://index.docker.io/v1/"
+Helper = Callable[[str, str], tuple[int, str, str]]  # (program, stdin) -> (exit status, stdout, stderr)
+
+
+def run_helper(program: str, server: str) -> tuple[int, str, str]:
+    """`program get` with `server` on stdin, as docker runs a credential helper."""
+    try:
+        done = subp.run([program, "get"], input_text=server, check=False, timeout_s=HELPER_TIMEOUT_S)
+    except subp.SubpError as exc:
+        return 127, "", str(exc)
+    return done.returncode, done.stdout, done.stderr
 _AUTH_FORMAT = 'base64 of "user:password"'
 
 
@@ -31,6 +60,12 @@ class Credentials:
     auths: Mapping[str, tuple[str, str]] = field(default_factory=dict, repr=False)
     path: Path | None = None
     unsupported_helpers: tuple[str, ...] = ()
+    helpers: Mapping[str, str] = field(default_factory=dict)  # credHelpers: registry -> helper name
+    store: str = ""  # credsStore: the helper for every other registry
+    run: Helper = field(default=run_helper, repr=False, compare=False)
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
+    _cache: dict[str, tuple[float, tuple[str, str] | None]] = field(default_factory=dict, repr=False,
+                                                                   compare=False)
 
     @classmethod
     def load(cls, path: Path) -> Credentials:
@@ -54,36 +89,100 @@ class Credentials:
         if not isinstance(doc, dict):
             raise ConfigError(source, None, "must be a JSON object", valid='{"auths": {...}}')
         auths, unsupported = parse_auths(doc, source)
-        return cls(auths=auths, path=path, unsupported_helpers=tuple(unsupported))
+        helpers, store = parse_helpers(doc, source)
+        return cls(auths=auths, path=path, unsupported_helpers=tuple(unsupported), helpers=helpers, store=store)
+
+    def helper_for(self, registry: str) -> str:
+        """The helper that holds `registry`'s secret ("" for none: the "auths" entry)."""
+        host = registry.lower()
+        hub = host in DOCKER_HUB_ALIASES
+        for key, name in self.helpers.items():
+            if key == host or (hub and key in ("index.docker.io", "docker.io", "registry-1.docker.io")):
+                return name
+        return self.store
+
+    def forget(self, registry: str) -> None:
+        """The registry refused what a helper said: ask the helper again next time."""
+        self._cache.pop(registry.lower(), None)
 
     def lookup(self, registry: str) -> tuple[str, str] | None:
-        """The (user, password) for `registry` ("host[:port]", exact but case-insensitive), or None."""
+        """The (user, password) for `registry` ("host[:port]", exact but case-insensitive), or None;
+        ("<token>", identity token) from a helper that holds one. A helper that fails is an error."""
+        helper = self.helper_for(registry)
+        if helper:
+            return self._from_helper(helper, registry.lower())
         host = registry.lower()
         if host in DOCKER_HUB_ALIASES:  # docker login writes "https://index.docker.io/v1/" for docker.io
             return next((self.auths[h] for h in ("index.docker.io", "docker.io", "registry-1.docker.io")
                          if h in self.auths), None)
         return self.auths.get(host)
 
+    def _from_helper(self, helper: str, host: str) -> tuple[str, str] | None:
+        cached = self._cache.get(host)
+        if cached is not None and self.clock() - cached[0] < HELPER_CACHE_S:
+            return cached[1]
+        program = f"docker-credential-{helper}"
+        server = DOCKER_HUB_SERVER if host in DOCKER_HUB_ALIASES else host
+        status, out, err = self.run(program, server)
+        if status != 0:
+            if "credentials not found" in (out + err).lower():
+                self._cache[host] = (self.clock(), None)
+                return None
+            raise RegistryError(f"{program} get {server}: exit {status}: {(err or out).strip()[:300]}",
+                                hint=f"check that {program} is on the PATH and logged in (docker login {host})")
+        pair = parse_helper_output(out, program)
+        self._cache[host] = (self.clock(), pair)
+        return pair
+
     def describe(self, registry: str) -> str:
         """Where an operator fixes the credentials for `registry`: file and key."""
+        helper = self.helper_for(registry)
+        if helper:
+            return f"docker-credential-{helper} (named by {self.path or 'image.auth_file'}; docker login {registry})"
         where = str(self.path) if self.path is not None else "the file named by image.auth_file"
         return f'"auths" -> "{registry}" in {where} (image.auth_file)'
 
 
-def parse_auths(doc: Mapping[str, Any], source: str) -> tuple[dict[str, tuple[str, str]], list[str]]:
-    """Map the "auths" object of a config.json to {registry: (user, password)}.
+def parse_helpers(doc: Mapping[str, Any], source: str) -> tuple[dict[str, str], str]:
+    """credHelpers ({registry: helper}) and credsStore (a helper), names checked: each becomes a program name."""
+    valid = "a helper name such as \"ecr-login\" (the program docker-credential-<name>)"
+    store = doc.get("credsStore", "")
+    if not isinstance(store, str) or (store and not HELPER_NAME_RE.match(store)):
+        raise ConfigError(source, "credsStore", f"{store!r} is not a helper name", valid)
+    raw = doc.get("credHelpers", {})
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "credHelpers", "must be an object", '{"registry host": "helper name"}')
+    helpers: dict[str, str] = {}
+    for key, name in raw.items():
+        registry = registry_from_key(key)
+        if registry is None or not isinstance(name, str) or not HELPER_NAME_RE.match(name):
+            raise ConfigError(source, f"credHelpers.{key}", f"{name!r} is not a helper name", valid)
+        helpers[registry] = name
+    return helpers, store
 
-    Also returns the unsupported helpers and token entries it found (not an error).
+
+def parse_helper_output(out: str, program: str) -> tuple[str, str]:
+    """A helper's answer: {"Username", "Secret"} -> (user, secret); anything else is an error."""
+    hint = f'try `echo REGISTRY | {program} get`: it must print {{"Username": ..., "Secret": ...}}'
+    if len(out) > HELPER_OUTPUT_MAX_BYTES:
+        raise RegistryError(f"{program}: more than {HELPER_OUTPUT_MAX_BYTES} bytes of output", hint=hint)
+    try:
+        doc = json.loads(out)
+    except ValueError:
+        raise RegistryError(f"{program}: its answer is not JSON", hint=hint) from None
+    user, secret = (doc.get("Username"), doc.get("Secret")) if isinstance(doc, dict) else (None, None)
+    if not isinstance(user, str) or not isinstance(secret, str) or not user or not secret:
+        raise RegistryError(f"{program}: its answer has no Username and Secret strings", hint=hint)
+    return user, secret
+
+
+def parse_auths(doc: Mapping[str, Any], source: str) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """Map the "auths" object of a config.json to {registry: (user, password)}; an "identitytoken"
+    becomes ("<token>", token), as docker uses it.
+
+    Also returns the unsupported token entries it found (not an error).
     """
     unsupported: list[str] = []
-    store = doc.get("credsStore")
-    if store:
-        unsupported.append(f"credsStore={store}")
-    helpers = doc.get("credHelpers")
-    if isinstance(helpers, dict):
-        unsupported.extend(f"credHelpers[{host}]" for host in helpers)
-    elif helpers is not None:
-        raise ConfigError(source, "credHelpers", "must be an object")
     raw = doc.get("auths", {})
     if not isinstance(raw, dict):
         raise ConfigError(source, "auths", "must be an object", valid='{"host:port": {"auth": "..."}}')
@@ -107,6 +206,11 @@ def parse_entry(entry: Mapping[str, Any], source: str, where: str) -> tuple[str,
 
     None for an entry with neither (docker leaves `{}` behind when a helper holds the secret).
     """
+    token = entry.get("identitytoken")
+    if token:
+        if not isinstance(token, str):
+            raise ConfigError(source, f"{where}.identitytoken", "must be a string")
+        return IDENTITY_TOKEN_USER, token
     auth = entry.get("auth")
     if auth:
         if not isinstance(auth, str):

@@ -615,3 +615,66 @@ def test_image_built_by_umoci_and_pushed_by_skopeo(registry: RegistryServer, tmp
     for i, layer in enumerate(resolved.layers):
         client.fetch_blob(resolved.reference, layer, tmp_path / f"layer{i}")
     assert client.fetch_config(resolved.reference, resolved.config)["os"] == "linux"
+
+
+# --- credential helpers and identity tokens (as docker uses them) ------------------------------------
+
+
+def helper_program(directory: Path, name: str, answer: Path) -> None:
+    """docker-credential-<name>: a program speaking the helper protocol (`get`, the server on stdin, JSON out),
+    answering what `answer` holds at the time it runs, logging each server it was asked for."""
+    script = directory / f"docker-credential-{name}"
+    script.write_text(f'#!/bin/sh\n[ "$1" = get ] || exit 2\nread -r server\necho "$server" >> {directory}/asked\n'
+                      f'if [ -s {answer} ]; then cat {answer}; else echo "credentials not found in native keychain";'
+                      " exit 1; fi\n")
+    script.chmod(0o755)
+
+
+def test_a_credential_helper_is_run_as_docker_runs_it_and_read_again_when_refused(
+        basic_registry: RegistryServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """credHelpers names the helper for this registry; its answer is kept, and asked for again once the registry
+    refuses it (a rotated short-lived password)."""
+    image = simple_image(basic_registry, "t/helper", "v1")
+    answer = tmp_path / "answer.json"
+    helper_program(tmp_path, "nvtest", answer)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    (tmp_path / "auth.json").write_text(json.dumps({"credHelpers": {basic_registry.host: "nvtest"},
+                                                    "auths": {basic_registry.host: {}}}))
+    creds = Credentials.load(tmp_path / "auth.json")
+    client, _ = client_for(basic_registry.host, credentials=creds)
+    target = ref(basic_registry.host, "t/helper", "v1")
+
+    answer.write_text(json.dumps({"ServerURL": basic_registry.host, "Username": USER, "Secret": "expired"}))
+    with pytest.raises(RegistryError, match=r"requires a login|access denied") as info:
+        client.resolve(target, AMD64)
+    assert info.value.hint is not None and "docker-credential-nvtest" in info.value.hint
+    answer.write_text(json.dumps({"ServerURL": basic_registry.host, "Username": USER, "Secret": PASSWORD}))
+    assert client.resolve(target, AMD64).reference.digest == image.digest
+    assert client.resolve(target, AMD64).reference.digest == image.digest
+    asked = (tmp_path / "asked").read_text().splitlines()
+    assert asked == [basic_registry.host, basic_registry.host], "asked once per refusal, then kept"
+
+    answer.write_text("")  # the helper has nothing for it: anonymous, refused by this registry
+    (tmp_path / "auth.json").write_text(json.dumps({"credsStore": "nvtest"}))
+    client, _ = client_for(basic_registry.host, credentials=Credentials.load(tmp_path / "auth.json"))
+    with pytest.raises(RegistryError, match="requires a login") as info:
+        client.resolve(target, AMD64)
+    assert info.value.hint is not None and "docker-credential-nvtest" in info.value.hint
+
+
+def test_an_identity_token_is_exchanged_at_the_token_realm(token_registry: RegistryServer, token_server: TokenServer,
+                                                          tmp_path: Path) -> None:
+    """`docker login` to an OAuth registry leaves an identity token: it is a refresh token, POSTed to the realm."""
+    image = simple_image(token_registry, "t/identity", "v1")
+    token_server.refresh_tokens["refresh-abc"] = USER
+    (tmp_path / "auth.json").write_text(json.dumps({"auths": {token_registry.host: {"identitytoken": "refresh-abc"}}}))
+    client, _ = client_for(token_registry.host, token_server.host, credentials=Credentials.load(tmp_path / "auth.json"))
+    assert client.resolve(ref(token_registry.host, "t/identity", "v1"), AMD64).reference.digest == image.digest
+    form = token_server.posts[-1]
+    assert (form["grant_type"], form["refresh_token"], form["scope"]) == (
+        ["refresh_token"], ["refresh-abc"], ["repository:t/identity:pull"])
+
+    (tmp_path / "auth.json").write_text(json.dumps({"auths": {token_registry.host: {"identitytoken": "revoked"}}}))
+    client, _ = client_for(token_registry.host, token_server.host, credentials=Credentials.load(tmp_path / "auth.json"))
+    with pytest.raises(RegistryError, match="token from"):
+        client.resolve(ref(token_registry.host, "t/identity", "v1"), AMD64)

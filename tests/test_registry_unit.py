@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from agent.credentials import Credentials, registry_from_key
+from agent.credentials import HELPER_CACHE_S, Credentials, registry_from_key
 from agent.errors import ConfigError, RegistryError
 from agent.fetch.auth import Challenge, parse_retry_after, parse_www_authenticate
 from agent.fetch.manifest import (
@@ -379,7 +380,7 @@ def test_bad_descriptors_never_reach_the_network(tmp_path: Path, desc: Descripto
 def test_oversized_config_is_refused_before_download() -> None:
     """A config descriptor larger than the cap is refused without a request."""
     client = RegistryClient(session=NoNetwork())
-    with pytest.raises(RegistryError, match="limit for a config"):
+    with pytest.raises(RegistryError, match=r"config sha256:.*more than the 4194304-byte limit"):
         client.fetch_config(Reference("reg.example", "a", "t"), Descriptor("x", DIGEST, 1 << 30))
 
 
@@ -461,21 +462,74 @@ def test_missing_credentials_file_is_empty(tmp_path: Path) -> None:
     assert creds.path == tmp_path / "absent.json"
 
 
-def test_helpers_are_reported_not_fatal() -> None:
-    """credsStore, credHelpers and identity tokens are listed in unsupported_helpers; the rest still works."""
+def test_helpers_and_identity_tokens_are_read_as_docker_reads_them() -> None:
+    """credHelpers for its registries, credsStore for the rest, auths otherwise; an identity token is a
+    ("<token>", token) pair; registrytoken stays unsupported (listed, not fatal)."""
     doc = {
         "credsStore": "desktop",
-        "credHelpers": {"reg.example": "ecr-login"},
-        "auths": {"a.example": {"identitytoken": "tok"}, "b.example": {"auth": b64("u:p")}},
+        "credHelpers": {"reg.example": "ecr-login", "https://index.docker.io/v1/": "hub"},
+        "auths": {"a.example": {"identitytoken": "tok"}, "b.example": {"auth": b64("u:p")},
+                  "c.example": {"registrytoken": "x"}},
     }
-    creds = Credentials.parse(json.dumps(doc))
-    assert creds.unsupported_helpers == (
-        "credsStore=desktop",
-        "credHelpers[reg.example]",
-        "auths.a.example.identitytoken",
-    )
-    assert creds.lookup("b.example") == ("u", "p")
-    assert creds.lookup("a.example") is None
+    asked: list[tuple[str, str]] = []
+
+    def run(program: str, server: str) -> tuple[int, str, str]:
+        asked.append((program, server))
+        return 0, json.dumps({"ServerURL": server, "Username": program[-4:], "Secret": "s"}), ""
+
+    creds = replace(Credentials.parse(json.dumps(doc)), run=run)
+    assert creds.unsupported_helpers == ("auths.c.example.registrytoken",)
+    assert creds.lookup("reg.example") == ("ogin", "s")
+    assert creds.lookup("docker.io") == ("-hub", "s")
+    assert creds.lookup("b.example") == ("ktop", "s")  # credsStore holds every other registry, as in docker
+    assert asked == [("docker-credential-ecr-login", "reg.example"),
+                     ("docker-credential-hub", "https://index.docker.io/v1/"),
+                     ("docker-credential-desktop", "b.example")]
+    plain = Credentials.parse(json.dumps({"auths": doc["auths"]}))
+    assert plain.lookup("a.example") == ("<token>", "tok")
+    assert plain.lookup("b.example") == ("u", "p")
+
+
+@pytest.mark.parametrize(("status", "out", "err", "raised"), [
+    (1, "credentials not found in native keychain", "", None),
+    (1, "", "boom", "exit 1: boom"),
+    (0, "not json", "", "not JSON"),
+    (0, '{"Username": "u"}', "", "no Username and Secret"),
+    (0, '{"Username": "u", "Secret": 5}', "", "no Username and Secret"),
+])
+def test_a_helper_that_fails_or_answers_nonsense(status: int, out: str, err: str, raised: str | None) -> None:
+    creds = replace(Credentials.parse('{"credsStore": "x"}'), run=lambda _p, _s: (status, out, err))
+    if raised is None:
+        assert creds.lookup("reg.example") is None
+        return
+    with pytest.raises(RegistryError, match=raised) as info:
+        creds.lookup("reg.example")
+    assert info.value.hint is not None and "docker-credential-x" in info.value.hint
+
+
+def test_a_helper_answer_is_kept_a_while_and_dropped_when_refused() -> None:
+    now = [0.0]
+    calls: list[str] = []
+
+    def run(_program: str, server: str) -> tuple[int, str, str]:
+        calls.append(server)
+        return 0, json.dumps({"Username": "u", "Secret": f"s{len(calls)}"}), ""
+
+    creds = replace(Credentials.parse('{"credsStore": "x"}'), run=run, clock=lambda: now[0])
+    assert creds.lookup("r.example") == ("u", "s1")
+    now[0] = HELPER_CACHE_S - 1
+    assert creds.lookup("r.example") == ("u", "s1")
+    now[0] = HELPER_CACHE_S + 1
+    assert creds.lookup("r.example") == ("u", "s2")
+    creds.forget("R.example")
+    assert creds.lookup("r.example") == ("u", "s3")
+
+
+@pytest.mark.parametrize("doc", ['{"credsStore": "../../bin/sh"}', '{"credsStore": 5}',
+                                 '{"credHelpers": {"reg.example": "a b"}}', '{"credHelpers": {"reg.example": ""}}'])
+def test_helper_names_that_are_no_program_name_are_refused(doc: str) -> None:
+    with pytest.raises(ConfigError, match="not a helper name"):
+        Credentials.parse(doc)
 
 
 def test_credentials_repr_hides_passwords(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import tenacity
 import urllib3
 
 from agent import failpoints
-from agent.credentials import Credentials
+from agent.credentials import IDENTITY_TOKEN_USER, Credentials
 from agent.errors import (
     AgentError,
     Cancelled,
@@ -397,6 +397,7 @@ class RegistryClient:
             return
         detail = _error_detail(resp)
         if status in (401, 403):
+            self._credentials.forget(registry)  # a helper's short-lived secret is asked for again next time
             raise RegistryError(f"{what}: access denied ({detail})", hint=self._denied_hint(registry))
         if status == 404:
             raise ImageMissing(f"{what}: not found ({detail})", hint=missing)
@@ -407,6 +408,9 @@ class RegistryClient:
 
     def _denied_hint(self, registry: str) -> str:
         where = self._credentials.describe(registry)
+        helper = self._credentials.helper_for(registry)
+        if helper:  # not run again just for a hint: its answer was what was refused, or nothing
+            return f"check what docker-credential-{helper} holds for {registry} (docker login {registry}); {where}"
         if self._credentials.lookup(registry) is None:
             return f"no credentials for {registry}: add them to {where}"
         return f"check the user and password for {registry} in {where}"
@@ -421,7 +425,7 @@ class RegistryClient:
 
     def _basic_header(self, registry: str) -> str | None:
         pair = self._credentials.lookup(registry)
-        if pair is None:
+        if pair is None or pair[0] == IDENTITY_TOKEN_USER:  # a refresh token is only for the token realm
             return None
         return "Basic " + b64encode(f"{pair[0]}:{pair[1]}".encode()).decode("ascii")
 
@@ -454,8 +458,13 @@ class RegistryClient:
         query = {"scope": challenge.params.get("scope") or scope}
         if challenge.params.get("service"):
             query["service"] = challenge.params["service"]
-        url = realm + ("&" if parts.query else "?") + urlencode(query)
-        resp, _ = self._send(url, {}, self._basic_header(registry), what)
+        pair = self._credentials.lookup(registry)
+        if pair is not None and pair[0] == IDENTITY_TOKEN_USER:  # OAuth2 refresh token, as docker exchanges it
+            form = {"grant_type": "refresh_token", "refresh_token": pair[1], "client_id": "nvidia-agent", **query}
+            resp, _ = self._send(realm, {}, None, what, form=form)
+        else:
+            url = realm + ("&" if parts.query else "?") + urlencode(query)
+            resp, _ = self._send(url, {}, self._basic_header(registry), what)
         try:
             self._raise_for_status(resp, registry, f"{what}: token from {realm}", "check the token realm")
             body = self._read_capped(resp, TOKEN_MAX_BYTES, what)
@@ -478,9 +487,11 @@ class RegistryClient:
         return token
 
     def _send(
-        self, url: str, headers: Mapping[str, str], authorization: str | None, what: str
+        self, url: str, headers: Mapping[str, str], authorization: str | None, what: str,
+        form: Mapping[str, str] | None = None,
     ) -> tuple[requests.Response, str]:
-        """GET `url`, following redirects ourselves: Authorization goes only to the first host."""
+        """GET `url` (POST `form` when given, never redirected), following redirects ourselves:
+        Authorization goes only to the first host."""
         origin = urlsplit(url).netloc
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)
@@ -492,19 +503,22 @@ class RegistryClient:
             sent = {"User-Agent": "nvidia-agent", "Accept-Encoding": "identity", **headers}
             if authorization is not None and parts.netloc == origin:
                 sent["Authorization"] = authorization
-            resp = self._request(url, sent, what)
-            if resp.status_code in _REDIRECTS and resp.headers.get("Location"):
+            resp = self._request(url, sent, what, form)
+            if form is None and resp.status_code in _REDIRECTS and resp.headers.get("Location"):
                 url = urljoin(url, resp.headers["Location"])
                 resp.close()
                 continue
             return resp, url
         raise RegistryError(f"{what}: more than {MAX_REDIRECTS} redirects")
 
-    def _request(self, url: str, headers: Mapping[str, str], what: str) -> requests.Response:
+    def _request(self, url: str, headers: Mapping[str, str], what: str,
+                 form: Mapping[str, str] | None = None) -> requests.Response:
         netloc = urlsplit(url).netloc
         try:
-            return self._session.get(
+            return self._session.request(
+                "GET" if form is None else "POST",
                 url,
+                data=dict(form) if form is not None else None,
                 headers=dict(headers),
                 stream=True,
                 timeout=self._timeout_s,

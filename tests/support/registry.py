@@ -105,6 +105,8 @@ class TokenServer:
         self.users = dict(users)
         self.anonymous_pull = anonymous_pull
         self.requests: list[tuple[str | None, str]] = []
+        self.refresh_tokens: dict[str, str] = {}  # OAuth2 refresh (docker's identity) token -> user
+        self.posts: list[dict[str, list[str]]] = []  # the forms of the refresh-token requests
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test token signer")])
         now = dt.datetime.now(dt.UTC)
@@ -189,6 +191,22 @@ class TokenServer:
                     return
                 token = server.issue(user or "", server._grant(user, scopes))
                 self._answer(200, {"token": token, "access_token": token, "expires_in": TOKEN_TTL_S})
+
+            def do_POST(self) -> None:
+                """distribution's OAuth2 token endpoint (docs/spec/auth/oauth.md), refresh_token grant only."""
+                length = int(self.headers.get("Content-Length") or 0)
+                form = parse_qs(self.rfile.read(length).decode())
+                server.posts.append(form)
+                user = server.refresh_tokens.get(form.get("refresh_token", [""])[0])
+                if form.get("grant_type") != ["refresh_token"] or not form.get("client_id") or user is None:
+                    self._answer(400, {"error": "invalid_grant"})
+                    return
+                if form.get("service") != [TOKEN_SERVICE]:
+                    self._answer(400, {"error": "invalid_request", "error_description": "unknown service"})
+                    return
+                scopes = " ".join(form.get("scope", [])).split()
+                token = server.issue(user, server._grant(user, scopes))
+                self._answer(200, {"access_token": token, "expires_in": TOKEN_TTL_S, "scope": " ".join(scopes)})
 
             def _answer(self, status: int, body: dict[str, Any], *, challenge: bool = False) -> None:
                 data = json.dumps(body).encode()
