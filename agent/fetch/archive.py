@@ -194,7 +194,10 @@ class ArchiveReader:
 
     def images(self, platform: Platform) -> list[ArchiveImage]:
         """Every image for `platform`; an archive without one is refused naming what it has."""
-        found = self._oci(platform) if self.scanned.kind == "oci" else self._docker(platform)
+        try:
+            found = self._oci(platform) if self.scanned.kind == "oci" else self._docker(platform)
+        except RegistryError as exc:  # the shared parsing speaks of registries; here it is the archive's fault
+            raise ImageRejected(f"{self.what}: {exc.message}", hint="make the archive again") from exc
         if not found:
             raise ImageRejected(f"{self.what}: no image in it", hint="check what was archived")
         return found
@@ -263,6 +266,12 @@ class ArchiveReader:
             raise ImageRejected(f"{what}: built for {have}, not {platform}", hint=f"archive an image built for "
                                 f"{platform}")
         layer_diff_ids(config, len(image.layers))
+        for n, layer in enumerate(image.layers):  # every layer in the archive, at its descriptor's size
+            held = self._by_digest.get(layer.digest)
+            if held is None:
+                raise ImageRejected(f"{what}: layer {n} ({layer.digest}) is not in the archive",
+                                    hint="the archive is incomplete; make it again")
+            check_blob(held.size, held.digest, layer, f"{what}: layer {n}")
         manifest = self._by_digest[image.reference.digest or ""]
         return ArchiveImage(names, image, Descriptor(image.media_type, manifest.digest, manifest.size),
                             image.config.digest)

@@ -91,6 +91,16 @@ class EngineSource:
         return ImageMissing(message)
 
     def resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
+        try:
+            return self._resolve(ref, platform)
+        except (RegistryError, RegistryUnavailable) as exc:
+            if self.pull or isinstance(exc, ImageMissing):
+                raise
+            # auto: an engine that fails is no reason not to pull from the registry
+            log.warning("engine_skipped", image=docker_name(ref), error=exc.message)
+            raise ImageMissing(f"the docker engine failed: {exc.message}") from exc
+
+    def _resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
         name = docker_name(ref)
         client = self._client()
         try:
