@@ -11,11 +11,16 @@ from agent.errors import Cancelled
 BEAT_SLICE_S = 5.0  # a sleep still shows the worker alive at least this often
 
 
-def next_delay_s(failures: int, initial_s: float, max_s: float) -> float:
-    """Exponential backoff: initial, 2x, 4x, ... capped at max."""
+JITTER_SPREAD = 0.25  # the last quarter of each backoff is random: hosts that failed together retry apart
+
+
+def next_delay_s(failures: int, initial_s: float, max_s: float, jitter: float = 0.0) -> float:
+    """Exponential backoff: initial, 2x, 4x, ... capped at max; `jitter` in [0, 1) (random.random())
+    takes up to JITTER_SPREAD of it off, so a fleet that lost its registry together does not come
+    back to it in lockstep."""
     if failures <= 0:
         return 0.0
-    return float(min(max_s, initial_s * (2 ** min(failures - 1, 30))))
+    return float(min(max_s, initial_s * (2 ** min(failures - 1, 30))) * (1 - JITTER_SPREAD * jitter))
 
 
 class Cancel:

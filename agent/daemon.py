@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import random
 import select
 import signal
 import socket
@@ -548,7 +549,7 @@ def _schedule(agent: Agent, phase: Phase, failures: int) -> tuple[int, float]:
             return 0, min(settings.check_interval_s, agent.settings.update.poll_s)
         return 0, settings.check_interval_s
     failures += 1
-    return failures, next_delay_s(failures, settings.retry_initial_s, settings.retry_max_s)
+    return failures, next_delay_s(failures, settings.retry_initial_s, settings.retry_max_s, random.random())  # noqa: S311
 
 
 def _report_ready(readiness: Readiness, agent: Agent, log: Any) -> None:

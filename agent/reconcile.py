@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -467,7 +468,8 @@ class Agent:
             self._next(t, source, "staging", "interrupted to put the overlay back; resumed next pass")
             return
         except AgentError as exc:
-            delay = next_delay_s(failures + 1, self.settings.daemon.retry_initial_s, self.settings.daemon.retry_max_s)
+            delay = next_delay_s(failures + 1, self.settings.daemon.retry_initial_s, self.settings.daemon.retry_max_s,
+                                 random.random())  # noqa: S311 - jitter, not a secret
             with self._request_lock:
                 self._stage_retry = (t.os_key, failures + 1, time.monotonic() + delay)
             missing = isinstance(exc, ImageMissing)

@@ -235,8 +235,10 @@ def test_phase_events_are_captured_as_structlog_events() -> None:
 
 @pytest.mark.parametrize(("failures", "delay"), [(0, 0), (1, 10), (2, 20), (3, 40), (7, 600), (100, 600)])
 def test_backoff_doubles_and_caps(failures: int, delay: float) -> None:
-    """Retries back off exponentially from retry_initial_s up to retry_max_s."""
+    """Retries back off exponentially from retry_initial_s up to retry_max_s; jitter takes at most a quarter off."""
     assert next_delay_s(failures, 10, 600) == delay
+    assert next_delay_s(failures, 10, 600, 0.999) == pytest.approx(delay * (1 - 0.25 * 0.999))
+    assert delay * 0.75 <= next_delay_s(failures, 10, 600, 0.5) <= delay
 
 
 def test_lock_refuses_a_second_holder(tmp_path: Path) -> None:
