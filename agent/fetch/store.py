@@ -116,8 +116,8 @@ class BlobStore:
         self._trusted.add(desc.digest)
         return path
 
-    def _intact(self, path: Path, desc: Descriptor, cancelled: Callable[[], bool]) -> bool:
-        if desc.digest in self._trusted and path.stat().st_size == desc.size:
+    def _intact(self, path: Path, desc: Descriptor, cancelled: Callable[[], bool], *, trust: bool = True) -> bool:
+        if trust and desc.digest in self._trusted and path.stat().st_size == desc.size:
             return True
         digest = hashlib.sha256()
         size = 0
@@ -195,7 +195,7 @@ class BlobStore:
         path = self.path(desc.digest)
         if not path.is_file():
             raise ImageMissing(f"{what}: blob {desc.digest} is not in {self._dir}", hint="import the image again")
-        if not self._intact(path, desc, cancelled):
+        if not self._intact(path, desc, cancelled, trust=False):
             if cancelled():
                 raise Cancelled(f"{what}: cancelled")
             raise DigestMismatch(f"{what}: blob {desc.digest} in {self._dir} does not match its digest "
