@@ -222,6 +222,15 @@ def _trust(host: HostRoot, settings: Settings) -> Trust | None:
     return load_trust(host(verify.public_key), verify.public_key, verify.match_repository)
 
 
+def _image_name(text: str, option: str) -> Reference:
+    """An image name for --as / --remove: a whole reference with a tag (docker's short forms read as docker
+    reads them), never a digest: an imported image is found by its name."""
+    ref = normalize(text)
+    if ref.digest or text.rsplit("/", 1)[-1].find(":") < 0:
+        raise ValueError(f"{option} {text!r}: name the image with a tag, REGISTRY/REPOSITORY:TAG (no digest)")
+    return ref
+
+
 def cmd_import(host: HostRoot, settings: Settings, args: argparse.Namespace) -> int:
     store = ImageStore(host(IMAGES_DIR))
     if args.list:
@@ -229,8 +238,8 @@ def cmd_import(host: HostRoot, settings: Settings, args: argparse.Namespace) -> 
             print(f"{e.name}  {e.manifest.digest}  {e.manifest.size + 0} bytes of manifest  from {e.source}")
         return ExitCode.OK
     try:
-        as_ref = normalize(args.as_ref) if args.as_ref else None
-        remove = normalize(args.remove) if args.remove else None
+        as_ref = _image_name(args.as_ref, "--as") if args.as_ref else None
+        remove = _image_name(args.remove, "--remove") if args.remove else None
     except ValueError as exc:
         print(f"nvidia-agent import: {exc}", file=sys.stderr)
         return ExitCode.USAGE
@@ -248,7 +257,7 @@ def cmd_import(host: HostRoot, settings: Settings, args: argparse.Namespace) -> 
     try:
         named = store.import_path(args.path.absolute(), Platform.host(), default=default, as_ref=as_ref)
     except AgentError as exc:
-        print(f"nvidia-agent import: {args.path}: refused: {exc}" + (f"\n  {exc.hint}" if exc.hint else ""),
+        print(f"nvidia-agent import: {args.path}: refused: {exc.message}" + (f"\n  {exc.hint}" if exc.hint else ""),
               file=sys.stderr)
         return ExitCode.FAILED
     for ref, image in named:
@@ -281,7 +290,7 @@ def cmd_preflight(host: HostRoot, settings: Settings, args: argparse.Namespace) 
                              workdir=host(str(args.workdir)),
                              on_phase=lambda name, ctx: logger.info(name, **ctx) if name != "installing" else None)
     except AgentError as exc:
-        print(f"nvidia-agent: preflight failed for {args.os_version} / {args.kernel}: {exc}"
+        print(f"nvidia-agent: preflight failed for {args.os_version} / {args.kernel}: {exc.message}"
               + (f"\n  {exc.hint}" if exc.hint else ""), file=sys.stderr)
         return ExitCode.FAILED
     except ValueError as exc:  # a kernel or version that cannot name an image (render_tag, os_key)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import binascii
 import json
 import re
+import shutil
 import time
 from base64 import b64decode
 from collections.abc import Callable, Mapping
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import structlog
+
 from agent import subp
 from agent.errors import ConfigError, RegistryError
 from agent.reference import DOCKER_HUB_ALIASES
@@ -30,6 +33,7 @@ from agent.reference import DOCKER_HUB_ALIASES
 # Keys of an "auths" entry that carry secrets for features this agent does not implement.
 _UNSUPPORTED_ENTRY_KEYS = ("registrytoken",)
 IDENTITY_TOKEN_USER = "<token>"  # noqa: S105 - a marker: the secret is an identity (refresh) token
+log = structlog.get_logger(__name__)
 HELPER_CACHE_S = 300.0
 HELPER_TIMEOUT_S = 30.0
 HELPER_OUTPUT_MAX_BYTES = 64 * 1024
@@ -40,11 +44,15 @@ Helper = Callable[[str, str], tuple[int, str, str]]  # (program, stdin) -> (exit
 
 def run_helper(program: str, server: str) -> tuple[int, str, str]:
     """`program get` with `server` on stdin, as docker runs a credential helper."""
+    if shutil.which(program) is None:
+        return 127, "", f"{program}: not found on PATH"
     try:
         done = subp.run([program, "get"], input_text=server, check=False, timeout_s=HELPER_TIMEOUT_S)
-    except subp.SubpError as exc:
-        return 127, "", str(exc)
+    except subp.SubpError as exc:  # a timeout, or it could not be started
+        return 124, "", str(exc)
     return done.returncode, done.stdout, done.stderr
+
+
 _AUTH_FORMAT = 'base64 of "user:password"'
 
 
@@ -124,6 +132,10 @@ class Credentials:
         program = f"docker-credential-{helper}"
         server = DOCKER_HUB_SERVER if host in DOCKER_HUB_ALIASES else host
         status, out, err = self.run(program, server)
+        if status == 127:  # not installed (docker fails every pull then; a missing helper is no secret to use)
+            log.warning("credential_helper_missing", helper=program, registry=host, error=err.strip()[:200])
+            self._cache[host] = (self.clock(), None)
+            return None
         if status != 0:
             if "credentials not found" in (out + err).lower():
                 self._cache[host] = (self.clock(), None)
@@ -168,7 +180,7 @@ def parse_helper_output(out: str, program: str) -> tuple[str, str]:
         raise RegistryError(f"{program}: more than {HELPER_OUTPUT_MAX_BYTES} bytes of output", hint=hint)
     try:
         doc = json.loads(out)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise RegistryError(f"{program}: its answer is not JSON", hint=hint) from None
     user, secret = (doc.get("Username"), doc.get("Secret")) if isinstance(doc, dict) else (None, None)
     if not isinstance(user, str) or not isinstance(secret, str) or not user or not secret:

@@ -130,6 +130,8 @@ class Agent:
         self.imported = ImageStore(host(IMAGES_DIR))
         image = settings.image
         self.engine = engine or engine_for(image.source, host(image.engine_socket), self.store, image.timeout_s)
+        # busy modules name their containers whenever an engine answers, even when it is no image source
+        self.containers = self.engine or EngineSource(host(image.engine_socket), self.store, pull=False)
         self.sources = sources_for(registry, self.store, mirrors=image.mirrors, imported=self.imported,
                                    engine=self.engine, trust=trust)
         self.snapshot = Snapshot(version=__version__, driver=settings.driver.version)
@@ -654,7 +656,7 @@ class Agent:
                 self.host(action.tree), self.host.root, action.parameters,
                 ours=frozenset({persisted} if persisted else ()),
                 before_unload=lambda: stop_persistenced(self.host.root, self.systemd),
-                containers=self.engine.container_names if self.engine is not None else None)
+                containers=self.containers.container_names)
         except AgentError:
             if action.fallback:
                 self._roll_back(action.fallback, action.parameters)

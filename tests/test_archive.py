@@ -5,9 +5,11 @@ ImageRejected / DigestMismatch; nothing is ever written outside the store."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.errors import DigestMismatch, ImageRejected
-from agent.fetch.archive import ArchiveReader, scan_tar
+from agent.fetch.archive import ArchiveReader, scan_layout, scan_tar
+from agent.fetch.imported import ImageStore
 from agent.fetch.manifest import Platform
 from agent.fetch.store import BlobStore
 
@@ -173,3 +176,81 @@ def test_damaged_archives_are_read_consistently_or_refused(tmp_path_factory: pyt
         assert found.image.config.digest == found.config_digest
     outside = [p for p in tmp.rglob("*") if not str(p).startswith(str(tmp / "store"))]
     assert outside == [], "nothing is written outside the store"
+
+
+def test_a_bare_tag_names_the_image_only_when_the_archive_gives_no_whole_name(tmp_path: Path) -> None:
+    """docker >= 25 and containerd write both; the tag alone would file another repository's image under ours."""
+    members = oci_archive(LAYERS)
+    index = json.loads(members[1].data)
+    index["manifests"][0]["annotations"]["io.containerd.image.name"] = "other.example/vendor/driver:1"
+    members[1].data = json.dumps(index).encode()
+    _, images = read(tmp_path, render(members))
+    assert images[0].names == ("other.example/vendor/driver:1",)
+
+
+def test_images_for_other_platforms_are_left_out_and_only_those_is_refused(tmp_path: Path) -> None:
+    arm = json.loads(config_for(LAYERS))
+    arm["architecture"] = "arm64"
+    members = docker_archive(LAYERS)
+    manifest = json.loads(members[-1].data)
+    members.insert(-1, Member("arm.json", json.dumps(arm).encode()))
+    members[-1].data = json.dumps([{**manifest[0], "Config": "arm.json", "RepoTags": ["reg.example/d:arm"]},
+                                   *manifest]).encode()
+    _, images = read(tmp_path / "both", render(members))
+    assert [i.names for i in images] == [("reg.example/nvidia/driver:1",)]
+    members[-1].data = json.dumps([{**manifest[0], "Config": "arm.json"}]).encode()
+    with pytest.raises(ImageRejected, match="no image for linux/amd64 in it, only for linux/arm64"):
+        read(tmp_path / "arm", render(members))
+
+
+def test_an_index_keeps_its_digest_for_pins_and_signatures(tmp_path: Path) -> None:
+    members = oci_archive(LAYERS)
+    inner = json.loads(members[1].data)["manifests"][0]
+    inner["platform"] = {"os": "linux", "architecture": "amd64"}
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": [inner]}).encode()
+    members.append(Member(f"blobs/sha256/{digest(index)[7:]}", index))
+    members[1].data = json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": digest(index), "size": len(index),
+         "annotations": {"org.opencontainers.image.ref.name": "1"}}]}).encode()
+    _, images = read(tmp_path, render(members))
+    assert images[0].image.index_digest == digest(index)
+    assert images[0].manifest.digest == inner["digest"]
+
+
+@pytest.mark.parametrize("bad", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000])
+def test_json_nested_past_the_parser_is_refused_not_a_crash(tmp_path: Path, bad: bytes) -> None:
+    for make, member in ((docker_archive, "manifest.json"), (oci_archive, "index.json")):
+        members = make(LAYERS)
+        next(m for m in members if m.name == member).data = bad
+        with pytest.raises(ImageRejected):
+            read(tmp_path / member, render(members))
+
+
+def test_a_budget_is_enforced_before_a_member_is_written(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "store")
+    written: list[str] = []
+    with pytest.raises(ImageRejected, match="refused before writing it"):
+        scan_tar(io.BytesIO(render(docker_archive(LAYERS))), store, "t", budget=15000, written=written)
+    assert len(written) == 1, "the first layer fit, the second would not"
+
+
+@pytest.mark.subprocess  # syncfs finds libc with ctypes.util, which runs ldconfig -p
+def test_a_broken_gzip_archive_is_refused(tmp_path: Path) -> None:
+    data = gzip.compress(render(docker_archive(LAYERS)))
+    path = tmp_path / "image.tar.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageRejected, match="gzip"):
+        ImageStore(tmp_path / "images").import_path(path, AMD64, default=None, as_ref=None)
+    path.write_bytes(data)
+    [(ref, _)] = ImageStore(tmp_path / "images").import_path(path, AMD64, default=None, as_ref=None)
+    assert str(ref) == "reg.example/nvidia/driver:1"
+
+
+def test_a_fifo_in_a_layout_directory_is_refused_not_waited_on(tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    (layout / "blobs/sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    os.mkfifo(layout / "index.json")
+    with pytest.raises(ImageRejected, match="not a regular file"):
+        scan_layout(layout, BlobStore(tmp_path / "store"), "layout")

@@ -106,6 +106,9 @@ def test_import_names_and_removal(tmp_path: Path, registry: RegistryServer, host
     path = tmp_path / "image.oci.tar"
     skopeo_copy(f"docker://{src}", f"oci-archive:{path}:whatever")
     other = f"{registry.host}/{REPO}:renamed"
+    for bad in (f"{other}@sha256:{'ab' * 32}", f"{registry.host}/{REPO}"):  # a digest, or no tag: no name to find
+        out = host.agent("import", "--as", bad, str(path))
+        assert out.returncode == 64 and "name the image with a tag" in out.stderr, out.stderr
     assert host.agent("import", "--as", other, str(path)).returncode == 0
     assert imported_names(host) == [other]
     assert len(stored_blobs(host)) == 3  # manifest, config, one layer

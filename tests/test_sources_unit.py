@@ -10,10 +10,19 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent.errors import DigestMismatch, ImageMissing, RegistryError, RegistryUnavailable
+from agent.errors import (
+    Cancelled,
+    DigestMismatch,
+    HostError,
+    ImageMissing,
+    ImageRejected,
+    RegistryError,
+    RegistryUnavailable,
+)
+from agent.fetch.engine import _same_repository
 from agent.fetch.manifest import OCI_MANIFEST, Descriptor, Platform, ResolvedImage
 from agent.fetch.signature import SignatureRefused
-from agent.fetch.sources import Signature, Sources, Trust
+from agent.fetch.sources import AVOID_S, Signature, Sources, Trust
 from agent.reference import Reference
 from support.cosign import generate, layer, signature_manifest, simple_signing_payload
 
@@ -70,12 +79,33 @@ def test_a_mirror_that_fails_is_skipped_with_a_warning(error: Exception) -> None
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["mirror_skipped"]
 
 
-@pytest.mark.parametrize("error", [RegistryUnavailable("down"), DigestMismatch("lies"), RegistryError("denied")])
-def test_what_the_engine_or_the_origin_says_beyond_missing_is_final(error: Exception) -> None:
-    with pytest.raises(type(error)):
-        Sources([Fake("engine", error=error), Fake("registry")]).resolve(REF, AMD64)
+@pytest.mark.parametrize("error", [RegistryUnavailable("down"), DigestMismatch("lies"), RegistryError("denied"),
+                                   ImageRejected("bad"), SignatureRefused("unsigned")])
+def test_only_the_origin_is_final_and_only_the_hosts_own_trouble_stops_early(error: Exception) -> None:
+    for name in ("imported", "engine", "mirror m.example"):
+        origin = Fake("registry")
+        with capture_logs() as logs:
+            assert Sources([Fake(name, error=error), origin]).resolve(REF, AMD64).origin == "registry"
+        assert any(e["log_level"] == "warning" and e.get("source") == name for e in logs), logs
     with pytest.raises(type(error)):
         Sources([Fake("mirror m", error=ImageMissing("x")), Fake("registry", error=error)]).resolve(REF, AMD64)
+    for own in (HostError("disk full"), Cancelled("stop")):
+        origin = Fake("registry")
+        with pytest.raises(type(own)):
+            Sources([Fake("engine", error=own), origin]).resolve(REF, AMD64)
+        assert origin.asked == []
+
+
+def test_a_mirror_that_fails_mid_install_is_left_out_for_a_while() -> None:
+    now = [0.0]
+    mirror, origin = Fake("mirror m"), Fake("registry")
+    sources = Sources([mirror, origin], clock=lambda: now[0])
+    image = sources.resolve(REF, AMD64)
+    assert image.origin == "mirror m"
+    sources.avoid(image, RegistryUnavailable("blob broke off"))
+    assert sources.resolve(REF, AMD64).origin == "registry"
+    now[0] = AVOID_S + 1
+    assert sources.resolve(REF, AMD64).origin == "mirror m"
 
 
 def test_a_pin_skips_a_source_with_another_image_and_refuses_at_the_origin() -> None:
@@ -111,12 +141,27 @@ def test_a_signature_is_looked_for_where_the_image_came_from_then_imported_then_
         Sources([Fake("registry", D1, signatures={D1: signed(other, D1)})], trust).resolve(REF, AMD64)
 
 
-def test_a_mirror_with_a_bad_signature_is_skipped_and_the_origin_decides() -> None:
+def test_a_signature_at_the_origin_serves_a_mirrored_image_and_an_unsigned_mirror_image_is_skipped() -> None:
+    """A stale .sig at the mirror does not hide the origin's good one for the same digest; an image that no
+    place holds a good signature for (D2 at the mirror) is skipped, and the origin's own decides."""
     key, other = generate(), generate()
     trust = Trust(key.private_key.public_key(), "cosign.pub")
     mirror = Fake("mirror m", D1, signatures={D1: signed(other, D1)})
     origin = Fake("registry", D1, signatures={D1: signed(key, D1)})
     with capture_logs() as logs:
-        assert Sources([mirror, origin], trust).resolve(REF, AMD64).origin == "registry"
+        assert Sources([mirror, origin], trust).resolve(REF, AMD64).origin == "mirror m"
+    assert [e.get("where") for e in logs if e["event"] == "signature_verified"] == ["registry"]
+    lying = Fake("mirror m", D2, signatures={D2: signed(other, D2)})
+    with capture_logs() as logs:
+        assert Sources([lying, origin], trust).resolve(REF, AMD64).origin == "registry"
     assert any(e["event"] == "mirror_skipped" for e in logs)
 
+
+@pytest.mark.parametrize(("named", "same"), [
+    ("nvidia/driver", False), ("reg.example/nvidia/driver", True), ("reg.example/other", False),
+])
+def test_the_engine_reads_repo_digests_as_docker_writes_them(named: str, same: bool) -> None:
+    assert _same_repository(named, REF) is same
+    hub = Reference("docker.io", "nvidia/driver", "535")
+    assert _same_repository("nvidia/driver", hub), "docker writes docker.io's names short"
+    assert not _same_repository("library/nvidia", hub)

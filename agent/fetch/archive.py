@@ -13,12 +13,15 @@ what names its content.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import posixpath
 import stat
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,6 +46,7 @@ from agent.fetch.manifest import (
     manifest_blobs,
     manifest_media_type,
     parse_descriptor,
+    parse_index,
     resolve_manifest,
     sha256_digest,
 )
@@ -59,6 +63,12 @@ MAX_MEMBERS = 10_000
 MAX_ARCHIVE_BYTES = 64 << 30
 MAX_LINK_HOPS = 8
 READ_BYTES = 1 << 20
+
+
+class _OtherPlatform(Exception):
+    def __init__(self, platform: str) -> None:
+        super().__init__(platform)
+        self.platform = platform
 
 
 @dataclass(frozen=True)
@@ -87,17 +97,30 @@ def _norm(name: str) -> str | None:
     return path.lstrip("/") or None
 
 
-def scan_tar(stream: IO[bytes], store: BlobStore, what: str,
-             cancelled: Callable[[], bool] = lambda: False) -> Scanned:
-    """Read an oci-archive or docker-archive stream: every regular file into `store` by digest."""
+def scan_tar(stream: IO[bytes], store: BlobStore, what: str, cancelled: Callable[[], bool] = lambda: False, *,
+             budget: int = MAX_ARCHIVE_BYTES, written: list[str] | None = None) -> Scanned:
+    """Read an oci-archive or docker-archive stream: every regular file into `store` by digest.
+
+    At most `budget` bytes are written (checked as they stream, not only between members); each
+    blob stored is appended to `written`, so a caller can take back what a refused archive left.
+    A stream that is not a valid gzip or tar is ImageRejected, like anything else malformed.
+    """
+    try:
+        return _scan_tar(stream, store, what, cancelled, budget=min(budget, MAX_ARCHIVE_BYTES), written=written)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise ImageRejected(f"{what}: not a valid gzip stream: {exc}") from None
+
+
+def _scan_tar(stream: IO[bytes], store: BlobStore, what: str, cancelled: Callable[[], bool], *, budget: int,
+              written: list[str] | None) -> Scanned:
     scanned = Scanned(kind="")
     reader = TarReader(stream)
     count = 0
+    stored = 0
     for member in reader:
         count += 1
-        if count > MAX_MEMBERS or reader.offset > MAX_ARCHIVE_BYTES:
-            raise ImageRejected(f"{what}: more than {MAX_MEMBERS} entries or {MAX_ARCHIVE_BYTES >> 30} GiB; "
-                                "not an image archive")
+        if count > MAX_MEMBERS:
+            raise ImageRejected(f"{what}: more than {MAX_MEMBERS} entries; not an image archive")
         name = _norm(member.name)
         if name is None or member.kind == DIR:
             continue
@@ -110,8 +133,15 @@ def scan_tar(stream: IO[bytes], store: BlobStore, what: str,
             continue
         if member.kind != FILE:
             raise ImageRejected(f"{what}: {member.name!r} is a {member.kind}; an image archive holds files")
+        if stored + member.size > budget:
+            raise ImageRejected(f"{what}: {name!r} takes it past {budget >> 20} MiB (what the disk, or "
+                                f"{MAX_ARCHIVE_BYTES >> 30} GiB, allows); refused before writing it",
+                                hint="make room, or check that this is the image archive you meant")
         desc = store.put(reader.data(), expect=_named(name, member.size), what=f"{what}: {name}",
                          cancelled=cancelled)
+        stored += desc.size
+        if written is not None:
+            written.append(desc.digest)
         scanned.files[name] = desc
     scanned.kind = _kind(scanned, what)
     return scanned
@@ -162,7 +192,7 @@ def _put_file(directory: Path, rel: str, expect: Descriptor | None, store: BlobS
               cancelled: Callable[[], bool]) -> Descriptor:
     path = directory / rel
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not hang us
     except OSError as exc:
         raise ImageRejected(f"{what}: cannot open {rel}: {exc.strerror}",
                             hint="an OCI image layout holds oci-layout, index.json and blobs/sha256/") from None
@@ -170,6 +200,7 @@ def _put_file(directory: Path, rel: str, expect: Descriptor | None, store: BlobS
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise ImageRejected(f"{what}: {rel} is not a regular file")
+        os.set_blocking(f.fileno(), True)
         if expect is not None:
             expect = Descriptor(expect.media_type, expect.digest, st.st_size)
         return store.put(_chunks(f), expect=expect, what=f"{what}: {rel}", cancelled=cancelled)
@@ -193,14 +224,28 @@ class ArchiveReader:
         self._by_digest = {d.digest: d for d in scanned.files.values()}
 
     def images(self, platform: Platform) -> list[ArchiveImage]:
-        """Every image for `platform`; an archive without one is refused naming what it has."""
+        """Every image for `platform` (images for others are left out); an archive with none is refused,
+        naming what it has."""
+        self._elsewhere: list[str] = []
         try:
             found = self._oci(platform) if self.scanned.kind == "oci" else self._docker(platform)
         except RegistryError as exc:  # the shared parsing speaks of registries; here it is the archive's fault
             raise ImageRejected(f"{self.what}: {exc.message}", hint="make the archive again") from exc
         if not found:
+            if self._elsewhere:
+                raise ImageRejected(f"{self.what}: no image for {platform} in it, only for "
+                                    f"{', '.join(sorted(set(self._elsewhere)))}",
+                                    hint=f"archive an image built for {platform}")
             raise ImageRejected(f"{self.what}: no image in it", hint="check what was archived")
         return found
+
+    def _for_platform(self, read: Callable[[], ArchiveImage]) -> ArchiveImage | None:
+        """The image `read` gives, or None (noted) when it is for another platform than this host's."""
+        try:
+            return read()
+        except _OtherPlatform as exc:
+            self._elsewhere.append(exc.platform)
+            return None
 
     def _file(self, path: str, limit: int) -> bytes:
         for _ in range(MAX_LINK_HOPS):
@@ -239,8 +284,13 @@ class ArchiveReader:
                 if desc.media_type not in IMAGE_MANIFEST_TYPES | INDEX_TYPES:
                     continue  # signatures, attestations, other artifacts
                 annotations = item.get("annotations") if isinstance(item.get("annotations"), dict) else {}
-                names = tuple(v for k in (FULL_NAME, REF_NAME) if isinstance(v := annotations.get(k), str) and v)
-                found.append(self._image(desc, names, platform))
+                # the whole name where the archive gives one (docker >= 25, containerd); a bare ref.name tag
+                # (skopeo's oci-archive:FILE:TAG) only without it, or a tag would name another repository
+                full, tag = annotations.get(FULL_NAME), annotations.get(REF_NAME)
+                names = (full,) if isinstance(full, str) and full else (tag,) if isinstance(tag, str) and tag else ()
+                image = self._for_platform(partial(self._image, desc, names, platform))
+                if image is not None:
+                    found.append(image)
         except ManifestError as exc:
             raise ImageRejected(f"{self.what}: {exc}", hint=exc.hint) from exc
         return found
@@ -256,15 +306,21 @@ class ArchiveReader:
         if signed is not None:
             return signed
         try:
+            media_type = self._get(desc.digest, "")[1]
+            if media_type in INDEX_TYPES:  # an index without this platform: the image is for others
+                entries = parse_index(load_json_object(body, f"index {desc.digest}"))
+                if not any(p is not None and platform.matches(p) for _, p in entries):
+                    raise _OtherPlatform("/".join(sorted({str(p) for _, p in entries if p})) or "no platform")
             image = resolve_manifest(placeholder, platform, self._get, what, "the archive is incomplete",
                                      origin="archive")
+        except ManifestError as exc:
+            raise ImageRejected(f"{what}: {exc}", hint=exc.hint) from exc
         except RegistryError as exc:
             raise ImageRejected(exc.message, hint=exc.hint) from exc
         config = self._config(image)
         have = config_platform(config)
         if image.index_digest is None and have is not None and not platform.matches(have):
-            raise ImageRejected(f"{what}: built for {have}, not {platform}", hint=f"archive an image built for "
-                                f"{platform}")
+            raise _OtherPlatform(str(have))
         layer_diff_ids(config, len(image.layers))
         for n, layer in enumerate(image.layers):  # every layer in the archive, at its descriptor's size
             held = self._by_digest.get(layer.digest)
@@ -301,11 +357,12 @@ class ArchiveReader:
     def _docker(self, platform: Platform) -> list[ArchiveImage]:
         try:
             doc = json.loads(self._file("manifest.json", MANIFEST_MAX_BYTES))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ImageRejected(f"{self.what}: manifest.json is not JSON: {exc}") from None
         if not isinstance(doc, list):
             raise ImageRejected(f"{self.what}: manifest.json is not a list of images")
-        return [self._docker_image(i, entry, platform) for i, entry in enumerate(doc)]
+        found = [self._for_platform(partial(self._docker_image, i, entry, platform)) for i, entry in enumerate(doc)]
+        return [image for image in found if image is not None]
 
     def _docker_image(self, i: int, entry: Any, platform: Platform) -> ArchiveImage:
         what = f"{self.what}: manifest.json entry {i}"
@@ -323,8 +380,7 @@ class ArchiveReader:
             raise ImageRejected(f"{what}: {exc}") from exc
         have = config_platform(config)
         if have is not None and not platform.matches(have):
-            raise ImageRejected(f"{what}: built for {have}, not {platform}",
-                                hint=f"archive an image built for {platform}")
+            raise _OtherPlatform(str(have))
         diff_ids = layer_diff_ids(config, len(layers))
         descs = []
         for n, (path, diff_id) in enumerate(zip(layers, diff_ids, strict=True)):

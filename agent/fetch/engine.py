@@ -24,12 +24,21 @@ import docker.errors
 import requests
 import structlog
 
-from agent.errors import ImageMissing, ImageRejected, RegistryError, RegistryUnavailable
+from agent.errors import (
+    AgentError,
+    Cancelled,
+    HostError,
+    ImageMissing,
+    ImageRejected,
+    RegistryError,
+    RegistryUnavailable,
+)
 from agent.fetch.archive import ArchiveReader, scan_tar
 from agent.fetch.manifest import Descriptor, Platform, ResolvedImage
 from agent.fetch.sources import Signature
 from agent.fetch.store import BlobStore
-from agent.reference import Reference
+from agent.install import fs
+from agent.reference import Reference, normalize
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +67,21 @@ class _ChunkReader(io.RawIOBase):
         return out
 
 
+def attrs_size(attrs: dict[str, Any]) -> int:
+    """The uncompressed size the engine reports for an image (its export is about that big)."""
+    size = attrs.get("Size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0
+
+
+def _same_repository(named: str, ref: Reference) -> bool:
+    """Whether a RepoDigests name (docker writes docker.io's short: `nvidia/driver`) is `ref`'s repository."""
+    try:
+        other = normalize(named)
+    except ValueError:
+        return False
+    return (other.registry, other.repository) == (normalize(ref.name).registry, ref.repository)
+
+
 def docker_name(ref: Reference) -> str:
     """How the engine names `ref` (registry/repository:tag)."""
     return f"{ref.name}:{ref.tag}" if ref.tag else ref.name
@@ -75,7 +99,8 @@ class EngineSource:
         self.pull = pull
         self.timeout_s = timeout_s
         self._make = client or (lambda url, timeout: docker.DockerClient(base_url=url, timeout=int(timeout)))
-        self._exported: dict[str, list[str]] = {}  # manifest digest -> the blobs its export stored
+        self._exported: dict[str, list[str]] = {}  # engine image ID -> the blobs its export stored
+        self._kept: dict[str, ResolvedImage] = {}  # engine image ID -> what its export resolved to
 
     def _client(self) -> Any:
         if not self.socket.exists():
@@ -93,15 +118,17 @@ class EngineSource:
     def resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
         try:
             return self._resolve(ref, platform)
-        except (RegistryError, RegistryUnavailable) as exc:
+        except (HostError, Cancelled):
+            raise
+        except AgentError as exc:
             if self.pull or isinstance(exc, ImageMissing):
                 raise
-            # auto: an engine that fails is no reason not to pull from the registry
+            # auto: an engine that fails, or holds an image that is refused, is no reason not to pull
             log.warning("engine_skipped", image=docker_name(ref), error=exc.message)
             raise ImageMissing(f"the docker engine failed: {exc.message}") from exc
 
     def _resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
-        name = docker_name(ref)
+        name = f"{ref.name}@{ref.digest}" if ref.digest else docker_name(ref)  # pinned: by digest, here too
         client = self._client()
         try:
             try:
@@ -110,7 +137,7 @@ class EngineSource:
                 if not self.pull:
                     raise ImageMissing(f"the docker engine has no image {name}") from None
                 log.info("engine_pull", image=name)
-                image = client.images.pull(ref.name, tag=ref.tag)
+                image = client.images.pull(name)
             return self._export(client, image, ref, platform)
         except docker.errors.ImageNotFound as exc:
             raise ImageMissing(f"the docker engine cannot pull {name}: {exc.explanation or exc}",
@@ -123,24 +150,46 @@ class EngineSource:
             client.close()
 
     def _export(self, client: Any, image: Any, ref: Reference, platform: Platform) -> ResolvedImage:
+        """The image as the engine exports it (`docker save`'s stream), read into the content store once per
+        image ID while its blobs are there; what a refused export left is taken back."""
         what = f"the docker engine's image {docker_name(ref)} ({image.id[:19]})"
         attrs = image.attrs
         have = Platform(str(attrs.get("Os") or "linux"), str(attrs.get("Architecture") or ""),
                         attrs.get("Variant") or None)
         if have.architecture and not platform.matches(have):
             raise ImageRejected(f"{what}: built for {have}, not {platform}")
-        stream = client.api.get_image(image.id, chunk_size=EXPORT_CHUNK_BYTES)
-        scanned = scan_tar(cast(IO[bytes], _ChunkReader(stream)), self.cache, what)
-        found = [i for i in ArchiveReader(scanned, self.cache, what).images(platform) if i.config_digest == image.id]
-        if not found:
-            raise ImageRejected(f"{what}: the engine's export holds no image with its ID")
-        chosen = found[0].image
-        stored = [d.digest for d in scanned.files.values()] + [chosen.reference.digest or ""]
-        self._exported[chosen.reference.digest or ""] = stored
-        pulled_by = next((d.partition("@")[2] for d in attrs.get("RepoDigests") or []
-                          if isinstance(d, str) and d.partition("@")[0] == ref.name), None)
+        chosen = self._kept.get(image.id)
+        if chosen is None or not all(self.cache.path(d).is_file() for d in self._exported.get(image.id, [])):
+            chosen = self._read_export(client, image, what, platform)
+        # the engine's word (it is root on this host): the registry digest it pulled this image by
+        pulled_by = next((digest for named, _, digest in (d.partition("@") for d in attrs.get("RepoDigests") or []
+                                                            if isinstance(d, str))
+                          if _same_repository(named, ref)), None)
         return replace(chosen, reference=ref.with_digest(chosen.reference.digest or ""), origin=ORIGIN,
                        index_digest=pulled_by or None)
+
+    def _read_export(self, client: Any, image: Any, what: str, platform: Platform) -> ResolvedImage:
+        size = attrs_size(image.attrs)
+        fs.check_space([(self.cache.root, size, "the docker engine's export of the image")])
+        written: list[str] = []
+        try:
+            stream = client.api.get_image(image.id, chunk_size=EXPORT_CHUNK_BYTES)
+            scanned = scan_tar(cast(IO[bytes], _ChunkReader(stream)), self.cache, what, written=written,
+                               budget=max(size * 2, 64 << 20))
+            # the image ID is the config digest (the classic store) or the manifest's (the containerd store)
+            images = ArchiveReader(scanned, self.cache, what).images(platform)
+            found = [i for i in images if image.id in (i.config_digest, i.manifest.digest, i.image.index_digest)]
+            if not found and len(images) == 1:
+                found = images
+            if not found:
+                raise ImageRejected(f"{what}: the engine's export holds no image with its ID")
+        except BaseException:
+            self.cache.discard(written)
+            raise
+        chosen = found[0].image
+        self._exported[image.id] = [*written, chosen.reference.digest or ""]
+        self._kept[image.id] = chosen
+        return chosen
 
     def config(self, image: ResolvedImage) -> dict[str, Any]:
         doc = json.loads(self.cache.read(image.config, 4 << 20, f"{image.reference}: config"))
@@ -155,7 +204,10 @@ class EngineSource:
         return self.cache.verified(desc, f"{image.reference}: layer from the docker engine", cancelled)
 
     def release(self, image: ResolvedImage) -> None:
-        self.cache.discard(d for d in self._exported.pop(image.reference.digest or "", []) if d)
+        for image_id, kept in list(self._kept.items()):
+            if kept.reference.digest == image.reference.digest:
+                self._kept.pop(image_id)
+                self.cache.discard(d for d in self._exported.pop(image_id, []) if d)
 
     def signature(self, image: ResolvedImage, digest: str) -> Signature | None:
         return None  # the engine keeps no signatures: they are looked for in the registry it pulled from

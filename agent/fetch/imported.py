@@ -53,13 +53,14 @@ from agent.fetch.signature import PAYLOAD_MAX_BYTES, signature_tag
 from agent.fetch.sources import Signature
 from agent.fetch.store import BlobStore, CachePolicy
 from agent.install import fs
-from agent.reference import Reference, normalize
+from agent.reference import DIGEST_RE, Reference, normalize
 from agent.state import write_atomic
 
 log = structlog.get_logger(__name__)
 
 IMAGES_DIR = "/var/lib/nvidia-agent/images"
 FROM = "io.nvidia-agent.imported-from"
+INDEX = "io.nvidia-agent.index-digest"  # the index the platform's manifest came from (pins and signatures name it)
 AT = "io.nvidia-agent.imported-at"
 ORIGIN = "imported"
 
@@ -70,6 +71,7 @@ class Entry:
     manifest: Descriptor
     source: str
     imported_at: float
+    index_digest: str | None = None
 
 
 def name_images(images: list[ArchiveImage], *, default: Reference | None, as_ref: Reference | None,
@@ -95,8 +97,8 @@ def name_images(images: list[ArchiveImage], *, default: Reference | None, as_ref
 
 def _name(text: str, default: Reference | None) -> Reference | None:
     try:
-        if default is not None and "/" not in text and ":" not in text and "@" not in text:
-            return Reference(default.registry, default.repository, tag=text)
+        if "/" not in text and ":" not in text and "@" not in text:  # a bare tag: the configured repository's
+            return Reference(default.registry, default.repository, tag=text) if default is not None else None
         ref = normalize(text)
     except ValueError:
         return None
@@ -132,9 +134,10 @@ class ImageStore:
                 desc = parse_descriptor(item, f"entry {i}")
                 notes = item.get("annotations") if isinstance(item.get("annotations"), dict) else {}
                 name, source, at = notes.get(FULL_NAME), notes.get(FROM, "?"), notes.get(AT, "0")
+                index = notes.get(INDEX)
                 if isinstance(name, str):
                     out.append(Entry(name, desc, str(source), float(at) if str(at).replace(".", "").isdigit()
-                                     else 0.0))
+                                     else 0.0, index if isinstance(index, str) and DIGEST_RE.match(index) else None))
         except ManifestError as exc:
             raise ImageRejected(f"{self.root / 'index.json'}: {exc}",
                                 hint=f"remove {self.root} and import the images again") from exc
@@ -155,7 +158,8 @@ class ImageStore:
             config, layers = parse_image_manifest(doc)
         except ManifestError as exc:
             raise ImageRejected(f"{what}: {exc}", hint=exc.hint) from exc
-        return ResolvedImage(ref.with_digest(entry.manifest.digest), None, media_type, config, layers, ORIGIN)
+        return ResolvedImage(ref.with_digest(entry.manifest.digest), entry.index_digest, media_type, config, layers,
+                             ORIGIN)
 
     def config(self, image: ResolvedImage) -> dict[str, Any]:
         body = self.blobs.read(image.config, CONFIG_MAX_BYTES, f"imported image {image.reference}: config")
@@ -210,7 +214,7 @@ class ImageStore:
                 now = time.time()
                 kept = {e.name: e for e in self.entries()}
                 for ref, image in named:
-                    kept[str(ref)] = Entry(str(ref), image.manifest, str(path.resolve()), now)
+                    kept[str(ref)] = Entry(str(ref), image.manifest, str(path.resolve()), now, image.image.index_digest)
                 self._write_index(list(kept.values()))
             finally:
                 self._collect()
@@ -231,7 +235,8 @@ class ImageStore:
         self.root.mkdir(parents=True, exist_ok=True)
         write_atomic(self.root / "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
         doc = index_document([(e.manifest, {FULL_NAME: e.name, REF_NAME: e.name.rsplit(":", 1)[-1],
-                                            FROM: e.source, AT: f"{e.imported_at:.0f}"})
+                                            FROM: e.source, AT: f"{e.imported_at:.0f}",
+                                            **({INDEX: e.index_digest} if e.index_digest else {})})
                               for e in sorted(entries, key=lambda e: e.name)])
         write_atomic(self.root / "index.json", doc)
 

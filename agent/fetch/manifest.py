@@ -125,6 +125,8 @@ def load_json_object(body: bytes, what: str) -> dict[str, Any]:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError:  # nesting no manifest has, and deeper than the parser goes
+        raise ManifestError(f"{what} nests too deep to be a manifest") from None
     if not isinstance(doc, dict):
         raise ManifestError(f"{what} is not a JSON object")
     return doc

@@ -583,7 +583,8 @@ def _error_detail(resp: requests.Response) -> str:
         errors = json.loads(body).get("errors")
         first = errors[0]
         code, message = first.get("code"), first.get("message")
-    except (ValueError, TypeError, AttributeError, IndexError, KeyError, urllib3.exceptions.HTTPError, OSError):
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, RecursionError, urllib3.exceptions.HTTPError,
+            OSError):
         return text
     if isinstance(code, str) and isinstance(message, str):
         return f"{text} {code[:64]}: {message[:200]}"

@@ -8,12 +8,15 @@ checks each layer's uncompressed digest against the config's diff_ids while it e
 
 `Sources` tries them in order: imported images (an operator put them there; no network), the
 docker engine (image.source), the mirrors (image.mirrors), then the registry the reference
-names. A source that lacks the image passes to the next; a mirror that fails, or serves an
-image other than a pinned digest, is skipped with a warning; the origin's answer is final.
+names. A source that lacks the image passes to the next; one that fails, serves an image other
+than a pinned digest, or one without a good signature, is skipped with a warning (a mirror that
+then fails to serve a layer is left out for AVOID_S); the origin's answer is final. Only the
+host's own trouble (its disk, a stop) ends the search early.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +24,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from agent.errors import AgentError, ConfigError, DigestMismatch, ImageMissing, RegistryUnavailable
+from agent.errors import AgentError, Cancelled, ConfigError, DigestMismatch, HostError, ImageMissing
 from agent.fetch.manifest import Descriptor, Platform, ResolvedImage
 from agent.fetch.registry import RegistryClient
 from agent.fetch.signature import (
@@ -37,6 +40,7 @@ from agent.fetch.store import BlobStore
 from agent.reference import Reference
 
 log = structlog.get_logger(__name__)
+AVOID_S = 600.0  # a mirror that failed mid-install is not asked again for this long
 
 
 Signature = tuple[dict[str, Any], Callable[[Descriptor], bytes]]  # the .sig manifest, a reader of its layers
@@ -140,11 +144,14 @@ class Pinned:
 class Sources:
     """The sources in the order they are asked (module docstring); dispatches by ResolvedImage.origin."""
 
-    def __init__(self, sources: Sequence[ImageSource], trust: Trust | None = None) -> None:
+    def __init__(self, sources: Sequence[ImageSource], trust: Trust | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.sources = list(sources)
         self.trust = trust
         self._by_name = {s.name: s for s in self.sources}
         self.name = "sources"
+        self._clock = clock
+        self._avoid: dict[str, float] = {}  # mirror -> until when it is not asked (it failed mid-install)
 
     def resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
         pin = Pinned(ref.digest) if ref.digest else None
@@ -152,63 +159,65 @@ class Sources:
         missing: ImageMissing | None = None
         for i, source in enumerate(self.sources):
             final = i == last
+            avoided = self._avoid.get(source.name, 0.0) - self._clock()
+            if not final and avoided > 0:
+                log.info("source_avoided", source=source.name, image=str(ref), for_s=round(avoided))
+                continue
+            image: ResolvedImage | None = None
             try:
                 image = source.resolve(ref, platform)
-            except (ImageMissing, RegistryUnavailable, DigestMismatch) as exc:
-                mirror = source.name.startswith("mirror ")
-                if final or not (mirror or isinstance(exc, ImageMissing)):
-                    raise
-                if mirror:
-                    log.warning("mirror_skipped", mirror=source.name.removeprefix("mirror "), image=str(ref),
-                                error=exc.message)
-                elif isinstance(exc, ImageMissing):
-                    missing = exc
-                continue
-            if pin is not None and not pin.admits(image):
-                error = DigestMismatch(f"{ref}: {source.name} has {image.reference.digest}, not the pinned "
-                                       f"{pin.digest}", hint="image.pins says which image this host accepts")
+                if pin is not None and not pin.admits(image):
+                    raise DigestMismatch(f"{ref}: {source.name} has {image.reference.digest}, not the pinned "
+                                         f"{pin.digest}", hint="image.pins says which image this host accepts")
+                if self.trust is not None:
+                    self._check_signature(self.trust, source, image, ref)
+            except (HostError, Cancelled):
+                raise  # this host's own trouble: another source would meet it too
+            except AgentError as exc:
+                if image is not None:
+                    source.release(image)  # what it fetched to answer (an engine's export) goes
                 if final:
-                    raise error
-                log.warning("source_skipped", source=source.name, image=str(ref), error=error.message)
+                    raise
+                if isinstance(exc, ImageMissing) and not source.name.startswith("mirror "):
+                    missing = missing or exc  # imported or engine: not there is no news
+                else:  # a mirror that fails, lies or is unsigned, an imported or engine image that is refused
+                    log.warning("mirror_skipped" if source.name.startswith("mirror ") else "source_skipped",
+                                source=source.name, image=str(ref), error=exc.message)
                 continue
-            if self.trust is not None:
-                try:
-                    self._check_signature(self.trust, source, image)
-                except SignatureRefused as exc:
-                    if final or not source.name.startswith("mirror "):
-                        raise
-                    log.warning("mirror_skipped", mirror=source.name.removeprefix("mirror "), image=str(ref),
-                                error=exc.message)
-                    continue
             if source.name != "registry":
                 log.info("image_source", source=source.name, image=str(ref), digest=image.reference.digest)
             return image
         raise missing or ImageMissing(f"no source has {ref}")
 
-    def _check_signature(self, trust: Trust, source: ImageSource, image: ResolvedImage) -> None:
+    def _check_signature(self, trust: Trust, source: ImageSource, image: ResolvedImage, ref: Reference) -> None:
         """A signature by the trusted key for the image's index or manifest digest, looked for in the source
-        that resolved it, the imported images, then the origin registry; SignatureRefused if none verifies."""
-        places = list(dict.fromkeys([source, *(s for s in self.sources if s.name == "imported"), self.sources[-1]]))
+        that resolved it, the imported images, then the origin registry (the last two under the name `ref`
+        gives, whatever mirror served the image); SignatureRefused if none verifies."""
+        as_named = replace(image, reference=ref.with_digest(image.reference.digest or ""))
+        places = [(source, image)]
+        places += [(s, as_named) for s in self.sources if s.name == "imported" and s is not source]
+        if self.sources[-1] is not source:
+            places.append((self.sources[-1], as_named))
         digests = [d for d in (image.index_digest, image.reference.digest) if d]
         refused: list[SignatureRefused] = []
         unreachable: list[str] = []
         for digest in digests:
-            for place in places:
+            for place, seen_as in places:
                 try:
-                    found = place.signature(image, digest)
-                except RegistryUnavailable as exc:
-                    unreachable.append(exc.message)
+                    found = place.signature(seen_as, digest)
+                except AgentError as exc:
+                    unreachable.append(f"{place.name}: {exc.message}")
                     continue
                 if found is None:
                     continue
                 doc, read = found
                 try:
-                    verify(trust.key, digest, image.reference.name, doc, read,
+                    verify(trust.key, digest, seen_as.reference.name, doc, read,
                            match_repository=trust.match_repository)
                 except SignatureRefused as exc:
-                    refused.append(exc)
-                    break
-                log.info("signature_verified", image=image.reference.name, digest=digest, key=trust.path,
+                    refused.append(exc)  # another place may still hold a good one
+                    continue
+                log.info("signature_verified", image=seen_as.reference.name, digest=digest, key=trust.path,
                          where=place.name)
                 return
         if refused:
@@ -218,6 +227,13 @@ class Sources:
             error = SignatureRefused(f"{error.message} (not every place could be asked: {unreachable[0]})",
                                      hint=error.hint)
         raise error
+
+    def avoid(self, image: ResolvedImage, error: AgentError) -> None:
+        """A mirror that resolved an image and then failed to serve it is left out for AVOID_S."""
+        if image.origin.startswith("mirror ") and not isinstance(error, (HostError, Cancelled)):
+            self._avoid[image.origin] = self._clock() + AVOID_S
+            log.warning("mirror_avoided", mirror=image.origin.removeprefix("mirror "), for_s=AVOID_S,
+                        error=error.message)
 
     def _of(self, image: ResolvedImage) -> ImageSource:
         try:
@@ -232,7 +248,11 @@ class Sources:
         return self._of(image).space(image)
 
     def layer(self, image: ResolvedImage, desc: Descriptor, cancelled: Callable[[], bool]) -> Path:
-        return self._of(image).layer(image, desc, cancelled)
+        try:
+            return self._of(image).layer(image, desc, cancelled)
+        except AgentError as exc:
+            self.avoid(image, exc)
+            raise
 
     def release(self, image: ResolvedImage) -> None:
         self._of(image).release(image)

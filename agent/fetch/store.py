@@ -128,8 +128,8 @@ class BlobStore:
                         return False
                     digest.update(chunk)
                     size += len(chunk)
-        except OSError:
-            size = -1
+        except OSError as exc:  # a read that fails says nothing about the content: keep the blob
+            raise fs.os_error(exc, f"reading the stored blob {path}") from exc
         try:
             check_blob(size, f"sha256:{digest.hexdigest()}", desc, f"stored blob {path}")
         except DigestMismatch as exc:

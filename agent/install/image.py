@@ -69,6 +69,7 @@ def install_image(
     on_phase("resolving", {"reference": str(ref)})
     image = source.resolve(ref, platform)
     if refuse_digest is not None and image.reference.digest == refuse_digest:
+        source.release(image)
         raise Unchanged(refuse_digest)
     if len(image.layers) > MAX_LAYERS:
         raise ImageRejected(f"{ref}: {len(image.layers)} layers; a driver image needs far fewer than {MAX_LAYERS}")
