@@ -123,10 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "PATH is an oci-archive (skopeo copy ... oci-archive:FILE:TAG), a docker-archive\n"
                     "(docker save, gzipped or not) or an OCI image layout directory (skopeo copy ...\n"
                     "oci:DIR:TAG, umoci). Every blob is checked against its digest, every layer against\n"
-                    "the config's diff_ids; a tampered archive is refused and nothing is kept. Names:\n"
-                    "whole references as the archive carries them (docker's short forms as docker reads\n"
-                    "them); a bare tag (what oci-archive:FILE:TAG writes) belongs to image.registry/\n"
-                    "image.repository. --as names the archive's one image.\n\n"
+                    "the config's diff_ids; a tampered archive is refused and nothing is kept. Images\n"
+                    "for other platforms are left out. Names: whole references as the archive carries\n"
+                    "them (docker's short forms as docker reads them), else a bare tag (what\n"
+                    "oci-archive:FILE:TAG writes), which belongs to image.registry/image.repository;\n"
+                    "--as REGISTRY/REPOSITORY:TAG names the archive's one image. A cosign signature\n"
+                    "(REPOSITORY:sha256-<hex>.sig copied to an archive) imports the same way and\n"
+                    "serves image.verify offline.\n\n"
                     "  nvidia-agent import driver-535-flatcar-3815.2.0.oci.tar\n"
                     "  nvidia-agent import --as registry.example/nvidia/driver:535.261.03-flatcar-3815.2.0 d.tar\n"
                     "  nvidia-agent import --list\n\n"
@@ -235,7 +238,8 @@ def cmd_import(host: HostRoot, settings: Settings, args: argparse.Namespace) -> 
     store = ImageStore(host(IMAGES_DIR))
     if args.list:
         for e in store.entries():
-            print(f"{e.name}  {e.manifest.digest}  {e.manifest.size + 0} bytes of manifest  from {e.source}")
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.imported_at))
+            print(f"{e.name}  {e.manifest.digest}  imported {when} from {e.source}")
         return ExitCode.OK
     try:
         as_ref = _image_name(args.as_ref, "--as") if args.as_ref else None
