@@ -32,7 +32,7 @@ from agent.notify import Notifier
 from agent.plan import target_for_boot
 from agent.reconcile import Agent
 from agent.reference import Reference, normalize
-from agent.status import SOCKET_FILE, Phase, ask, query, render_text
+from agent.status import SOCKET_FILE, Phase, ask, query, render_events, render_text
 from agent.trust import session_for, trust_context
 from agent.update.preflight import check_image
 
@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show what the running daemon did and why",
                        description="Ask the daemon over its Unix socket. Exit 0 ready (or no GPU), "
                                    "2 degraded or still working, 1 failed or daemon not reachable.")
-    s.add_argument("--json", action="store_true", help="print the full status as JSON")
+    s.add_argument("--json", action="store_true", help="print the full status as JSON (events included)")
+    s.add_argument("--events", action="store_true", help="print the last phase changes and errors, oldest first, "
+                   "each with how long the phase before it lasted (export.events keeps them)")
     s.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait up to SECONDS for the daemon to be reachable and ready")
     _socket_argument(s)
@@ -356,7 +358,10 @@ def cmd_status(host: HostRoot, args: argparse.Namespace) -> int:
         print(f"nvidia-agent: daemon not reachable at {path}: {error}\n"
               "  is it running? systemctl status nvidia-agent", file=sys.stderr)
         return ExitCode.FAILED
-    print(json.dumps(status, indent=2) if args.json else render_text(status))
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(render_events(status) if args.events else render_text(status))
     return int(Phase(status["phase"]).exit_code)
 
 

@@ -119,6 +119,17 @@ class UpdateSettings:
 
 
 @dataclass(frozen=True)
+class ExportSettings:
+    """What fleet tools read (agent/fleet/): each path "" to write none."""
+
+    textfile_dir: str = "/var/lib/node_exporter/textfile_collector"  # written only where the directory exists
+    nfd_dir: str = "/etc/kubernetes/node-feature-discovery/features.d"  # likewise
+    cdi_dir: str = "/var/run/cdi"
+    operator_dir: str = "/run/nvidia/validations"
+    events: int = 50  # phase changes and errors `status --events` keeps
+
+
+@dataclass(frozen=True)
 class Settings:
     driver: DriverSettings = DriverSettings()
     image: ImageSettings = ImageSettings()
@@ -128,6 +139,7 @@ class Settings:
     units: UnitSettings = UnitSettings()
     daemon: DaemonSettings = DaemonSettings()
     update: UpdateSettings = UpdateSettings()
+    export: ExportSettings = ExportSettings()
     sources: tuple[str, ...] = ()  # the fragments merged, in order (host paths)
 
 
@@ -322,12 +334,14 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "hold_max_s": _number(0, 30 * 86400),
         "finish_s": _number(0, 3600),
     },
+    "export": {"textfile_dir": _optional_host_path, "nfd_dir": _optional_host_path, "cdi_dir": _optional_host_path,
+               "operator_dir": _optional_host_path, "events": _integer(0, 10000)},
 }
 
 _SECTIONS: dict[str, type] = {
     "driver": DriverSettings, "image": ImageSettings, "install": InstallSettings,
     "mount": MountSettings, "modules": ModuleSettings, "units": UnitSettings,
-    "daemon": DaemonSettings, "update": UpdateSettings,
+    "daemon": DaemonSettings, "update": UpdateSettings, "export": ExportSettings,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +34,8 @@ from agent.fetch.manifest import Platform
 from agent.fetch.registry import RegistryClient
 from agent.fetch.sources import Trust, sources_for
 from agent.fetch.store import BlobStore, CachePolicy
+from agent.fleet.metrics import Metrics
+from agent.fleet.publish import Publisher
 from agent.hostfacts import HostFacts, HostProbe, read_modules, visible_mount
 from agent.hostroot import HostRoot
 from agent.install.image import Unchanged, Want, install_image
@@ -135,6 +138,12 @@ class Agent:
         self.sources = sources_for(registry, self.store, mirrors=image.mirrors, imported=self.imported,
                                    engine=self.engine, trust=trust)
         self.snapshot = Snapshot(version=__version__, driver=settings.driver.version)
+        self.metrics = Metrics()
+        export = settings.export
+        self.fleet = Publisher(host, textfile_dir=export.textfile_dir, nfd_dir=export.nfd_dir, cdi_dir=export.cdi_dir,
+                               operator_dir=export.operator_dir, library_dir=settings.mount.target,
+                               metrics=self.metrics)
+        self._events: deque[dict[str, Any]] = deque(maxlen=export.events)
         self.log = structlog.get_logger("nvidia-agent")
         self._errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
         self._link_errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
@@ -163,9 +172,20 @@ class Agent:
             level = "debug"
         if settled:
             self._last_outcome = (phase, detail)
+        if phase != self.snapshot.phase:
+            self._event(phase=phase.value, detail=detail or None)
         self.snapshot = self.snapshot.evolve(phase=phase, detail=detail)
         getattr(self.log, level)(phase.value, **({"detail": detail} if detail else {}), **ctx)
         self.notify(f"{phase.value}: {detail}" if detail else phase.value)
+
+    def _event(self, **what: Any) -> None:
+        """One entry of `status --events`: a phase change (with how long the phase before it lasted) or an error."""
+        if not self._events.maxlen:
+            return
+        now = time.time()
+        self._events.append({"at": now, "after_s": round(now - self.snapshot.phase_since, 3),
+                             **{k: v for k, v in what.items() if v is not None}})
+        self.snapshot = self.snapshot.evolve(events=tuple(self._events))
 
     def reconcile(self, cancel: Cancel | None = None) -> Phase:
         """One pass. Never raises for host or image trouble: the outcome is the returned phase."""
@@ -174,18 +194,24 @@ class Agent:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(driver=self.settings.driver.version)
         self._rechecking = self.snapshot.phase in (Phase.READY, Phase.NO_GPU)
+        error_kind: str | None = None
         try:
             outcome = self._reconcile(cancel)
         except Cancelled as exc:  # stopping: nothing failed, nothing half-done (staging is removed)
             self.log.info("interrupted", reason=exc.message)
             outcome = self.snapshot.phase
         except AgentError as exc:
+            error_kind = type(exc).__name__
             outcome = self._failed(exc, transient_default=exc.transient)
         except Exception as exc:  # a bug: report it with its traceback, keep the daemon alive, retry later
             self.log.exception("reconcile_crashed", error=f"{type(exc).__name__}: {exc}")
             self.snapshot = self.snapshot.evolve(serving=None)  # a crash leaves what runs unknown
+            error_kind = "Crash"
             outcome = self._failed(exc, transient_default=False)
-        self.snapshot = self.snapshot.evolve(last_reconcile_at=time.time())
+        now = time.time()
+        self.snapshot = self.snapshot.evolve(last_reconcile_at=now)
+        self.metrics.passed(outcome, error_kind, now)
+        self.fleet.publish(self.snapshot)
         self.log.debug("reconcile_done", phase=outcome.value, duration_s=round(time.monotonic() - started, 3))
         return outcome
 
@@ -457,11 +483,11 @@ class Agent:
         self._next(t, source, "staging", f"{t.reference}")
         want = Want(t.driver, t.os_key, t.kernel, self.settings.install.lib64_allow)
         preempt = _Preempt(cancel, self.overlay_shown)
+        clock = _InstallClock(lambda name, ctx: self.log.info(f"staging_{name}", next_os=t.os_key, **ctx))
         try:
             result = install_image(
                 self.sources, t.reference, platform=self.platform, install_root=install_root,
-                tree=self.host(t.tree), want=want, cancelled=preempt,
-                on_phase=lambda name, ctx: self.log.info(f"staging_{name}", next_os=t.os_key, **ctx))
+                tree=self.host(t.tree), want=want, cancelled=preempt, on_phase=clock)
         except Cancelled:
             if cancel():
                 raise
@@ -478,6 +504,7 @@ class Agent:
             self._next(t, source, "missing" if missing else "failed",
                        f"{'no image yet: ' if missing else ''}{exc}; next try in {delay:.0f}s", error=str(exc))
             return
+        clock.done(self.metrics)
         with self._request_lock:
             self._stage_retry = ("", 0, 0.0)
         self._remember_staged(state, t.tree)
@@ -625,17 +652,18 @@ class Agent:
 
     def _install(self, t: Target, refuse: str | None, cancel: Cancel, install_root: Path) -> None:
         want = Want(t.driver, t.os_key, t.kernel, self.settings.install.lib64_allow)
+        clock = _InstallClock(lambda name, ctx: self._phase(Phase(name), **ctx))
         try:
             result = install_image(
                 self.sources, t.reference, platform=self.platform, install_root=install_root,
-                tree=self.host(t.tree), want=want, cancelled=cancel, refuse_digest=refuse,
-                on_phase=lambda name, ctx: self._phase(Phase(name), **ctx))
+                tree=self.host(t.tree), want=want, cancelled=cancel, refuse_digest=refuse, on_phase=clock)
         except Unchanged:
             raise self._refused(t, refuse) from None
         except RegistryUnavailable as exc:
             if refuse is None:
                 raise
             raise self._refused(t, refuse) from exc  # whether the image changed cannot be known now
+        clock.done(self.metrics)
         self.snapshot = self.snapshot.evolve(image=str(t.reference), digest=result.marker.digest)
         self.log.info("installed", tree=t.tree, digest=result.marker.digest,
                       modules=",".join(m.name for m in result.verified.modules))
@@ -745,6 +773,7 @@ class Agent:
         detail = causes[0] if not hint else f"{causes[0]} ({hint})"
         if self.snapshot.serving:
             detail = f"serving {self.snapshot.serving}; {detail}"
+        self._event(phase=phase.value, error=causes[0], hint=hint)
         self.snapshot = self.snapshot.evolve(phase=phase, detail=detail)
         self.notify(f"{phase.value}: {detail}")
         self._last_outcome = None  # the next ready is news again
@@ -760,6 +789,29 @@ def _read(path: Path) -> str | None:
         return path.read_text(errors="replace")
     except OSError:
         return None
+
+
+class _InstallClock:
+    """Times one install from its phases: resolving → pulling → verifying → done; the source and bytes pulled."""
+
+    def __init__(self, then: Callable[[str, dict[str, Any]], None]) -> None:
+        self.then = then
+        self.at: dict[str, float] = {}
+        self.bytes = 0
+        self.source = "registry"
+
+    def __call__(self, name: str, ctx: dict[str, Any]) -> None:
+        self.at.setdefault(name, time.monotonic())
+        if name == "pulling":
+            self.source = str(ctx.get("source", "registry"))
+            self.bytes = int(ctx.get("bytes", 0)) if self.source != "imported" else 0
+        self.then(name, ctx)
+
+    def done(self, metrics: Metrics) -> None:
+        now = time.monotonic()
+        pulling, verifying = self.at.get("pulling"), self.at.get("verifying")
+        pull_s = (verifying or now) - pulling if pulling is not None else None
+        metrics.installed(self.source.split(" ")[0], pull_s, now - self.at.get("resolving", now), self.bytes)
 
 
 class _Preempt:

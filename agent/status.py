@@ -98,6 +98,9 @@ class Snapshot:
     gate: dict[str, Any] | None = None
     # `nvidia-agent rollback` holds: {"tree": what runs, "instead_of": the configured tree}
     pinned: dict[str, str] | None = None
+    # `status --events`: the last phase changes and errors, oldest first: {"at", "after_s" (how long the
+    # phase before lasted), "phase", "detail" | "error", "hint"}
+    events: tuple[dict[str, Any], ...] = ()
     pid: int = field(default_factory=getpid)
     version: str = ""
 
@@ -325,6 +328,21 @@ def query(path: Path, timeout_s: float = 5.0) -> dict[str, Any]:
         raise OSError(reply.get("error", "daemon refused the request"))
     status: dict[str, Any] = reply["status"]
     return status
+
+
+def render_events(status: dict[str, Any]) -> str:
+    """`nvidia-agent status --events`: one line per phase change or error, oldest first."""
+    lines = []
+    for event in status.get("events") or ():
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(event.get("at", 0))))
+        took = f"after {float(event.get('after_s', 0)):.1f}s"
+        if "error" in event:
+            hint = f" ({event['hint']})" if event.get("hint") else ""
+            lines.append(f"{when}  {event.get('phase', '?'):<11} {took}: {event['error']}{hint}")
+        else:
+            detail = f": {event['detail']}" if event.get("detail") else ""
+            lines.append(f"{when}  {event.get('phase', '?'):<11} {took}{detail}")
+    return "\n".join(lines) if lines else "no events yet"
 
 
 def render_text(status: dict[str, Any]) -> str:

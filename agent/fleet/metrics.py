@@ -1,0 +1,88 @@
+"""Prometheus metrics (prometheus-client) of one agent, on a registry of their own.
+
+Gauges follow the status snapshot (`observe`); counters and histograms are fed as things happen
+(`passed`, `installed`). `render()` is the text exposition format node_exporter's textfile
+collector and a scraper read. Names and help texts follow Prometheus' conventions: base units
+(seconds, bytes), `_total` on counters, `_info` for labels that describe, not measure.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info, generate_latest
+
+from agent.status import Phase, Snapshot
+
+NEXT_BOOT_STATES = ("none", "staging", "ready", "missing", "failed")
+DURATION_BUCKETS_S = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+
+class Metrics:
+    """The agent's metrics; thread-safe (prometheus-client's own locks, plus one for a consistent render)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._lock = threading.Lock()
+        self.ready = Gauge("nvidia_agent_ready", "1 when this host's driver works for the running kernel (modules "
+                           "at the tree's version, device nodes present; also while degraded but still serving a "
+                           "working tree, and on a host with no GPU to serve), else 0.", registry=r)
+        self.phase = Enum("nvidia_agent_phase", "What the agent is doing, or the outcome of its last pass.",
+                          states=[p.value for p in Phase], registry=r)
+        self.driver = Info("nvidia_agent_driver", "The driver tree this host runs: version, OS key, kernel and "
+                           "image digest (absent while no tree is active).", registry=r)
+        self.next_boot = Enum("nvidia_agent_next_boot", "The driver for the OS or kernel an update staged for the "
+                              "next boot: none (no update staged), staging, ready, missing or failed.",
+                              states=list(NEXT_BOOT_STATES), registry=r)
+        self.last_success = Gauge("nvidia_agent_last_success_timestamp_seconds", "When a pass last ended ready "
+                                  "(or with no GPU to serve), as Unix time; 0 before the first.", registry=r)
+        self.reconciles = Counter("nvidia_agent_reconciles", "Passes, by their outcome phase.", ["outcome"],
+                                  registry=r)
+        self.errors = Counter("nvidia_agent_errors", "Failed passes, by the kind of error (its class: "
+                              "RegistryUnavailable, ImageRejected, KernelMismatch, ...).", ["kind"], registry=r)
+        self.pull_seconds = Histogram("nvidia_agent_pull_duration_seconds", "Time to bring an image's layers onto "
+                                      "the host (download, export or read of an import).", ["source"],
+                                      buckets=DURATION_BUCKETS_S, registry=r)
+        self.install_seconds = Histogram("nvidia_agent_install_duration_seconds", "Time from resolving an image to "
+                                         "its tree renamed into place (pull, verify, unpack, sync).",
+                                         buckets=DURATION_BUCKETS_S, registry=r)
+        self.pulled_bytes = Counter("nvidia_agent_pulled_bytes", "Layer bytes brought onto the host, by source.",
+                                    ["source"], registry=r)
+        self.started = Gauge("nvidia_agent_start_time_seconds", "When this agent process started, as Unix time.",
+                             registry=r)
+        self.started.set_to_current_time()
+
+    def observe(self, snap: Snapshot) -> None:
+        """Set the gauges from the status snapshot."""
+        with self._lock:
+            self.ready.set(1 if snap.phase in (Phase.READY, Phase.NO_GPU) or snap.serving is not None else 0)
+            self.phase.state(snap.phase.value)
+            active = snap.current is not None and snap.driver is not None and snap.phase is not Phase.NO_GPU
+            if active:
+                self.driver.info({"driver": snap.driver or "", "os_key": snap.os_key or "",
+                                  "kernel": snap.kernel or "", "digest": snap.digest or ""})
+            else:
+                self.driver.info({})
+            state = (snap.next_boot or {}).get("state", "none")
+            self.next_boot.state(state if state in NEXT_BOOT_STATES else "none")
+
+    def passed(self, outcome: Phase, error_kind: str | None, at: float) -> None:
+        """One pass ended: its outcome, its error's kind if it failed."""
+        self.reconciles.labels(outcome=outcome.value).inc()
+        if error_kind:
+            self.errors.labels(kind=error_kind).inc()
+        if outcome in (Phase.READY, Phase.NO_GPU):
+            self.last_success.set(at)
+
+    def installed(self, source: str, pull_s: float | None, install_s: float, pulled_bytes: int) -> None:
+        """One image installed (or staged): how long it took, what came over the wire."""
+        if pull_s is not None:
+            self.pull_seconds.labels(source=source).observe(pull_s)
+        self.install_seconds.observe(install_s)
+        if pulled_bytes:
+            self.pulled_bytes.labels(source=source).inc(pulled_bytes)
+
+    def render(self) -> bytes:
+        with self._lock:
+            return generate_latest(self.registry)

@@ -1,0 +1,111 @@
+"""agent/fleet's pure parts: the CDI spec (valid for CDI 0.5.0 whatever the host has), NFD's features,
+the GPU operator's markers, the metrics as Prometheus reads them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.fleet import cdi
+from agent.fleet.features import HOST_DRIVER_STATUS, label_value, nfd_features, operator_markers
+from agent.fleet.metrics import Metrics
+from agent.status import Phase, Snapshot
+
+READY = Snapshot(phase=Phase.READY, driver="535.261.03", kernel="6.1.0-28-amd64", os_key="flatcar-1-6.1.0-28-amd64",
+                 current="/opt/nvidia/535.261.03/flatcar-1-6.1.0-28-amd64", digest="sha256:" + "a" * 64,
+                 devices=("/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia-uvm"))
+TREE = READY.current
+
+
+def test_the_spec_has_a_device_per_gpu_and_all_and_the_tree_read_only() -> None:
+    doc = cdi.spec(READY.devices, [(f"{TREE}/lib64/libcuda.so.1", "/usr/lib64/libcuda.so.1")],
+                   [(f"{TREE}/bin/nvidia-smi", "/usr/bin/nvidia-smi")])
+    assert doc is not None and cdi.validate(doc) == []
+    assert [d["name"] for d in doc["devices"]] == ["0", "1", "all"]
+    assert doc["devices"][2]["containerEdits"]["deviceNodes"] == [{"path": "/dev/nvidia0"}, {"path": "/dev/nvidia1"}]
+    common = doc["containerEdits"]
+    assert common["deviceNodes"] == [{"path": "/dev/nvidiactl"}, {"path": "/dev/nvidia-uvm"}]
+    assert {m["containerPath"] for m in common["mounts"]} == {"/usr/lib64/libcuda.so.1", "/usr/bin/nvidia-smi"}
+    assert all(m["options"] == ["ro", "nosuid", "nodev", "bind"] for m in common["mounts"])
+    assert cdi.spec(("/dev/nvidiactl",), [], []) is None, "no GPU node: no spec"
+
+
+names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._-+", min_size=1, max_size=30)
+
+
+@given(minors=st.sets(st.integers(0, 255), max_size=8), control=st.sets(st.sampled_from(cdi.CONTROL_NODES)),
+       libs=st.lists(names, max_size=10), tools=st.lists(names, max_size=5))
+def test_whatever_the_host_has_the_spec_is_valid(minors: set[int], control: set[str], libs: list[str],
+                                                 tools: list[str]) -> None:
+    devices = [f"/dev/nvidia{m}" for m in minors] + [f"/dev/{c}" for c in control]
+    doc = cdi.spec(devices, [(f"{TREE}/lib64/{n}", f"/usr/lib64/{n}") for n in libs],
+                   [(f"{TREE}/bin/{n}", f"/usr/bin/{n}") for n in tools])
+    if not minors:
+        assert doc is None
+        return
+    assert doc is not None
+    assert cdi.validate(doc) == []
+    assert len(doc["devices"]) == len(minors) + 1
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"cdiVersion": "0.6.0"}, "cdiVersion"),
+    ({"kind": "gpu"}, "vendor/class"),
+    ({"devices": []}, "no devices"),
+    ({"devices": [{"name": "-x", "containerEdits": {"deviceNodes": [{"path": "/dev/nvidia0"}]}}]}, "device name"),
+    ({"devices": [{"name": "0", "containerEdits": {}}]}, "no edits"),
+    ({"devices": [{"name": "0", "containerEdits": {"deviceNodes": [{"path": "dev/nvidia0"}]}}]}, "absolute"),
+    ({"devices": [{"name": "0", "containerEdits": {"deviceNodes": [{"path": "/dev/nvidia0"}]}}] * 2}, "twice"),
+    ({"containerEdits": {"mounts": [{"hostPath": "/a", "containerPath": "b"}]}}, "absolute hostPath"),
+    ({"containerEdits": {"devices": []}}, "unknown containerEdits"),
+])
+def test_the_validator_refuses_what_runtimes_refuse(change: dict[str, Any], problem: str) -> None:
+    doc = cdi.spec(READY.devices, [], [])
+    assert doc is not None
+    assert any(problem in p for p in cdi.validate({**doc, **change}))
+
+
+def test_features_and_markers_follow_whether_the_driver_works() -> None:
+    assert nfd_features(READY) == ("nvidia-agent.driver-version=535.261.03\nnvidia-agent.ready=true\n"
+                                   "nvidia-agent.kernel=6.1.0-28-amd64\nnvidia-agent.next-boot-ready=true\n")
+    staging = replace(READY, next_boot={"state": "missing"})
+    assert "nvidia-agent.next-boot-ready=false\n" in (nfd_features(staging) or "")
+    degraded = replace(READY, phase=Phase.DEGRADED)
+    assert "nvidia-agent.ready=false\n" in (nfd_features(degraded) or "")
+    assert operator_markers(degraded) is None
+    assert operator_markers(replace(degraded, serving=TREE)) == {"driver-ready": HOST_DRIVER_STATUS,
+                                                                 "host-driver-ready": ""}
+    assert nfd_features(replace(READY, current=None)) is None
+    assert nfd_features(replace(READY, phase=Phase.NO_GPU)) is None
+
+
+@given(st.text(max_size=100))
+def test_label_values_are_always_valid(text: str) -> None:
+    value = label_value(text)
+    assert len(value) <= 63 and (value == "" or (value[0].isalnum() and value[-1].isalnum() and value.isascii()))
+
+
+def test_metrics_read_back_with_prometheus_own_parser() -> None:
+    metrics = Metrics()
+    metrics.observe(replace(READY, next_boot={"state": "staging"}))
+    metrics.passed(Phase.READY, None, 1234.0)
+    metrics.passed(Phase.DEGRADED, "RegistryUnavailable", 1300.0)
+    metrics.installed("registry", 2.5, 4.0, 1000)
+    metrics.installed("imported", None, 1.0, 0)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert got[("nvidia_agent_ready", ())] == 1
+    assert got[("nvidia_agent_next_boot", (("nvidia_agent_next_boot", "staging"),))] == 1
+    assert got[("nvidia_agent_last_success_timestamp_seconds", ())] == 1234.0
+    assert got[("nvidia_agent_errors_total", (("kind", "RegistryUnavailable"),))] == 1
+    assert got[("nvidia_agent_install_duration_seconds_count", ())] == 2
+    assert got[("nvidia_agent_pull_duration_seconds_count", (("source", "registry"),))] == 1
+    assert got[("nvidia_agent_pulled_bytes_total", (("source", "registry"),))] == 1000
+    assert families["nvidia_agent_ready"].documentation.startswith("1 when")
+    metrics.observe(replace(READY, phase=Phase.NO_GPU, current=None))
+    assert "nvidia_agent_driver_info{" not in metrics.render().decode()
