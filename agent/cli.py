@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -32,7 +33,7 @@ from agent.notify import Notifier
 from agent.plan import target_for_boot
 from agent.reconcile import Agent
 from agent.reference import Reference, normalize
-from agent.status import SOCKET_FILE, Phase, ask, query, render_events, render_text
+from agent.status import SOCKET_FILE, Phase, ask, query, render_events, render_progress, render_text
 from agent.trust import session_for, trust_context
 from agent.update.preflight import check_image
 
@@ -341,9 +342,38 @@ def cmd_daemon(host: HostRoot, settings: Settings, *, once: bool) -> int:
     return code
 
 
+class _WaitLine:
+    """While `status --wait` waits: on a terminal one live line (rewritten in place), else a plain line at most
+    every PLAIN_EVERY_S when it changed; on stderr, so stdout stays the answer."""
+
+    PLAIN_EVERY_S = 5.0
+
+    def __init__(self) -> None:
+        self.live = sys.stderr.isatty()
+        self.shown = ""
+        self.at = 0.0
+
+    def show(self, status: dict[str, Any]) -> None:
+        progress = status.get("progress")
+        text = f"{status.get('phase')}: {render_progress(progress)}" if progress else f"{status.get('phase')}"
+        if self.live:
+            sys.stderr.write("\r\033[K" + text[:200])
+            sys.stderr.flush()
+            self.shown = text
+        elif text != self.shown and time.monotonic() - self.at >= self.PLAIN_EVERY_S:
+            print(text, file=sys.stderr, flush=True)
+            self.shown, self.at = text, time.monotonic()
+
+    def end(self) -> None:
+        if self.live and self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
 def cmd_status(host: HostRoot, args: argparse.Namespace) -> int:
     path = args.socket or host(SOCKET_FILE)
     deadline = time.monotonic() + args.wait
+    line = _WaitLine()
     while True:
         try:
             status = query(path)
@@ -353,7 +383,10 @@ def cmd_status(host: HostRoot, args: argparse.Namespace) -> int:
         settled = status is not None and Phase(status["phase"]).exit_code == ExitCode.OK
         if settled or time.monotonic() >= deadline:
             break
+        if status is not None:
+            line.show(status)
         time.sleep(0.5)
+    line.end()
     if status is None:
         print(f"nvidia-agent: daemon not reachable at {path}: {error}\n"
               "  is it running? systemctl status nvidia-agent", file=sys.stderr)

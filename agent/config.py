@@ -127,6 +127,7 @@ class ExportSettings:
     cdi_dir: str = "/var/run/cdi"
     operator_dir: str = "/run/nvidia/validations"
     events: int = 50  # phase changes and errors `status --events` keeps
+    listen: str = ""  # serve GET /metrics on this "address:port"; "" serves none
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,17 @@ def _gate_listen(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError('"" (no gate) or a loopback address and port such as "127.0.0.1:9797"')
     parse_listen(value)
+    return value
+
+
+def _metrics_listen(value: Any) -> str:
+    from agent.httpserve import parse_address  # noqa: PLC0415
+
+    if value == "":
+        return ""
+    if not isinstance(value, str):
+        raise ValueError('"" (not served) or an IP address and port such as "127.0.0.1:9835"')
+    parse_address(value, loopback_only=False)
     return value
 
 
@@ -335,7 +347,7 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "finish_s": _number(0, 3600),
     },
     "export": {"textfile_dir": _optional_host_path, "nfd_dir": _optional_host_path, "cdi_dir": _optional_host_path,
-               "operator_dir": _optional_host_path, "events": _integer(0, 10000)},
+               "operator_dir": _optional_host_path, "events": _integer(0, 10000), "listen": _metrics_listen},
 }
 
 _SECTIONS: dict[str, type] = {

@@ -21,11 +21,12 @@ from typing import IO, Any
 import structlog
 
 from agent.cancel import Cancel, next_delay_s
-from agent.errors import AgentError, ExitCode
+from agent.errors import AgentError, ExitCode, HostError
+from agent.fleet.serve import MetricsServer
 from agent.log import RepeatLimiter
 from agent.notify import Notifier
 from agent.reconcile import Agent
-from agent.status import Phase, Snapshot, StatusServer
+from agent.status import Phase, Snapshot, StatusServer, render_progress
 from agent.update import KERNEL_RELEASE_RE
 from agent.update.gate import HOLD_FILE, RebootGate
 from agent.update.signals import StatusSignals
@@ -35,6 +36,7 @@ LOCK_FILE = "/run/nvidia-agent/agent.lock"
 # Fault injection for the watchdog test: after READY, the main loop stops for this long without pinging.
 WEDGE_ENV = "NVIDIA_AGENT_TEST_WEDGE_S"
 LOOP_TICK_S = 5.0  # the main loop looks at the worker at least this often
+PROGRESS_STATUS_S = 2.0  # while pulling, STATUS= shows the percentage this often
 EXTEND_S = 60.0  # EXTEND_TIMEOUT_USEC while starting; refreshed every EXTEND_S / 3
 STOP_GRACE_S = 5.0  # a stop waits this long for the pass to reach a checkpoint, then exits anyway
 STALL_LIMIT_S = 600.0  # a pass silent this long is hung (every wait in it is bounded far below)
@@ -305,6 +307,7 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
     agent.notify = notifier.status
     readiness = Readiness(notifier, agent.settings.daemon.ready_timeout_s, started_ago_s=process_age_s())
     server, gate, signals = _serve(agent, socket_path, triggers, log, once=once)
+    metrics = None if once else _serve_metrics(agent, log)
     worker = Worker(agent, cancel, triggers.poke)
     if agent.settings.mount.enabled and not once:
         triggers.watch_mounts()
@@ -314,6 +317,7 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
     next_pass = time.monotonic()
     watch = OverlayWatch(agent, triggers, log)
     stopped = False
+    progress = _ProgressStatus(agent, notifier)
     try:
         while True:
             phase = worker.take()
@@ -334,11 +338,11 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
                 log.error("worker_hung", silent_s=round(worker.silent_s()), phase=agent.snapshot.phase.value,
                           stack=worker.stack(), hint="a bug: the agent exits so systemd restarts it")
                 return ExitCode.FAILED
-            notifier.ping_if_due()
-            readiness.extend_if_due()
+            _keep_systemd_told(notifier, readiness, progress)
             if readiness.sent:
                 _test_wedge(log)
             waits = [LOOP_TICK_S, readiness.wait_cap_s(), notifier.ping_interval_s,
+                     PROGRESS_STATUS_S if agent.snapshot.phase is Phase.PULLING else None,
                      None if worker.busy else next_pass - time.monotonic(),
                      watch.wait_s(worker.busy), gate.tend() if gate else None]
             triggers.wait(min(w for w in waits if w is not None))
@@ -351,11 +355,40 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
         cancel.request()
         notifier.send(STOPPING="1")
         finished = worker.join(STOP_GRACE_S)
-        for closing in (server, gate, signals):
+        for closing in (server, gate, signals, metrics):
             if closing is not None:
                 closing.stop()
         # Modules and the mount stay: a stopping agent must not take GPUs from running workloads.
         log.info("stopped", phase=agent.snapshot.phase.value, **({} if finished else {"abandoned": "reconcile"}))
+
+
+class _ProgressStatus:
+    """STATUS= with the download's percentage, at most every PROGRESS_STATUS_S (systemctl status shows it)."""
+
+    def __init__(self, agent: Agent, notifier: Notifier) -> None:
+        self.agent, self.notifier = agent, notifier
+        self.said_at, self.said = 0.0, ""
+
+    def __call__(self) -> None:
+        progress = self.agent.progress()
+        if progress is None or time.monotonic() - self.said_at < PROGRESS_STATUS_S:
+            return
+        text = f"pulling: {render_progress(progress)}"
+        if text != self.said:
+            self.notifier.status(text)
+        self.said_at, self.said = time.monotonic(), text
+
+
+def _keep_systemd_told(notifier: Notifier, readiness: Readiness, progress: _ProgressStatus) -> None:
+    """The watchdog fed, the start timeout extended while not READY, the download's progress in STATUS=."""
+    notifier.ping_if_due()
+    readiness.extend_if_due()
+    progress()
+
+
+def _with_progress(agent: Agent, snap: Snapshot) -> Snapshot:
+    progress = agent.progress()
+    return snap.evolve(progress=progress) if progress else snap
 
 
 def _serve(agent: Agent, socket_path: Path, triggers: Triggers, log: Any, *,
@@ -363,7 +396,7 @@ def _serve(agent: Agent, socket_path: Path, triggers: Triggers, log: Any, *,
     """The status socket (with `stage` and `rollback`); not for --once: the reboot gate where
     configured, and update_engine's StatusUpdate signal where it tells the next boot."""
     gate = None if once else GateKeeper.configured(agent, triggers, log)
-    server = StatusServer(socket_path, lambda: gate.snapshot() if gate else agent.snapshot,
+    server = StatusServer(socket_path, lambda: _with_progress(agent, gate.snapshot() if gate else agent.snapshot),
                           on_error=_status_error(log), commands={"stage": _stage_command(agent, triggers, log),
                                                                  "rollback": _rollback_command(agent, triggers)})
     server.start()
@@ -381,6 +414,21 @@ def _serve(agent: Agent, socket_path: Path, triggers: Triggers, log: Any, *,
         if not signals.start():
             signals = None
     return server, gate, signals
+
+
+def _serve_metrics(agent: Agent, log: Any) -> MetricsServer | None:
+    """GET /metrics on export.listen, when set; an address that cannot be bound is a warning (the textfile and
+    the driver work without it)."""
+    listen = agent.settings.export.listen
+    if not listen:
+        return None
+    server = MetricsServer(listen, agent.metrics)
+    try:
+        server.start()
+    except HostError as exc:
+        log.warning("metrics_not_served", error=exc.message, hint=exc.hint)
+        return None
+    return server
 
 
 def _source(agent: Agent) -> str:

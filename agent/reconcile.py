@@ -30,7 +30,7 @@ from agent.devices import (
 from agent.errors import AgentError, Cancelled, HostError, ImageMissing, RegistryUnavailable, cause_chain
 from agent.fetch.engine import EngineSource, engine_for
 from agent.fetch.imported import IMAGES_DIR, ImageStore
-from agent.fetch.manifest import Platform
+from agent.fetch.manifest import Platform, ResolvedImage
 from agent.fetch.registry import RegistryClient
 from agent.fetch.sources import Trust, sources_for
 from agent.fetch.store import BlobStore, CachePolicy
@@ -144,6 +144,7 @@ class Agent:
                                operator_dir=export.operator_dir, library_dir=settings.mount.target,
                                metrics=self.metrics)
         self._events: deque[dict[str, Any]] = deque(maxlen=export.events)
+        self._clock: _InstallClock | None = None  # this boot's install in flight, for `progress`
         self.log = structlog.get_logger("nvidia-agent")
         self._errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
         self._link_errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
@@ -177,6 +178,18 @@ class Agent:
         self.snapshot = self.snapshot.evolve(phase=phase, detail=detail)
         getattr(self.log, level)(phase.value, **({"detail": detail} if detail else {}), **ctx)
         self.notify(f"{phase.value}: {detail}" if detail else phase.value)
+
+    def progress(self) -> dict[str, Any] | None:
+        """How far this boot's download is (status, STATUS=), while the agent is pulling; else None."""
+        clock = self._clock
+        if clock is None or self.snapshot.phase is not Phase.PULLING:
+            return None
+        return clock.progress()
+
+    def live_snapshot(self) -> Snapshot:
+        """The snapshot, with the download's progress as of now."""
+        progress = self.progress()
+        return self.snapshot.evolve(progress=progress) if progress else self.snapshot
 
     def _event(self, **what: Any) -> None:
         """One entry of `status --events`: a phase change (with how long the phase before it lasted) or an error."""
@@ -652,11 +665,13 @@ class Agent:
 
     def _install(self, t: Target, refuse: str | None, cancel: Cancel, install_root: Path) -> None:
         want = Want(t.driver, t.os_key, t.kernel, self.settings.install.lib64_allow)
-        clock = _InstallClock(lambda name, ctx: self._phase(Phase(name), **ctx))
+        clock = _InstallClock(lambda name, ctx: self._phase(Phase(name), **ctx), self.store)
+        self._clock = clock
         try:
             result = install_image(
                 self.sources, t.reference, platform=self.platform, install_root=install_root,
-                tree=self.host(t.tree), want=want, cancelled=cancel, refuse_digest=refuse, on_phase=clock)
+                tree=self.host(t.tree), want=want, cancelled=cancel, refuse_digest=refuse, on_phase=clock,
+                on_pull=clock.pulling)
         except Unchanged:
             raise self._refused(t, refuse) from None
         except RegistryUnavailable as exc:
@@ -791,14 +806,42 @@ def _read(path: Path) -> str | None:
         return None
 
 
-class _InstallClock:
-    """Times one install from its phases: resolving → pulling → verifying → done; the source and bytes pulled."""
+PROGRESS_WINDOW_S = 10.0  # the download rate is measured over this much of the recent past
 
-    def __init__(self, then: Callable[[str, dict[str, Any]], None]) -> None:
+
+class _InstallClock:
+    """Times one install from its phases: resolving → pulling → verifying → done; the source and bytes pulled;
+    and, while it downloads into the content store, how far it is (`progress`)."""
+
+    def __init__(self, then: Callable[[str, dict[str, Any]], None], store: BlobStore | None = None) -> None:
         self.then = then
+        self.store = store
         self.at: dict[str, float] = {}
         self.bytes = 0
         self.source = "registry"
+        self._layers: tuple[tuple[str, int], ...] = ()  # what the content store is filling: (digest, size)
+        self._samples: deque[tuple[float, int]] = deque(maxlen=64)
+
+    def pulling(self, image: ResolvedImage) -> None:
+        downloads = image.origin == "registry" or image.origin.startswith("mirror ")
+        self._layers = tuple((d.digest, d.size) for d in image.layers) if downloads and self.store else ()
+
+    def progress(self) -> dict[str, Any] | None:
+        """{done_bytes, total_bytes, percent, rate_bps, eta_s} of the download in flight, or None."""
+        layers, store = self._layers, self.store
+        if not layers or store is None or "verifying" in self.at:
+            return None
+        total = sum(size for _, size in layers)
+        done = sum(min(size, store.present_bytes(digest)) for digest, size in layers)
+        now = time.monotonic()
+        self._samples.append((now, done))
+        while len(self._samples) > 2 and now - self._samples[0][0] > PROGRESS_WINDOW_S:
+            self._samples.popleft()
+        (t0, d0) = self._samples[0]
+        rate = (done - d0) / (now - t0) if now - t0 > 0.5 else None
+        eta = round((total - done) / rate, 1) if rate else None
+        return {"done_bytes": done, "total_bytes": total, "percent": round(100 * done / total, 1) if total else 100.0,
+                "rate_bps": round(rate) if rate is not None else None, "eta_s": eta}
 
     def __call__(self, name: str, ctx: dict[str, Any]) -> None:
         self.at.setdefault(name, time.monotonic())

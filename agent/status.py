@@ -101,6 +101,8 @@ class Snapshot:
     # `status --events`: the last phase changes and errors, oldest first: {"at", "after_s" (how long the
     # phase before lasted), "phase", "detail" | "error", "hint"}
     events: tuple[dict[str, Any], ...] = ()
+    # while pulling: {"done_bytes", "total_bytes", "percent", "rate_bps", "eta_s"} (None before a rate is known)
+    progress: dict[str, Any] | None = None
     pid: int = field(default_factory=getpid)
     version: str = ""
 
@@ -330,6 +332,18 @@ def query(path: Path, timeout_s: float = 5.0) -> dict[str, Any]:
     return status
 
 
+def render_progress(progress: dict[str, Any]) -> str:
+    """`42% 120/290 MiB, 12.0 MiB/s, 14s left` (rate and time left once they are known)."""
+    mib = 1 << 20
+    text = (f"{progress.get('percent', 0):.0f}% {progress.get('done_bytes', 0) / mib:.0f}/"
+            f"{progress.get('total_bytes', 0) / mib:.0f} MiB")
+    if progress.get("rate_bps"):
+        text += f", {progress['rate_bps'] / mib:.1f} MiB/s"
+    if progress.get("eta_s") is not None:
+        text += f", {progress['eta_s']:.0f}s left"
+    return text
+
+
 def render_events(status: dict[str, Any]) -> str:
     """`nvidia-agent status --events`: one line per phase change or error, oldest first."""
     lines = []
@@ -354,6 +368,8 @@ def render_text(status: dict[str, Any]) -> str:
         return f"{secs}s ago" if secs < 120 else f"{secs // 60}m ago"
 
     lines = [f"phase:       {status['phase']} (since {ago(status['phase_since'])})"]
+    if status.get("progress"):
+        lines.append(f"progress:    {render_progress(status['progress'])}")
     if status.get("detail"):
         lines.append(f"detail:      {status['detail']}")
     kernel = status.get("kernel") or "?"

@@ -5,15 +5,20 @@ NFD's feature file and the GPU operator's markers, through ready -> degraded -> 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_faults import NotifySocket
 
+from support.flaky_proxy import Fault, FlakyProxy, blobs
 from support.registry import RegistryServer
-from support.sandbox import DRIVER, K1, K2, Host, RunningAgent, push_driver
+from support.sandbox import DRIVER, K1, K2, REPO_ROOT, Host, RunningAgent, push_driver
 
 pytestmark = [pytest.mark.integration, pytest.mark.subprocess]
 
@@ -92,3 +97,45 @@ def test_metrics_features_and_markers_follow_ready_degraded_ready(tmp_path: Path
         assert "nvidia-agent.ready=true\n" in (host.root / NFD).read_text()
         code, _ = agent.stop()
         assert code == 0
+
+
+def test_a_slow_pull_shows_its_progress_in_status_in_systemd_and_on_a_terminal(tmp_path: Path,
+                                                                               registry: RegistryServer,
+                                                                               host: Host) -> None:
+    """A registry throttled to 256 KiB/s (a loopback proxy) and a 3 MiB layer: `status --json` shows the bytes
+    rising with a rate and a time left that fit the throttle, STATUS= carries the percentage, and
+    `status --wait` in a terminal (tmux) draws the live line."""
+    push_driver(tmp_path, registry.host, K1, big_lib_bytes=3 << 20)
+    notify = NotifySocket(tmp_path / "notify")
+    session = f"nvidia-agent-{os.getpid()}"
+    with FlakyProxy(registry.host, faults=(Fault.drip(bytes_per_s=256 << 10, when=blobs),)) as proxy:
+        host.configure(proxy.host)
+        with RunningAgent(host, env={"NOTIFY_SOCKET": str(notify.path)}) as agent:
+            subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "10",
+                            f"cd {REPO_ROOT} && {sys.executable} -m agent --root {host.root} status --wait 120; "
+                            "sleep 60"], check=True)
+            try:
+                seen: list[dict[str, object]] = []
+                panes: list[str] = []
+                deadline = time.monotonic() + 90
+                while time.monotonic() < deadline and phase_of(agent) != "ready":
+                    progress = agent.status_json().get("progress")
+                    if isinstance(progress, dict):
+                        seen.append(progress)
+                    panes.append(subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
+                                                text=True, check=False).stdout)
+                    time.sleep(0.5)
+            finally:
+                subprocess.run(["tmux", "kill-session", "-t", session], check=False)
+            agent.stop()
+    received = notify.messages()
+    done = [int(str(p["done_bytes"])) for p in seen]
+    assert len(done) >= 4 and done == sorted(done) and done[-1] > done[0], seen
+    assert all(p["total_bytes"] == seen[0]["total_bytes"] for p in seen)
+    rates = [float(str(p["rate_bps"])) for p in seen if p.get("rate_bps")]
+    assert rates and all(64 << 10 < r < 1 << 20 for r in rates[1:]), rates  # about the throttle's 256 KiB/s
+    etas = [float(str(p["eta_s"])) for p in seen if p.get("eta_s") is not None]
+    assert etas and etas[-1] < etas[0] and max(etas) < 60, etas
+    statuses = [m["STATUS"] for m in received if m.get("STATUS", "").startswith("pulling: ")]
+    assert any(re.match(r"pulling: \d+% \d+/\d+ MiB, [\d.]+ MiB/s", s) for s in statuses), statuses
+    assert any(re.search(r"pulling: \d+% \d+/\d+ MiB", pane) for pane in panes), panes[-3:]

@@ -3,10 +3,16 @@ the GPU operator's markers, the metrics as Prometheus reads them."""
 
 from __future__ import annotations
 
+import contextlib
+import re
+import socket
+import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,12 +20,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.fleet import cdi
 from agent.fleet.features import HOST_DRIVER_STATUS, label_value, nfd_features, operator_markers
 from agent.fleet.metrics import Metrics
+from agent.fleet.serve import MetricsServer
 from agent.status import Phase, Snapshot
+from support.registry import free_port
 
 READY = Snapshot(phase=Phase.READY, driver="535.261.03", kernel="6.1.0-28-amd64", os_key="flatcar-1-6.1.0-28-amd64",
                  current="/opt/nvidia/535.261.03/flatcar-1-6.1.0-28-amd64", digest="sha256:" + "a" * 64,
                  devices=("/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia-uvm"))
 TREE = READY.current
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_spec_has_a_device_per_gpu_and_all_and_the_tree_read_only() -> None:
@@ -109,3 +118,54 @@ def test_metrics_read_back_with_prometheus_own_parser() -> None:
     assert families["nvidia_agent_ready"].documentation.startswith("1 when")
     metrics.observe(replace(READY, phase=Phase.NO_GPU, current=None))
     assert "nvidia_agent_driver_info{" not in metrics.render().decode()
+
+
+def test_the_endpoint_serves_metrics_and_survives_slow_and_malformed_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /metrics parses back; a client that sends a byte now and then, and one that sends garbage, hold
+    only their own slots: the others are answered at once, and the slow one is cut off at the deadline."""
+    from agent import httpserve  # noqa: PLC0415
+
+    monkeypatch.setattr(httpserve, "REQUEST_DEADLINE_S", 2.0)
+    metrics = Metrics()
+    metrics.observe(READY)
+    server = MetricsServer(f"127.0.0.1:{free_port()}", metrics)
+    server.start()
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    try:
+        slow = socket.create_connection(("127.0.0.1", server.port))
+        slow.sendall(b"GET /metr")
+        garbage = socket.create_connection(("127.0.0.1", server.port))
+        garbage.sendall(b"\x00\xff\r\n\r\n")
+        started = time.monotonic()
+        reply = requests.get(url, timeout=5)
+        assert time.monotonic() - started < 1.0, "a slow client held up another"
+        assert reply.status_code == 200 and reply.headers["Content-Type"].startswith("text/plain")
+        families = {f.name for f in text_string_to_metric_families(reply.text)}
+        assert {"nvidia_agent_ready", "nvidia_agent_phase", "nvidia_agent_driver_info"} <= families
+        garbage.settimeout(5)
+        answer = b"".join(iter(lambda: garbage.recv(4096), b""))
+        assert b"400" in answer and b"Bad request" in answer, answer  # and the connection closed
+        assert requests.get(f"http://127.0.0.1:{server.port}/other", timeout=5).status_code == 404
+        slow.settimeout(10)
+        for _ in range(4):  # a byte every half second: each read in time, the whole request not
+            with contextlib.suppress(OSError):
+                slow.sendall(b"i")
+            time.sleep(0.5)
+        assert slow.recv(1024) == b"", "the slow client was cut off at the deadline"
+    finally:
+        server.stop()
+
+
+def test_the_sample_alert_rules_name_metrics_the_agent_exports() -> None:
+    """packaging/prometheus/nvidia-agent.rules.yml: every metric an expression names exists, with its labels."""
+    import yaml  # noqa: PLC0415 - the test group's
+
+    rules = yaml.safe_load((REPO / "packaging/prometheus/nvidia-agent.rules.yml").read_text())["groups"][0]["rules"]
+    metrics = Metrics()
+    metrics.observe(READY)
+    metrics.passed(Phase.DEGRADED, "ImageMissing", 1.0)
+    exported = {s.name for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
+    for rule in rules:
+        names = set(re.findall(r"\bnvidia_agent_[a-z_]+", rule["expr"]))
+        assert names and names <= exported, (rule["alert"], names - exported)
+        assert rule["annotations"]["summary"]

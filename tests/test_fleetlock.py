@@ -408,9 +408,9 @@ def test_a_slow_client_holds_only_its_own_slot_and_not_the_stop(port: int, tmp_p
     import socket  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from agent.update import gate as gate_module  # noqa: PLC0415
+    from agent import httpserve  # noqa: PLC0415
 
-    monkeypatch.setattr(gate_module, "REQUEST_DEADLINE_S", 2.0)
+    monkeypatch.setattr(httpserve, "REQUEST_DEADLINE_S", 2.0)
     snap = {"now": Snapshot(phase=Phase.READY, next_boot=STAGED)}
     gate = serve(port, tmp_path, snap, Clock())
     slow = socket.create_connection(("127.0.0.1", port))

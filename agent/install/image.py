@@ -58,13 +58,15 @@ def install_image(
     on_phase: Callable[[str, dict[str, Any]], None],
     cancelled: Callable[[], bool] = lambda: False,
     refuse_digest: str | None = None,
+    on_pull: Callable[[ResolvedImage], None] = lambda _image: None,
 ) -> InstallResult:
     """Resolve, fetch, verify and install `ref` at `tree` (a directory under `install_root`).
 
     `source` says where the bytes come from (agent.fetch.sources); every layer it hands out was
     checked against its descriptor, and is checked against the config's diff_ids here.
     `refuse_digest`: a digest the kernel refused before; resolving to it again raises
-    Unchanged before anything is downloaded.
+    Unchanged before anything is downloaded. `on_pull` hears of the image just before its layers
+    are fetched (the daemon measures progress against it).
     """
     on_phase("resolving", {"reference": str(ref)})
     image = source.resolve(ref, platform)
@@ -80,6 +82,7 @@ def install_image(
                             f"{MAX_STREAM_BYTES >> 30} GiB")
     # The download, then the tree: unpacked, a layer is at least its compressed size.
     fs.check_space([*source.space(image), (install_root, layer_bytes, "the unpacked tree")])
+    on_pull(image)  # what is about to be fetched: progress is measured against it
     on_phase("pulling", {"digest": image.reference.digest, "layers": len(image.layers), "bytes": layer_bytes,
                          **({"source": image.origin} if image.origin != "registry" else {})})
     try:

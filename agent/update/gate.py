@@ -10,33 +10,28 @@ agent restart does not restart the clock, and a reboot forgets it.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import socketserver
 import threading
 import time
-import traceback
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import asdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import requests
 import structlog
 
+from agent import httpserve
 from agent.errors import HostError
+from agent.httpserve import CLIENT_TIMEOUT_S, BoundedServer, bounded_server, parse_address
 from agent.log import RepeatLimiter
 from agent.state import write_atomic
 from agent.status import Snapshot
 from agent.update.fleetlock import PRE_REBOOT, PROTOCOL_HEADER, Hold, Rejection, Request, decide, parse_request
 
 HOLD_FILE = "/run/nvidia-agent/gate-hold.json"
-CLIENT_TIMEOUT_S = 5.0  # a local client has this long for each read
-REQUEST_DEADLINE_S = 30.0  # and this long for its whole request and answer (upstream included)
-MAX_CLIENTS = 8  # connections served at once; more are closed at once
 UPSTREAM_TIMEOUT_S = (5.0, 10.0)  # connect, each read
 MAX_REPLY_BYTES = 4096
 LOG_PERIOD_S = 3600.0
@@ -49,20 +44,9 @@ def boottime() -> float:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """'127.0.0.1:9797' or '[::1]:9797' -> (address, port). ValueError unless a loopback IP and a port."""
-    import ipaddress  # noqa: PLC0415 - only for config validation
-
-    host, sep, port = value.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise ValueError("a loopback address and port such as \"127.0.0.1:9797\"")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        if not ipaddress.ip_address(host).is_loopback:
-            raise ValueError
-    except ValueError:
-        raise ValueError("a loopback address and port such as \"127.0.0.1:9797\": "
-                         "the gate answers this host's update agent only") from None
-    return host, int(port)
+    """'127.0.0.1:9797' or '[::1]:9797' -> (address, port). ValueError unless a loopback IP and a port: the
+    gate answers this host's update agent only."""
+    return parse_address(value, loopback_only=True)
 
 
 def upstream_url(base: str, operation: str) -> str:
@@ -86,7 +70,7 @@ class RebootGate:
         self._lock = threading.Lock()  # one request decides at a time (the server is serial anyway)
         self._hold = self._load_hold()
         self._last: dict[str, Any] | None = None
-        self._server: _Server | None = None
+        self._server: BoundedServer | None = None
         self._thread: threading.Thread | None = None
         self._session = requests.Session()
         self._session.trust_env = False  # no proxy from the environment between two local services
@@ -104,9 +88,8 @@ class RebootGate:
             pass
 
         Handler.gate = gate
-        server_class = _Server6 if ":" in address else _Server
         try:
-            self._server = server_class((address, port), Handler)
+            self._server = bounded_server(address, port, Handler, error_event="gate_request_failed")
         except OSError as exc:
             raise HostError(f"reboot gate: cannot listen on {self.listen}: {exc.strerror}",
                             hint="another service holds the port? set update.gate_listen to a free one") from None
@@ -170,7 +153,7 @@ class RebootGate:
         if not self.upstream:
             return 200, b""
         url = upstream_url(self.upstream, request.operation)
-        deadline = time.monotonic() + REQUEST_DEADLINE_S - CLIENT_TIMEOUT_S
+        deadline = time.monotonic() + httpserve.REQUEST_DEADLINE_S - CLIENT_TIMEOUT_S  # upstream included
         try:
             with self._session.post(url, data=request.body, timeout=UPSTREAM_TIMEOUT_S, allow_redirects=False,
                                     stream=True, headers={PROTOCOL_HEADER: "true",
@@ -244,49 +227,6 @@ def _upstream_rejection(status: int, content: bytes) -> Rejection:
     return Rejection(status, f"upstream_http_{status}", f"the fleet lock server answered HTTP {status}")
 
 
-class _Server(ThreadingHTTPServer):
-    """One thread per connection, at most MAX_CLIENTS at once, each cut off after REQUEST_DEADLINE_S:
-    a client that sends one byte every few seconds holds only its own slot, and not for long."""
-
-    allow_reuse_address = True
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
-        super().__init__(address, handler)
-
-    def server_bind(self) -> None:
-        """As HTTPServer's, without its reverse DNS lookup (getfqdn) of the loopback address."""
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # full: this client tries again later
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        timer = threading.Timer(REQUEST_DEADLINE_S, _cut, (request,))
-        timer.daemon = True
-        timer.start()
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            timer.cancel()
-            self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """One broken connection is logged, not printed to stderr; the server goes on."""
-        structlog.get_logger("nvidia-agent").warning("gate_request_failed", client=str(client_address),
-                                                     error=traceback.format_exc(limit=3))
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
 class _Handler(BaseHTTPRequestHandler):
     gate: RebootGate
     timeout = CLIENT_TIMEOUT_S  # a silent client holds the serial server this long at most
@@ -319,12 +259,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         structlog.get_logger("nvidia-agent").debug("gate_request", line=format % args)
-
-
-def _cut(conn: socket.socket) -> None:
-    """The request's time is up: its reads and writes fail at once, its thread ends."""
-    with contextlib.suppress(OSError):
-        conn.shutdown(socket.SHUT_RDWR)
 
 
 def _error(rejection: Rejection) -> tuple[int, bytes]:
