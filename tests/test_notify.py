@@ -98,13 +98,16 @@ class _OSProbe:
 
 
 class DaemonFacing:
-    """What the daemon asks of an agent besides its passes: the OS (the update source), and whether
-    a stop must wait for the next boot's driver (never, here)."""
+    """What the daemon asks of an agent besides its passes: the OS (the update source), whether a stop
+    must wait for the next boot's driver (never, here), and a download's progress (none)."""
 
     probe = _OSProbe()
 
     def next_boot_pending(self) -> bool:
         return False
+
+    def progress(self) -> dict[str, Any] | None:
+        return None  # no download in flight
 
 
 @dataclass
