@@ -39,6 +39,7 @@ import fcntl
 import glob
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -48,6 +49,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.request
@@ -75,11 +77,14 @@ GUEST: dict[str, Any] = {
     "variant": "minbase",
     "include": ["systemd", "systemd-sysv", "udev", "python3", "python3-venv", "kmod", "dbus",
                 "qemu-guest-agent", "docker-registry", "ca-certificates",
+                # a CDI consumer (issue 11): `podman run --device nvidia.com/gpu=all` reads the agent's spec
+                "podman",
                 # pydbus (an agent dependency) needs PyGObject: Debian's, seen through
                 # the venv's --system-site-packages (building it needs a compiler and -dev packages)
                 "python3-gi"],
     "mask": ["serial-getty@ttyS0.service", "getty@tty1.service", "apt-daily.timer",
-             "apt-daily-upgrade.timer", "e2scrub_reap.service", "e2scrub_all.timer", "fstrim.timer"],
+             "apt-daily-upgrade.timer", "e2scrub_reap.service", "e2scrub_all.timer", "fstrim.timer",
+             "podman-restart.service", "podman-auto-update.timer", "podman-clean-transient.service"],
     # kernel module directories left out of the guest (size); drm core stays for nvidia-drm.
     "trim": ["kernel/sound", "kernel/drivers/gpu/drm/amd", "kernel/drivers/gpu/drm/i915",
              "kernel/drivers/gpu/drm/nouveau", "kernel/drivers/gpu/drm/radeon",
@@ -838,6 +843,26 @@ def _test_infrastructure(root: Path, images: Path) -> None:
         put(root, f"etc/systemd/system/{unit}.service", STANDIN_UNIT)
     sh("systemctl", f"--root={root}", "enable", "-q", "docker-registry.service", "fake-gpu.service",
        *(f"{u}.service" for u in STANDINS))
+    # what fleet tools would have set up: node_exporter's textfile directory, NFD's features.d; and a
+    # container image for podman to run (busybox, imported in the guest: no registry for it there)
+    for d in ("var/lib/node_exporter/textfile_collector", "etc/kubernetes/node-feature-discovery/features.d"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    put(root, "usr/lib/nvidia-agent-vm/probe.tar", probe_image())
+
+
+def probe_image() -> bytes:
+    """A root filesystem tarball for `podman import`: busybox (static) and its applets."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        data = Path("/bin/busybox").read_bytes()
+        info = tarfile.TarInfo("bin/busybox")
+        info.size, info.mode, info.mtime = len(data), 0o755, 0
+        tar.addfile(info, io.BytesIO(data))
+        for applet in ("sh", "ls", "cat", "head", "test"):
+            link = tarfile.TarInfo(f"bin/{applet}")
+            link.type, link.linkname, link.mtime = tarfile.SYMTYPE, "busybox", 0
+            tar.addfile(link)
+    return out.getvalue()
 
 
 def _mkfs(root: Path, img: Path) -> None:
