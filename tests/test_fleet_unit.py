@@ -4,6 +4,7 @@ the GPU operator's markers, the metrics as Prometheus reads them."""
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import socket
 import time
@@ -20,7 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.fleet import cdi
 from agent.fleet.features import HOST_DRIVER_STATUS, label_value, nfd_features, operator_markers
 from agent.fleet.metrics import Metrics
+from agent.fleet.publish import Publisher
 from agent.fleet.serve import MetricsServer
+from agent.hostroot import HostRoot
 from agent.status import Phase, Snapshot
 from support.registry import free_port
 
@@ -169,3 +172,32 @@ def test_the_sample_alert_rules_name_metrics_the_agent_exports() -> None:
         names = set(re.findall(r"\bnvidia_agent_[a-z_]+", rule["expr"]))
         assert names and names <= exported, (rule["alert"], names - exported)
         assert rule["annotations"]["summary"]
+
+
+def test_the_publisher_writes_the_spec_of_the_working_tree_and_takes_it_back(tmp_path: Path) -> None:
+    """With a tree under a host root: the spec lists its lib64 files (links too, never one leading out) and
+    tools; a degraded pass with no tree serving removes the spec and the markers; an unchanged pass
+    writes nothing."""
+    host = HostRoot(tmp_path)
+    tree = tmp_path / TREE.lstrip("/")
+    (tree / "lib64").mkdir(parents=True)
+    (tree / "bin").mkdir()
+    (tree / "lib64/libcuda.so.535.261.03").write_bytes(b"\x7fELF")
+    (tree / "lib64/libcuda.so.1").symlink_to("libcuda.so.535.261.03")
+    (tree / "lib64/libevil.so").symlink_to("/etc/shadow")
+    (tree / "bin/nvidia-smi").write_bytes(b"\x7fELF")
+    publisher = Publisher(host, textfile_dir="/prom", nfd_dir="/nfd", cdi_dir="/var/run/cdi",
+                          operator_dir="/run/nvidia/validations", library_dir="/usr/lib64", metrics=Metrics())
+    publisher.publish(READY)
+    spec = json.loads((tmp_path / "var/run/cdi/nvidia.yaml").read_text())
+    assert sorted(m["containerPath"] for m in spec["containerEdits"]["mounts"]) == [
+        "/usr/bin/nvidia-smi", "/usr/lib64/libcuda.so.1", "/usr/lib64/libcuda.so.535.261.03"]
+    assert cdi.validate(spec) == []
+    assert (tmp_path / "run/nvidia/validations/driver-ready").read_text() == HOST_DRIVER_STATUS
+    assert not (tmp_path / "prom").exists() and not (tmp_path / "nfd").exists(), "their readers are not set up"
+    written = (tmp_path / "var/run/cdi/nvidia.yaml").stat().st_mtime_ns
+    publisher.publish(READY)
+    assert (tmp_path / "var/run/cdi/nvidia.yaml").stat().st_mtime_ns == written, "unchanged: not rewritten"
+    publisher.publish(replace(READY, phase=Phase.DEGRADED))
+    assert not (tmp_path / "var/run/cdi/nvidia.yaml").exists()
+    assert not list((tmp_path / "run/nvidia/validations").iterdir())
