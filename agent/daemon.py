@@ -370,7 +370,10 @@ class _ProgressStatus:
         self.said_at, self.said = 0.0, ""
 
     def __call__(self) -> None:
-        progress = self.agent.progress()
+        try:
+            progress = self.agent.progress()
+        except Exception:  # the main thread asks: nothing it reads may stop the systemd contract
+            return
         if progress is None or time.monotonic() - self.said_at < PROGRESS_STATUS_S:
             return
         text = f"pulling: {render_progress(progress)}"

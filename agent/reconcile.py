@@ -145,6 +145,7 @@ class Agent:
                                metrics=self.metrics)
         self._events: deque[dict[str, Any]] = deque(maxlen=export.events)
         self._clock: _InstallClock | None = None  # this boot's install in flight, for `progress`
+        self.snapshot = self.snapshot.evolve(last_ready_at=load_state(host(STATE_FILE)).last_ready_at)
         self.log = structlog.get_logger("nvidia-agent")
         self._errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
         self._link_errors = RepeatLimiter(ERROR_LOG_PERIOD_S)
@@ -173,9 +174,12 @@ class Agent:
             level = "debug"
         if settled:
             self._last_outcome = (phase, detail)
-        if phase != self.snapshot.phase:
+        changed = phase != self.snapshot.phase
+        if changed:
             self._event(phase=phase.value, detail=detail or None)
         self.snapshot = self.snapshot.evolve(phase=phase, detail=detail)
+        if changed:
+            self.fleet.publish(self.snapshot, settled=False)  # the metrics follow the phase
         getattr(self.log, level)(phase.value, **({"detail": detail} if detail else {}), **ctx)
         self.notify(f"{phase.value}: {detail}" if detail else phase.value)
 
@@ -185,11 +189,6 @@ class Agent:
         if clock is None or self.snapshot.phase is not Phase.PULLING:
             return None
         return clock.progress()
-
-    def live_snapshot(self) -> Snapshot:
-        """The snapshot, with the download's progress as of now."""
-        progress = self.progress()
-        return self.snapshot.evolve(progress=progress) if progress else self.snapshot
 
     def _event(self, **what: Any) -> None:
         """One entry of `status --events`: a phase change (with how long the phase before it lasted) or an error."""
@@ -208,11 +207,13 @@ class Agent:
         structlog.contextvars.bind_contextvars(driver=self.settings.driver.version)
         self._rechecking = self.snapshot.phase in (Phase.READY, Phase.NO_GPU)
         error_kind: str | None = None
+        interrupted = False
         try:
             outcome = self._reconcile(cancel)
         except Cancelled as exc:  # stopping: nothing failed, nothing half-done (staging is removed)
             self.log.info("interrupted", reason=exc.message)
             outcome = self.snapshot.phase
+            interrupted = True
         except AgentError as exc:
             error_kind = type(exc).__name__
             outcome = self._failed(exc, transient_default=exc.transient)
@@ -223,10 +224,22 @@ class Agent:
             outcome = self._failed(exc, transient_default=False)
         now = time.time()
         self.snapshot = self.snapshot.evolve(last_reconcile_at=now)
-        self.metrics.passed(outcome, error_kind, now)
-        self.fleet.publish(self.snapshot)
+        if not interrupted:  # a cut-off pass says nothing about whether the driver works
+            self._export(outcome, error_kind, now)
         self.log.debug("reconcile_done", phase=outcome.value, duration_s=round(time.monotonic() - started, 3))
         return outcome
+
+    def _export(self, outcome: Phase, error_kind: str | None, now: float) -> None:
+        """What the fleet reads, from this pass's outcome (never a reason for a pass to fail)."""
+        try:
+            marker = read_marker(self.host(self.snapshot.current)) if self.snapshot.current else None
+            self.snapshot = self.snapshot.evolve(active_driver=marker.driver if marker else None)
+            if outcome in (Phase.READY, Phase.NO_GPU):
+                self.snapshot = self.snapshot.evolve(last_ready_at=now)
+            self.metrics.passed(outcome, error_kind, now)
+            self.fleet.publish(self.snapshot, settled=True)
+        except Exception as exc:  # a bug of ours: logged, and the agent goes on
+            self.log.exception("export_failed", error=f"{type(exc).__name__}: {exc}")
 
     def overlay_shown(self) -> bool:
         """Whether the library directory still shows the overlay the last pass checked (cheap: one
@@ -496,11 +509,11 @@ class Agent:
         self._next(t, source, "staging", f"{t.reference}")
         want = Want(t.driver, t.os_key, t.kernel, self.settings.install.lib64_allow)
         preempt = _Preempt(cancel, self.overlay_shown)
-        clock = _InstallClock(lambda name, ctx: self.log.info(f"staging_{name}", next_os=t.os_key, **ctx))
+        clock = _InstallClock(lambda name, ctx: self.log.info(f"staging_{name}", next_os=t.os_key, **ctx), self.store)
         try:
             result = install_image(
                 self.sources, t.reference, platform=self.platform, install_root=install_root,
-                tree=self.host(t.tree), want=want, cancelled=preempt, on_phase=clock)
+                tree=self.host(t.tree), want=want, cancelled=preempt, on_phase=clock, on_pull=clock.pulling)
         except Cancelled:
             if cancel():
                 raise
@@ -823,8 +836,16 @@ class _InstallClock:
         self._samples: deque[tuple[float, int]] = deque(maxlen=64)
 
     def pulling(self, image: ResolvedImage) -> None:
+        """The image about to be fetched: what will come over the wire (downloads: what the content store
+        lacks; the engine: its export, already read); imports fetch nothing and take no pull time."""
+        self.source = image.origin.split(" ")[0]
         downloads = image.origin == "registry" or image.origin.startswith("mirror ")
-        self._layers = tuple((d.digest, d.size) for d in image.layers) if downloads and self.store else ()
+        store = self.store
+        if downloads and store is not None:
+            self._layers = tuple((d.digest, d.size) for d in image.layers)
+            self.bytes = sum(max(0, d.size - store.present_bytes(d.digest)) for d in image.layers)
+        else:
+            self.bytes = sum(d.size for d in image.layers) if image.origin == "engine" else 0
 
     def progress(self) -> dict[str, Any] | None:
         """{done_bytes, total_bytes, percent, rate_bps, eta_s} of the download in flight, or None."""
@@ -845,16 +866,13 @@ class _InstallClock:
 
     def __call__(self, name: str, ctx: dict[str, Any]) -> None:
         self.at.setdefault(name, time.monotonic())
-        if name == "pulling":
-            self.source = str(ctx.get("source", "registry"))
-            self.bytes = int(ctx.get("bytes", 0)) if self.source != "imported" else 0
         self.then(name, ctx)
 
     def done(self, metrics: Metrics) -> None:
         now = time.monotonic()
         pulling, verifying = self.at.get("pulling"), self.at.get("verifying")
-        pull_s = (verifying or now) - pulling if pulling is not None else None
-        metrics.installed(self.source.split(" ")[0], pull_s, now - self.at.get("resolving", now), self.bytes)
+        pull_s = (verifying or now) - pulling if pulling is not None and self.source != "imported" else None
+        metrics.installed(self.source, pull_s, now - self.at.get("resolving", now), self.bytes)
 
 
 class _Preempt:

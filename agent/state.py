@@ -29,7 +29,9 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        # O_EXCL: never a file someone put there after the sweep (a link to another file, in a directory
+        # others may write, such as an exporter's)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -76,7 +76,9 @@ class Snapshot:
     kernel: str | None = None
     kernel_changed_from: str | None = None
     gpus: tuple[str, ...] = ()
-    driver: str | None = None
+    driver: str | None = None  # the configured version
+    active_driver: str | None = None  # the version of the tree `current` names (a fallback's, when one serves)
+    last_ready_at: float | None = None  # when a pass last ended ready, from the state file across restarts
     os_key: str | None = None
     image: str | None = None
     digest: str | None = None

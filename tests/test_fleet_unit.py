@@ -17,17 +17,19 @@ import requests
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from agent.fleet import cdi
 from agent.fleet.features import HOST_DRIVER_STATUS, label_value, nfd_features, operator_markers
 from agent.fleet.metrics import Metrics
-from agent.fleet.publish import Publisher
+from agent.fleet.publish import Publisher, multiarch
 from agent.fleet.serve import MetricsServer
 from agent.hostroot import HostRoot
 from agent.status import Phase, Snapshot
 from support.registry import free_port
 
-READY = Snapshot(phase=Phase.READY, driver="535.261.03", kernel="6.1.0-28-amd64", os_key="flatcar-1-6.1.0-28-amd64",
+READY = Snapshot(phase=Phase.READY, driver="535.261.03", active_driver="535.261.03", kernel="6.1.0-28-amd64",
+                 os_key="flatcar-1-6.1.0-28-amd64",
                  current="/opt/nvidia/535.261.03/flatcar-1-6.1.0-28-amd64", digest="sha256:" + "a" * 64,
                  devices=("/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia-uvm"))
 TREE = READY.current
@@ -188,16 +190,44 @@ def test_the_publisher_writes_the_spec_of_the_working_tree_and_takes_it_back(tmp
     (tree / "bin/nvidia-smi").write_bytes(b"\x7fELF")
     publisher = Publisher(host, textfile_dir="/prom", nfd_dir="/nfd", cdi_dir="/var/run/cdi",
                           operator_dir="/run/nvidia/validations", library_dir="/usr/lib64", metrics=Metrics())
-    publisher.publish(READY)
-    spec = json.loads((tmp_path / "var/run/cdi/nvidia.yaml").read_text())
+    publisher.publish(READY, settled=True)
+    spec = json.loads((tmp_path / "var/run/cdi/nvidia-agent.yaml").read_text())
     assert sorted(m["containerPath"] for m in spec["containerEdits"]["mounts"]) == [
-        "/usr/bin/nvidia-smi", "/usr/lib64/libcuda.so.1", "/usr/lib64/libcuda.so.535.261.03"]
+        "/usr/bin/nvidia-smi", f"/usr/lib/{multiarch()}/libcuda.so.1", f"/usr/lib/{multiarch()}/libcuda.so.535.261.03",
+        "/usr/lib64/libcuda.so.1", "/usr/lib64/libcuda.so.535.261.03"]
     assert cdi.validate(spec) == []
     assert (tmp_path / "run/nvidia/validations/driver-ready").read_text() == HOST_DRIVER_STATUS
     assert not (tmp_path / "prom").exists() and not (tmp_path / "nfd").exists(), "their readers are not set up"
-    written = (tmp_path / "var/run/cdi/nvidia.yaml").stat().st_mtime_ns
-    publisher.publish(READY)
-    assert (tmp_path / "var/run/cdi/nvidia.yaml").stat().st_mtime_ns == written, "unchanged: not rewritten"
-    publisher.publish(replace(READY, phase=Phase.DEGRADED))
-    assert not (tmp_path / "var/run/cdi/nvidia.yaml").exists()
+    written = (tmp_path / "var/run/cdi/nvidia-agent.yaml").stat().st_mtime_ns
+    publisher.publish(READY, settled=True)
+    assert (tmp_path / "var/run/cdi/nvidia-agent.yaml").stat().st_mtime_ns == written, "unchanged: not rewritten"
+    publisher.publish(replace(READY, phase=Phase.PULLING), settled=False)
+    assert (tmp_path / "var/run/cdi/nvidia-agent.yaml").exists(), "a phase in the middle of a pass changes no file"
+    publisher.publish(replace(READY, phase=Phase.DEGRADED), settled=True)
+    assert not (tmp_path / "var/run/cdi/nvidia-agent.yaml").exists()
     assert not list((tmp_path / "run/nvidia/validations").iterdir())
+
+
+def test_a_marker_the_validator_wrote_its_own_way_is_left_to_it(tmp_path: Path) -> None:
+    """driver-ready holding other lines than the agent's (a driver container's validation) is not removed."""
+    publisher = Publisher(HostRoot(tmp_path), textfile_dir="", nfd_dir="", cdi_dir="", operator_dir="/v",
+                          library_dir="/usr/lib64", metrics=Metrics())
+    theirs = b"IS_HOST_DRIVER=false\nNVIDIA_DRIVER_ROOT=/run/nvidia/driver\n"
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v/driver-ready").write_bytes(theirs)
+    publisher.publish(replace(READY, phase=Phase.DEGRADED), settled=True)
+    assert (tmp_path / "v/driver-ready").read_bytes() == theirs
+    publisher.publish(READY, settled=True)
+    publisher.publish(replace(READY, phase=Phase.DEGRADED), settled=True)
+    assert not (tmp_path / "v/driver-ready").exists(), "what it wrote itself goes"
+
+
+def test_a_failing_export_directory_never_fails_the_publisher(tmp_path: Path) -> None:
+    """The textfile's name is taken by a directory: a warning, and the rest is still written."""
+    (tmp_path / "prom/nvidia-agent.prom").mkdir(parents=True)
+    publisher = Publisher(HostRoot(tmp_path), textfile_dir="/prom", nfd_dir="", cdi_dir="/cdi", operator_dir="",
+                          library_dir="/usr/lib64", metrics=Metrics())
+    with capture_logs() as logs:
+        publisher.publish(READY, settled=True)
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["export_not_written"]
+    assert (tmp_path / "cdi/nvidia-agent.yaml").exists(), "the other files are still written"

@@ -19,7 +19,9 @@ from typing import Any
 
 CDI_VERSION = "0.5.0"
 KIND = "nvidia.com/gpu"
-SPEC_FILE = "nvidia.yaml"  # JSON is YAML: runtimes read either from a .yaml file
+# Not nvidia.yaml: NVIDIA Container Toolkit's nvidia-cdi-refresh writes that name (JSON is YAML: runtimes read
+# either from a .yaml file)
+SPEC_FILE = "nvidia-agent.yaml"
 CONTROL_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
 GPU_NODE_RE = re.compile(r"^/dev/nvidia(\d+)\Z")
 MOUNT_OPTIONS = ("ro", "nosuid", "nodev", "bind")

@@ -38,11 +38,11 @@ def label_value(text: str) -> str:
 
 def nfd_features(snap: Snapshot) -> str | None:
     """The feature file's text, or None when no driver is active (the file goes, and the labels with it)."""
-    if snap.phase is Phase.NO_GPU or snap.current is None or snap.driver is None:
+    if snap.phase is Phase.NO_GPU or snap.current is None or snap.active_driver is None:
         return None
     next_state = (snap.next_boot or {}).get("state")
     lines = {
-        "nvidia-agent.driver-version": label_value(snap.driver),
+        "nvidia-agent.driver-version": label_value(snap.active_driver),  # what runs, a fallback's too
         "nvidia-agent.ready": "true" if working(snap) else "false",
         "nvidia-agent.kernel": label_value(snap.kernel or ""),
         # no update staged counts as ready: the next boot runs this driver

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
 
 from agent.status import Phase, Snapshot
 
@@ -30,13 +30,15 @@ class Metrics:
                            "working tree, and on a host with no GPU to serve), else 0.", registry=r)
         self.phase = Enum("nvidia_agent_phase", "What the agent is doing, or the outcome of its last pass.",
                           states=[p.value for p in Phase], registry=r)
-        self.driver = Info("nvidia_agent_driver", "The driver tree this host runs: version, OS key, kernel and "
-                           "image digest (absent while no tree is active).", registry=r)
+        self.driver = Gauge("nvidia_agent_driver_info", "The driver tree this host runs, 1: its version, OS key, "
+                            "kernel and image digest (absent while no tree is active).",
+                            ["driver", "os_key", "kernel", "digest"], registry=r)
         self.next_boot = Enum("nvidia_agent_next_boot", "The driver for the OS or kernel an update staged for the "
                               "next boot: none (no update staged), staging, ready, missing or failed.",
                               states=list(NEXT_BOOT_STATES), registry=r)
         self.last_success = Gauge("nvidia_agent_last_success_timestamp_seconds", "When a pass last ended ready "
-                                  "(or with no GPU to serve), as Unix time; 0 before the first.", registry=r)
+                                  "(or with no GPU to serve), as Unix time, across agent restarts; 0 before the "
+                                  "first.", registry=r)
         self.reconciles = Counter("nvidia_agent_reconciles", "Passes, by their outcome phase.", ["outcome"],
                                   registry=r)
         self.errors = Counter("nvidia_agent_errors", "Failed passes, by the kind of error (its class: "
@@ -47,23 +49,27 @@ class Metrics:
         self.install_seconds = Histogram("nvidia_agent_install_duration_seconds", "Time from resolving an image to "
                                          "its tree renamed into place (pull, verify, unpack, sync).",
                                          buckets=DURATION_BUCKETS_S, registry=r)
-        self.pulled_bytes = Counter("nvidia_agent_pulled_bytes", "Layer bytes brought onto the host, by source.",
-                                    ["source"], registry=r)
+        self.pulled_bytes = Counter("nvidia_agent_pulled_bytes", "Layer bytes fetched for installs that "
+                                    "succeeded, by source (downloads: what was not in the content store yet; the "
+                                    "engine: its export).", ["source"], registry=r)
         self.started = Gauge("nvidia_agent_start_time_seconds", "When this agent process started, as Unix time.",
                              registry=r)
         self.started.set_to_current_time()
+        self._success_at = 0.0
 
     def observe(self, snap: Snapshot) -> None:
         """Set the gauges from the status snapshot."""
         with self._lock:
             self.ready.set(1 if snap.phase in (Phase.READY, Phase.NO_GPU) or snap.serving is not None else 0)
+            if snap.last_ready_at and not self._success_at:  # an earlier process's, from the state file
+                self._success_at = snap.last_ready_at
+                self.last_success.set(snap.last_ready_at)
             self.phase.state(snap.phase.value)
-            active = snap.current is not None and snap.driver is not None and snap.phase is not Phase.NO_GPU
-            if active:
-                self.driver.info({"driver": snap.driver or "", "os_key": snap.os_key or "",
-                                  "kernel": snap.kernel or "", "digest": snap.digest or ""})
-            else:
-                self.driver.info({})
+            driver = snap.active_driver
+            self.driver.clear()
+            if snap.current is not None and driver is not None and snap.phase is not Phase.NO_GPU:
+                self.driver.labels(driver=driver, os_key=snap.os_key or "", kernel=snap.kernel or "",
+                                   digest=snap.digest or "").set(1)
             state = (snap.next_boot or {}).get("state", "none")
             self.next_boot.state(state if state in NEXT_BOOT_STATES else "none")
 
@@ -73,6 +79,7 @@ class Metrics:
         if error_kind:
             self.errors.labels(kind=error_kind).inc()
         if outcome in (Phase.READY, Phase.NO_GPU):
+            self._success_at = at
             self.last_success.set(at)
 
     def installed(self, source: str, pull_s: float | None, install_s: float, pulled_bytes: int) -> None:

@@ -23,7 +23,7 @@ from tests.vm.test_vm import artifacts_dir, assert_serving, settle, tree_for
 
 pytestmark = [pytest.mark.vm, pytest.mark.integration, pytest.mark.timeout(1500)]
 
-SPEC = "/var/run/cdi/nvidia.yaml"
+SPEC = "/var/run/cdi/nvidia-agent.yaml"
 NFD = "/etc/kubernetes/node-feature-discovery/features.d/nvidia-agent"
 PROM = "/var/lib/node_exporter/textfile_collector/nvidia-agent.prom"
 MARKERS = "/run/nvidia/validations"
