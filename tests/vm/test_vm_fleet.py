@@ -56,6 +56,7 @@ def read(g: Guest, path: str) -> str | None:
 
 def container_sees(g: Guest, kernel: str) -> str:
     rc, out = g.run(f"{PODMAN} ls -l /dev/nvidia0 /dev/nvidia1 /dev/nvidiactl /usr/lib64/libnvidia-ml.so.1 "
+                    "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1 "
                     "/usr/bin/nvidia-smi", timeout=300)
     assert rc == 0, f"podman with the CDI spec failed on {kernel}: {out}"
     return out
