@@ -78,7 +78,7 @@ GUEST: dict[str, Any] = {
     "include": ["systemd", "systemd-sysv", "udev", "python3", "python3-venv", "kmod", "dbus",
                 "qemu-guest-agent", "docker-registry", "ca-certificates",
                 # a CDI consumer (issue 11): `podman run --device nvidia.com/gpu=all` reads the agent's spec
-                "podman",
+                "podman", "netavark", "crun", "conmon",  # debootstrap does not pick providers of virtual packages
                 # pydbus (an agent dependency) needs PyGObject: Debian's, seen through
                 # the venv's --system-site-packages (building it needs a compiler and -dev packages)
                 "python3-gi"],
