@@ -390,7 +390,11 @@ def _keep_systemd_told(notifier: Notifier, readiness: Readiness, progress: _Prog
 
 
 def _with_progress(agent: Agent, snap: Snapshot) -> Snapshot:
-    progress = agent.progress()
+    """The snapshot with the download's progress as of now (none if it cannot be told: `status` still answers)."""
+    try:
+        progress = agent.progress()
+    except Exception:
+        return snap
     return snap.evolve(progress=progress) if progress else snap
 
 

@@ -834,6 +834,7 @@ class _InstallClock:
         self.source = "registry"
         self._layers: tuple[tuple[str, int], ...] = ()  # what the content store is filling: (digest, size)
         self._samples: deque[tuple[float, int]] = deque(maxlen=64)
+        self._lock = threading.Lock()  # asked by the main thread and the status socket's at once
 
     def pulling(self, image: ResolvedImage) -> None:
         """The image about to be fetched: what will come over the wire (downloads: what the content store
@@ -855,10 +856,11 @@ class _InstallClock:
         total = sum(size for _, size in layers)
         done = sum(min(size, store.present_bytes(digest)) for digest, size in layers)
         now = time.monotonic()
-        self._samples.append((now, done))
-        while len(self._samples) > 2 and now - self._samples[0][0] > PROGRESS_WINDOW_S:
-            self._samples.popleft()
-        (t0, d0) = self._samples[0]
+        with self._lock:
+            self._samples.append((now, done))
+            while len(self._samples) > 2 and now - self._samples[0][0] > PROGRESS_WINDOW_S:
+                self._samples.popleft()
+            (t0, d0) = self._samples[0]
         rate = (done - d0) / (now - t0) if now - t0 > 0.5 else None
         eta = round((total - done) / rate, 1) if rate else None
         return {"done_bytes": done, "total_bytes": total, "percent": round(100 * done / total, 1) if total else 100.0,
