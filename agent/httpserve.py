@@ -15,6 +15,8 @@ from typing import Any
 
 import structlog
 
+from agent.errors import HostError
+
 CLIENT_TIMEOUT_S = 5.0  # a client has this long for each read
 REQUEST_DEADLINE_S = 30.0  # and this long for its whole request and answer
 MAX_CLIENTS = 8  # connections served at once; more are closed at once
@@ -82,11 +84,17 @@ def parse_address(value: str, *, loopback_only: bool) -> tuple[str, int]:
     return host, int(port)
 
 
-def bounded_server(address: str, port: int, handler: type[BaseHTTPRequestHandler], *,
-                   error_event: str) -> BoundedServer:
-    """A BoundedServer bound to address:port (IPv6 when the address has a colon). OSError if it cannot bind."""
+def serve(address: str, port: int, handler: type[BaseHTTPRequestHandler], *, name: str, error_event: str,
+          key: str) -> BoundedServer:
+    """A BoundedServer on address:port (IPv6 when the address has a colon), serving in a daemon thread `name`.
+    HostError, naming the configuration `key`, when the address cannot be bound."""
     cls = type("Server", (BoundedServer6 if ":" in address else BoundedServer,), {"error_event": error_event})
-    server: BoundedServer = cls((address, port), handler)
+    try:
+        server: BoundedServer = cls((address, port), handler)
+    except OSError as exc:
+        raise HostError(f"{name}: cannot listen on {address}:{port}: {exc.strerror}",
+                        hint=f"another service holds the port? set {key} to a free one") from None
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name=name, daemon=True).start()
     return server
 
 

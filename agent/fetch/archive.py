@@ -19,7 +19,7 @@ import os
 import posixpath
 import stat
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -275,15 +275,10 @@ class ArchiveReader:
     def _oci(self, platform: Platform) -> list[ArchiveImage]:
         try:
             index = load_json_object(self._file("index.json", MANIFEST_MAX_BYTES), "index.json")
-            entries = index.get("manifests")
-            if not isinstance(entries, list):
-                raise ManifestError("index.json: manifests is not a list")
             found = []
-            for i, item in enumerate(entries):
-                desc = parse_descriptor(item, f"index.json entry {i}")
+            for desc, annotations in index_entries(index):
                 if desc.media_type not in IMAGE_MANIFEST_TYPES | INDEX_TYPES:
                     continue  # signatures, attestations, other artifacts
-                annotations = item.get("annotations") if isinstance(item.get("annotations"), dict) else {}
                 # the whole name where the archive gives one (docker >= 25, containerd); a bare ref.name tag
                 # (skopeo's oci-archive:FILE:TAG) only without it, or a tag would name another repository
                 full, tag = annotations.get(FULL_NAME), annotations.get(REF_NAME)
@@ -407,6 +402,17 @@ class ArchiveReader:
         image = ResolvedImage(Reference("archive.invalid", "image", digest=manifest_desc.digest), None,
                               OCI_MANIFEST, config_desc, tuple(descs), origin="archive")
         return ArchiveImage(tuple(tags), image, manifest_desc, config_desc.digest)
+
+
+def index_entries(doc: Mapping[str, Any]) -> list[tuple[Descriptor, dict[str, Any]]]:
+    """An OCI image layout's index.json read back: each entry's descriptor and annotations (ManifestError if
+    malformed)."""
+    items = doc.get("manifests")
+    if not isinstance(items, list):
+        raise ManifestError("index.json: manifests is not a list")
+    return [(parse_descriptor(item, f"index.json entry {i}"),
+             item["annotations"] if isinstance(item.get("annotations"), dict) else {})
+            for i, item in enumerate(items)]
 
 
 def index_document(entries: list[tuple[Descriptor, dict[str, str]]]) -> bytes:

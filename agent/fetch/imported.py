@@ -32,6 +32,7 @@ from agent.fetch.archive import (
     ArchiveImage,
     ArchiveReader,
     index_document,
+    index_entries,
     scan_layout,
     scan_tar,
     space_for,
@@ -46,7 +47,6 @@ from agent.fetch.manifest import (
     load_json_object,
     manifest_blobs,
     manifest_media_type,
-    parse_descriptor,
     parse_image_manifest,
 )
 from agent.fetch.signature import PAYLOAD_MAX_BYTES, signature_tag
@@ -125,14 +125,8 @@ class ImageStore:
         except OSError as exc:
             raise fs.os_error(exc, f"reading {self.root / 'index.json'}") from exc
         try:
-            doc = load_json_object(raw, "index.json")
-            items = doc.get("manifests")
-            if not isinstance(items, list):
-                raise ManifestError("manifests is not a list")
             out = []
-            for i, item in enumerate(items):
-                desc = parse_descriptor(item, f"entry {i}")
-                notes = item.get("annotations") if isinstance(item.get("annotations"), dict) else {}
+            for desc, notes in index_entries(load_json_object(raw, "index.json")):
                 name, source, at = notes.get(FULL_NAME), notes.get(FROM, "?"), notes.get(AT, "0")
                 index = notes.get(INDEX)
                 if isinstance(name, str):

@@ -7,16 +7,14 @@ agent: the pass, the status socket and systemd's watchdog do not wait on it.
 
 from __future__ import annotations
 
-import threading
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from agent.errors import HostError
 from agent.fleet.metrics import Metrics
-from agent.httpserve import CLIENT_TIMEOUT_S, BoundedServer, bounded_server, parse_address
+from agent.httpserve import CLIENT_TIMEOUT_S, BoundedServer, parse_address, serve
 
 log = structlog.get_logger(__name__)
 
@@ -30,19 +28,9 @@ class MetricsServer:
     def start(self) -> None:
         """Bind and serve in a thread; HostError when the address cannot be bound."""
         address, port = parse_address(self.listen, loopback_only=False)
-        metrics = self.metrics
-
-        class Handler(_Handler):
-            pass
-
-        Handler.metrics = metrics
-        try:
-            self._server = bounded_server(address, port, Handler, error_event="metrics_request_failed")
-        except OSError as exc:
-            raise HostError(f"metrics: cannot listen on {self.listen}: {exc.strerror}",
-                            hint="another service holds the port? set export.listen to a free one") from None
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5}, name="metrics",
-                         daemon=True).start()
+        handler = type("Handler", (_Handler,), {"metrics": self.metrics})
+        self._server = serve(address, port, handler, name="metrics", error_event="metrics_request_failed",
+                             key="export.listen")
         log.info("metrics_listening", listen=self.listen)
 
     @property

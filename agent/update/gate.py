@@ -24,8 +24,7 @@ import requests
 import structlog
 
 from agent import httpserve
-from agent.errors import HostError
-from agent.httpserve import CLIENT_TIMEOUT_S, BoundedServer, bounded_server, parse_address
+from agent.httpserve import CLIENT_TIMEOUT_S, BoundedServer, parse_address, serve
 from agent.log import RepeatLimiter
 from agent.state import write_atomic
 from agent.status import Snapshot
@@ -71,7 +70,6 @@ class RebootGate:
         self._hold = self._load_hold()
         self._last: dict[str, Any] | None = None
         self._server: BoundedServer | None = None
-        self._thread: threading.Thread | None = None
         self._session = requests.Session()
         self._session.trust_env = False  # no proxy from the environment between two local services
         self._refusals = RepeatLimiter(LOG_PERIOD_S)
@@ -82,20 +80,9 @@ class RebootGate:
     def start(self) -> None:
         """Bind and serve in a thread. HostError when the address cannot be bound."""
         address, port = parse_listen(self.listen)
-        gate = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.gate = gate
-        try:
-            self._server = bounded_server(address, port, Handler, error_event="gate_request_failed")
-        except OSError as exc:
-            raise HostError(f"reboot gate: cannot listen on {self.listen}: {exc.strerror}",
-                            hint="another service holds the port? set update.gate_listen to a free one") from None
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
-                                        name="reboot-gate", daemon=True)
-        self._thread.start()
+        handler = type("Handler", (_Handler,), {"gate": self})
+        self._server = serve(address, port, handler, name="reboot-gate", error_event="gate_request_failed",
+                             key="update.gate_listen")
         self.log.info("gate_listening", listen=self.listen, upstream=self.upstream or None,
                       hold_max_s=self.hold_max_s)
 

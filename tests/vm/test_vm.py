@@ -75,6 +75,18 @@ def scenario(g: Guest, artifacts: Path, request: pytest.FixtureRequest) -> Itera
     g.collect(artifacts / request.node.name)
 
 
+def fresh_guest(artifacts: Path, request: pytest.FixtureRequest) -> Iterator[Guest]:
+    """A Debian guest of its own for one scenario (one that rewrites what the guest is), booted with the
+    agent active; its disk goes after it unless NVIDIA_AGENT_VM_KEEP_DISK=1."""
+    harness.build_image()
+    name = request.node.name.removeprefix("test_")[:40]
+    with Guest(kernel="amd64", name=name, workdir=artifacts / name) as g:
+        g.wait_agent_active()
+        yield from scenario(g, artifacts, request)
+    if os.environ.get("NVIDIA_AGENT_VM_KEEP_DISK") != "1":
+        g.disk.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="module")
 def artifacts() -> Path:
     return artifacts_dir()

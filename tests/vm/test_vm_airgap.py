@@ -10,11 +10,9 @@ modules and tells systemd READY.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import pytest
 
 from tests.vm import harness
 from tests.vm.harness import DRIVER, GUEST_REGISTRY, Guest
-from tests.vm.test_vm import artifacts_dir, assert_serving, pulled, settle
+from tests.vm.test_vm import artifacts_dir, assert_serving, fresh_guest, pulled, settle
 
 pytestmark = [pytest.mark.vm, pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -36,16 +34,7 @@ def artifacts() -> Path:
 
 @pytest.fixture
 def vm(artifacts: Path, request: pytest.FixtureRequest) -> Iterator[Guest]:
-    harness.build_image()
-    name = request.node.name.removeprefix("test_")[:40]
-    with Guest(kernel="amd64", name=name, workdir=artifacts / name) as g:
-        g.wait_agent_active()
-        t = time.monotonic()
-        yield g
-        harness.timed(f"scenario {request.node.name}", time.monotonic() - t)
-        g.collect(artifacts / request.node.name)
-    if os.environ.get("NVIDIA_AGENT_VM_KEEP_DISK") != "1":
-        g.disk.unlink(missing_ok=True)
+    yield from fresh_guest(artifacts, request)
 
 
 def oci_archive(kernel: str, dest: Path) -> str:

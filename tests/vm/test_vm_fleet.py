@@ -10,16 +10,13 @@ the new tree) once the registry is there again.
 from __future__ import annotations
 
 import json
-import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.vm import harness
 from tests.vm.harness import DRIVER, Guest
-from tests.vm.test_vm import artifacts_dir, assert_serving, settle, tree_for
+from tests.vm.test_vm import artifacts_dir, assert_serving, fresh_guest, settle, tree_for
 
 pytestmark = [pytest.mark.vm, pytest.mark.integration, pytest.mark.timeout(1500)]
 
@@ -37,16 +34,7 @@ def artifacts() -> Path:
 
 @pytest.fixture
 def vm(artifacts: Path, request: pytest.FixtureRequest) -> Iterator[Guest]:
-    harness.build_image()
-    name = request.node.name.removeprefix("test_")[:40]
-    with Guest(kernel="amd64", name=name, workdir=artifacts / name) as g:
-        g.wait_agent_active()
-        t = time.monotonic()
-        yield g
-        harness.timed(f"scenario {request.node.name}", time.monotonic() - t)
-        g.collect(artifacts / request.node.name)
-    if os.environ.get("NVIDIA_AGENT_VM_KEEP_DISK") != "1":
-        g.disk.unlink(missing_ok=True)
+    yield from fresh_guest(artifacts, request)
 
 
 def read(g: Guest, path: str) -> str | None:

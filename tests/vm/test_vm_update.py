@@ -28,7 +28,6 @@ in tests/test_stage_daemon.py: the guest's registry is too fast to catch a stagi
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +38,7 @@ import pytest
 
 from tests.vm import harness
 from tests.vm.harness import DRIVER, Guest
-from tests.vm.test_vm import OVERRIDE, artifacts_dir, assert_serving, current_target, pulled, settle
+from tests.vm.test_vm import OVERRIDE, artifacts_dir, assert_serving, current_target, fresh_guest, pulled, settle
 
 pytestmark = [pytest.mark.vm, pytest.mark.integration, pytest.mark.timeout(1500)]
 
@@ -58,16 +57,7 @@ def artifacts() -> Path:
 @pytest.fixture
 def vm(artifacts: Path, request: pytest.FixtureRequest) -> Iterator[Guest]:
     """A fresh Debian guest per scenario: each one rewrites what the guest is."""
-    harness.build_image()
-    name = request.node.name.removeprefix("test_")[:40]
-    with Guest(kernel="amd64", name=name, workdir=artifacts / name) as g:
-        g.wait_agent_active()
-        t = time.monotonic()
-        yield g
-        harness.timed(f"scenario {request.node.name}", time.monotonic() - t)
-        g.collect(artifacts / request.node.name)
-    if os.environ.get("NVIDIA_AGENT_VM_KEEP_DISK") != "1":
-        g.disk.unlink(missing_ok=True)
+    yield from fresh_guest(artifacts, request)
 
 
 def wait_next_boot(g: Guest, kernel: str, want: str = "ready", timeout: float = 180) -> dict[str, Any]:
