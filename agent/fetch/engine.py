@@ -19,8 +19,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, cast
 
-import docker
-import docker.errors
 import requests
 import structlog
 
@@ -67,6 +65,14 @@ class _ChunkReader(io.RawIOBase):
         return out
 
 
+def _sdk() -> Any:
+    """The docker SDK, imported only once an engine is there to ask (~60 ms: off an unchanged boot's path)."""
+    import docker  # noqa: PLC0415
+    import docker.errors  # noqa: PLC0415
+
+    return docker
+
+
 def attrs_size(attrs: dict[str, Any]) -> int:
     """The uncompressed size the engine reports for an image (its export is about that big)."""
     size = attrs.get("Size")
@@ -98,7 +104,7 @@ class EngineSource:
         self.cache = cache
         self.pull = pull
         self.timeout_s = timeout_s
-        self._make = client or (lambda url, timeout: docker.DockerClient(base_url=url, timeout=int(timeout)))
+        self._make = client or (lambda url, timeout: _sdk().DockerClient(base_url=url, timeout=int(timeout)))
         self._exported: dict[str, list[str]] = {}  # engine image ID -> the blobs its export stored
         self._kept: dict[str, ResolvedImage] = {}  # engine image ID -> what its export resolved to
 
@@ -107,7 +113,7 @@ class EngineSource:
             raise self._absent(f"no docker engine at {self.socket}")
         try:
             return self._make(f"unix://{self.socket.resolve()}", self.timeout_s)  # resolved: sockets take 107 bytes
-        except docker.errors.DockerException as exc:
+        except _sdk().errors.DockerException as exc:
             raise self._absent(f"the docker engine at {self.socket} does not answer: {exc}") from exc
 
     def _absent(self, message: str) -> Exception:
@@ -130,6 +136,7 @@ class EngineSource:
     def _resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
         name = f"{ref.name}@{ref.digest}" if ref.digest else docker_name(ref)  # pinned: by digest, here too
         client = self._client()
+        docker = _sdk()
         try:
             try:
                 image = client.images.get(name)
@@ -219,6 +226,7 @@ class EngineSource:
         except (ImageMissing, RegistryUnavailable):
             return {}
         names: dict[str, str] = {}
+        docker = _sdk()
         try:
             for cid in ids:
                 try:
