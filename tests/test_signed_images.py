@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from test_signature import _skopeo
 
 from agent.fetch.signature import signature_tag
 from support.cosign import layer, signature_manifest, simple_signing_payload
@@ -52,14 +53,9 @@ def attach(registry: RegistryServer, repo: str, digest: str, payload: bytes, sig
 
 
 def skopeo_with_attachments(tmp_path: Path, registry: RegistryServer, src: str, dest: str) -> None:
-    (tmp_path / "registries.d").mkdir(exist_ok=True)
-    (tmp_path / "registries.d/test.yaml").write_text(f"docker:\n  {registry.host}:\n"
-                                                     "    use-sigstore-attachments: true\n")
-    (tmp_path / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
-    subprocess.run(["skopeo", "--policy", str(tmp_path / "policy.json"), "--registries.d",
-                    str(tmp_path / "registries.d"), "copy", "--quiet", "--src-tls-verify=false",
-                    "--dest-tls-verify=false", f"docker://{src}", f"docker://{dest}"],
-                   check=True, timeout=120, capture_output=True)
+    done = _skopeo(tmp_path, registry, "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false",
+                   f"docker://{src}", f"docker://{dest}")
+    assert done.returncode == 0, done.stderr
 
 
 def signed_driver(tmp_path: Path, registry: RegistryServer, kernel: str, key: Path, *,

@@ -79,7 +79,6 @@ class ArchiveImage:
     image: ResolvedImage  # reference: a placeholder name with the manifest's digest
     manifest: Descriptor
     config_digest: str
-    signature: bool = False  # a cosign signature manifest (kept beside the images it signs), not an image
 
 
 @dataclass
@@ -340,7 +339,7 @@ class ArchiveReader:
         for blob in blobs:
             self._blob(blob.digest, MANIFEST_MAX_BYTES)
         image = ResolvedImage(placeholder, None, desc.media_type, blobs[0], tuple(blobs[1:]), origin="archive")
-        return ArchiveImage(names, image, desc, blobs[0].digest, signature=True)
+        return ArchiveImage(names, image, desc, blobs[0].digest)  # kept like an image; read by its .sig name
 
     def _config(self, image: ResolvedImage) -> dict[str, Any]:
         body = self._blob(image.config.digest, CONFIG_MAX_BYTES)
