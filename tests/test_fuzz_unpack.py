@@ -1152,6 +1152,15 @@ def test_whiteout_of_dot_does_not_remove_staging(tmp_path: Path, whiteout: bytes
     _assert_sandbox_intact(box, staging)
 
 
+def test_a_nameless_member_declaring_a_tebibyte_is_refused_naming_layer_and_byte(tmp_path: Path) -> None:
+    """Found by CI's fuzzing: an empty name and a 1 TiB size. The refusal must still say where (layer, byte)."""
+    box, staging, error = _extract_once(tmp_path, [(_tar(M(b"", size=1 << 40), end=False), TAR)])
+    assert isinstance(error, ImageRejected), repr(error)
+    assert re.search(r"layer layer-0, byte \d+: entry '' \(1099511627776 bytes\)", str(error)), str(error)
+    _assert_sandbox_intact(box, staging)
+    _assert_removable(staging)
+
+
 def _huge_extended_layer(kind: str, compressed: bool) -> bytes:
     """The valid tree, then a pax ('x') or GNU long-name ('L') header declaring 1 GiB: a ~255 KiB layer either way."""
     tree = _tar(end=False)

@@ -136,7 +136,7 @@ class Staging:
             for member in reader:
                 if cancelled():
                     raise Cancelled("stopping: install abandoned")
-                self._count(member)
+                self._count(member, blob.name)
                 self._apply(reader, member, created, opaque)
             self.stream_bytes += reader.offset
         except OSError as exc:
@@ -149,13 +149,14 @@ class Staging:
                                  f"{hasher.hexdigest()}, the image config's diff_id is {diff_id}",
                                  hint="the image is corrupt or was tampered with; it was not used")
 
-    def _count(self, member: Member) -> None:
+    def _count(self, member: Member, layer: str) -> None:
         self.members += 1
         if self.members > MAX_ARCHIVE_ENTRIES:
             raise ImageRejected(f"more than {MAX_ARCHIVE_ENTRIES} entries in the image's layers")
         if self.stream_bytes + member.offset + member.size > MAX_STREAM_BYTES:
-            raise ImageRejected(f"{member.name[:200]!r}: the layers unpack to more than "
-                                f"{MAX_STREAM_BYTES >> 30} GiB")
+            # the layer and offset too: a declared size this large is as likely a damaged header as a big file
+            raise ImageRejected(f"layer {layer}, byte {member.offset}: entry {member.name[:200]!r} "
+                                f"({member.size} bytes) takes the layers past {MAX_STREAM_BYTES >> 30} GiB unpacked")
 
     def _apply(self, reader: TarReader, member: Member, created: set[str], opaque: set[str]) -> None:
         parts = tree_parts(member.name)
