@@ -9,9 +9,10 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -22,20 +23,19 @@ from agent.credentials import Credentials
 from agent.daemon import LOCK_FILE, LockHeld, Triggers, acquire_lock, run_daemon
 from agent.devices import pci_monitor
 from agent.errors import AgentError, ConfigError, ExitCode
-from agent.fetch.engine import engine_for
-from agent.fetch.imported import IMAGES_DIR, ImageStore
 from agent.fetch.manifest import Platform
-from agent.fetch.registry import RegistryClient
-from agent.fetch.sources import Trust, load_trust, sources_for
 from agent.hostfacts import HostProbe, oci_arch
 from agent.hostroot import HostRoot
 from agent.notify import Notifier
 from agent.plan import target_for_boot
 from agent.reconcile import Agent
 from agent.reference import Reference, normalize
+from agent.state import IMAGES_DIR
 from agent.status import SOCKET_FILE, Phase, ask, query, render_events, render_progress, render_text
-from agent.trust import session_for, trust_context
-from agent.update.preflight import check_image
+
+if TYPE_CHECKING:  # the commands that fetch import these when they run: `status` and an unchanged boot never do
+    from agent.fetch.registry import RegistryClient
+    from agent.fetch.sources import Trust
 
 DESCRIPTION = """\
 Keeps the prebuilt NVIDIA driver that matches the running kernel installed
@@ -207,17 +207,27 @@ def _registry_unset() -> ConfigError:
                        "in /etc/nvidia-agent/config.d/50-registry.toml")
 
 
-def _registry_client(host: HostRoot, settings: Settings, cancel: Cancel) -> RegistryClient:
-    """The registry client the configuration describes; ConfigError for bad credentials or CAs."""
+def _registry_client(host: HostRoot, settings: Settings, cancel: Cancel) -> Callable[[], RegistryClient]:
+    """What makes the registry client the configuration describes, on first use (TLS trust and requests cost
+    an unchanged boot ~50 ms it never needs); ConfigError now for bad credentials or CAs."""
     logger = structlog.get_logger("nvidia-agent")
     credentials = Credentials.load(host(settings.image.auth_file))
-    context = trust_context(host, settings.image.ca_file)
+    if settings.image.ca_file:
+        from agent.trust import check_ca_file  # noqa: PLC0415
+
+        check_ca_file(host, settings.image.ca_file)
     if credentials.unsupported_helpers:
         logger.warning("credential_entries_ignored", entries=",".join(credentials.unsupported_helpers),
                        file=settings.image.auth_file)
-    return RegistryClient(plain_http=settings.image.plain_http, credentials=credentials,
-                          timeout_s=settings.image.timeout_s, attempts=settings.image.attempts,
-                          session=session_for(context), sleep=cancel.sleep)
+
+    def make() -> RegistryClient:
+        from agent.fetch.registry import RegistryClient  # noqa: PLC0415
+        from agent.trust import session_for, trust_context  # noqa: PLC0415
+
+        return RegistryClient(plain_http=settings.image.plain_http, credentials=credentials,
+                              timeout_s=settings.image.timeout_s, attempts=settings.image.attempts,
+                              session=session_for(trust_context(host, settings.image.ca_file)), sleep=cancel.sleep)
+    return make
 
 
 def _trust(host: HostRoot, settings: Settings) -> Trust | None:
@@ -225,6 +235,8 @@ def _trust(host: HostRoot, settings: Settings) -> Trust | None:
     verify = settings.image.verify
     if not verify.public_key:
         return None
+    from agent.fetch.sources import load_trust  # noqa: PLC0415
+
     return load_trust(host(verify.public_key), verify.public_key, verify.match_repository)
 
 
@@ -238,6 +250,8 @@ def _image_name(text: str, option: str) -> Reference:
 
 
 def cmd_import(host: HostRoot, settings: Settings, args: argparse.Namespace) -> int:
+    from agent.fetch.imported import ImageStore  # noqa: PLC0415
+
     store = ImageStore(host(IMAGES_DIR))
     if args.list:
         for e in store.entries():
@@ -273,11 +287,16 @@ def cmd_import(host: HostRoot, settings: Settings, args: argparse.Namespace) -> 
 
 
 def cmd_preflight(host: HostRoot, settings: Settings, args: argparse.Namespace) -> int:
+    from agent.fetch.engine import engine_for  # noqa: PLC0415
+    from agent.fetch.imported import ImageStore  # noqa: PLC0415
+    from agent.fetch.sources import sources_for  # noqa: PLC0415
+    from agent.update.preflight import check_image  # noqa: PLC0415
+
     logger = structlog.get_logger("nvidia-agent")
     try:
         if not settings.image.registry:
             raise _registry_unset()
-        registry = _registry_client(host, settings, Cancel())
+        registry = _registry_client(host, settings, Cancel())()
         trust = _trust(host, settings)
     except ConfigError as exc:
         logger.error("config_invalid", error=str(exc), key=exc.key)

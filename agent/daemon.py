@@ -16,21 +16,23 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import structlog
 
 from agent.cancel import Cancel, next_delay_s
 from agent.errors import AgentError, ExitCode, HostError
-from agent.fleet.serve import MetricsServer
 from agent.log import RepeatLimiter
 from agent.notify import Notifier
 from agent.reconcile import Agent
 from agent.status import Phase, Snapshot, StatusServer, render_progress
 from agent.update import KERNEL_RELEASE_RE
-from agent.update.gate import HOLD_FILE, RebootGate
 from agent.update.signals import StatusSignals
 from agent.update.watch import source_for
+
+if TYPE_CHECKING:  # the metrics server and the reboot gate are imported only where configured (requests, prometheus)
+    from agent.fleet.serve import MetricsServer
+    from agent.update.gate import RebootGate
 
 LOCK_FILE = "/run/nvidia-agent/agent.lock"
 # Fault injection for the watchdog test: after READY, the main loop stops for this long without pinging.
@@ -304,7 +306,11 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
     log = structlog.get_logger("nvidia-agent")
     notifier = notifier or Notifier(None)
     cancel = cancel or Cancel()
-    agent.notify = notifier.status
+    def told(status: str) -> None:
+        notifier.status(status)
+        triggers.poke()  # a phase changed: READY goes out when the pass reaches it, not when the pass ends
+
+    agent.notify = told
     readiness = Readiness(notifier, agent.settings.daemon.ready_timeout_s, started_ago_s=process_age_s())
     server, gate, signals = _serve(agent, socket_path, triggers, log, once=once)
     metrics = None if once else _serve_metrics(agent, log)
@@ -429,6 +435,8 @@ def _serve_metrics(agent: Agent, log: Any) -> MetricsServer | None:
     listen = agent.settings.export.listen
     if not listen:
         return None
+    from agent.fleet.serve import MetricsServer  # noqa: PLC0415 - see TYPE_CHECKING above
+
     server = MetricsServer(listen, agent.metrics)
     try:
         server.start()
@@ -560,6 +568,8 @@ class GateKeeper:
         u = agent.settings.update
         if not u.gate_listen:
             return None
+        from agent.update.gate import HOLD_FILE, RebootGate  # noqa: PLC0415 - see TYPE_CHECKING above
+
         gate = RebootGate(u.gate_listen, u.gate_upstream, hold_max_s=u.hold_max_s, snapshot=lambda: agent.snapshot,
                           source=_source(agent), looked=lambda: agent.next_boot_looked, poke=triggers.request_pass,
                           hold_file=agent.host(HOLD_FILE))

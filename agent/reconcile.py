@@ -6,10 +6,10 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
@@ -28,17 +28,12 @@ from agent.devices import (
     wait_gpus_bound,
 )
 from agent.errors import AgentError, Cancelled, HostError, ImageMissing, RegistryUnavailable, cause_chain
-from agent.fetch.engine import EngineSource, engine_for
-from agent.fetch.imported import IMAGES_DIR, ImageStore
 from agent.fetch.manifest import Platform, ResolvedImage
-from agent.fetch.registry import RegistryClient
-from agent.fetch.sources import Trust, sources_for
 from agent.fetch.store import BlobStore, CachePolicy
 from agent.fleet.metrics import Metrics
 from agent.fleet.publish import Publisher
 from agent.hostfacts import HostFacts, HostProbe, read_modules, visible_mount
 from agent.hostroot import HostRoot
-from agent.install.image import Unchanged, Want, install_image
 from agent.install.trees import current_target, installed_trees, prune_trees, remove_debris, switch_current
 from agent.log import RepeatLimiter
 from agent.modules import ModulesRefused, load_modules
@@ -67,6 +62,7 @@ from agent.plan import (
     target_for_boot,
 )
 from agent.state import (
+    IMAGES_DIR,
     NEXT_KERNEL_FILE,
     STATE_FILE,
     Pin,
@@ -78,6 +74,12 @@ from agent.state import (
     save_state,
     write_next_kernel,
 )
+
+if TYPE_CHECKING:  # the fetch and install stack is imported on first use: an unchanged boot never needs it
+    from agent.fetch.engine import EngineSource
+    from agent.fetch.imported import ImageStore
+    from agent.fetch.registry import RegistryClient
+    from agent.fetch.sources import Sources, Trust
 from agent.status import LastError, Phase, Snapshot
 from agent.tools import apply_links, bin_dir_for, plan_links, read_links, tools_in
 from agent.units import UNIT_DIR, apply_dropins
@@ -106,7 +108,8 @@ class Refused(AgentError):
 class Agent:
     """Owns the snapshot and runs reconciles; every collaborator is injected."""
 
-    def __init__(self, host: HostRoot, settings: Settings, *, probe: HostProbe, registry: RegistryClient,
+    def __init__(self, host: HostRoot, settings: Settings, *, probe: HostProbe,
+                 registry: RegistryClient | Callable[[], RegistryClient],
                  notify: Notify = lambda _status: None, platform: Platform | None = None,
                  udev_monitor: Callable[[], Monitor] | None = None, systemd: Systemd | None = None,
                  next_boot: NextBootProbe | None = None, engine: EngineSource | None = None,
@@ -114,7 +117,11 @@ class Agent:
         self.host = host
         self.settings = settings
         self.probe = probe
-        self.registry = registry
+        self._registry = registry  # or what makes one: TLS trust and requests cost ~50 ms an unchanged boot saves
+        self._engine_given = engine
+        self._trust = trust
+        self._fetch_lock = threading.Lock()
+        self._fetch: _Fetch | None = None
         self.notify = notify
         self.platform = platform or Platform.host()
         self.udev_monitor = udev_monitor  # a started pyudev monitor of kernel PCI events, or None
@@ -130,13 +137,6 @@ class Agent:
         self._next_said: tuple[str, str | None] | None = None  # the next boot's last logged (state, os key)
         self.store = BlobStore(host(CACHE_DIR) / "blobs", CachePolicy(settings.install.cache_max_mib << 20,
                                                                       settings.install.cache_max_age_s))
-        self.imported = ImageStore(host(IMAGES_DIR))
-        image = settings.image
-        self.engine = engine or engine_for(image.source, host(image.engine_socket), self.store, image.timeout_s)
-        # busy modules name their containers whenever an engine answers, even when it is no image source
-        self.containers = self.engine or EngineSource(host(image.engine_socket), self.store, pull=False)
-        self.sources = sources_for(registry, self.store, mirrors=image.mirrors, imported=self.imported,
-                                   engine=self.engine, trust=trust)
         self.snapshot = Snapshot(version=__version__, driver=settings.driver.version)
         self.metrics = Metrics()
         export = settings.export
@@ -153,6 +153,34 @@ class Agent:
         self._kernel_change_seen: tuple[str, str] | None = None  # logged once, not on every retry
         self._overlay: tuple[str, str] | None = None  # (lower, library dir) the last check found shown
         self._rechecking = False  # this pass re-checks a settled host: the steps that change nothing stay quiet
+
+    # --- where images come from: built on first use, from any thread
+
+    @property
+    def sources(self) -> Sources:
+        return self._fetched().sources
+
+    @property
+    def imported(self) -> ImageStore:
+        return self._fetched().imported
+
+    @property
+    def engine(self) -> EngineSource | None:
+        return self._fetched().engine
+
+    @property
+    def containers(self) -> EngineSource:
+        """Who names a container by its ID: the engine, even where it is no image source."""
+        return self._fetched().containers
+
+    def _container_names(self, ids: Iterable[str]) -> dict[str, str]:
+        return self.containers.container_names(ids)
+
+    def _fetched(self) -> _Fetch:
+        with self._fetch_lock:
+            if self._fetch is None:
+                self._fetch = _Fetch.build(self)
+            return self._fetch
 
     # --- reporting: one place that updates the log, the snapshot and systemd's STATUS=
 
@@ -507,13 +535,9 @@ class Agent:
         if time.monotonic() < not_before:
             return  # the last try failed: the snapshot still says why; retried with backoff
         self._next(t, source, "staging", f"{t.reference}")
-        want = Want(t.driver, t.os_key, t.kernel, self.settings.install.lib64_allow)
-        preempt = _Preempt(cancel, self.overlay_shown)
         clock = _InstallClock(lambda name, ctx: self.log.info(f"staging_{name}", next_os=t.os_key, **ctx), self.store)
         try:
-            result = install_image(
-                self.sources, t.reference, platform=self.platform, install_root=install_root,
-                tree=self.host(t.tree), want=want, cancelled=preempt, on_phase=clock, on_pull=clock.pulling)
+            digest = self._stage_install(t, install_root, clock, _Preempt(cancel, self.overlay_shown))
         except Cancelled:
             if cancel():
                 raise
@@ -534,7 +558,17 @@ class Agent:
         with self._request_lock:
             self._stage_retry = ("", 0, 0.0)
         self._remember_staged(state, t.tree)
-        self._next(t, source, "ready", f"{t.tree} installed ({result.marker.digest})")
+        self._next(t, source, "ready", f"{t.tree} installed ({digest})")
+
+    def _stage_install(self, t: Target, install_root: Path, clock: _InstallClock, preempt: _Preempt) -> str:
+        """The next boot's tree installed beside the running one; its image's digest."""
+        from agent.install.image import Want, install_image  # noqa: PLC0415 - the change path's own imports
+
+        want = Want(t.driver, t.os_key, t.kernel, self.settings.install.lib64_allow)
+        result = install_image(self.sources, t.reference, platform=self.platform, install_root=install_root,
+                               tree=self.host(t.tree), want=want, cancelled=preempt, on_phase=clock,
+                               on_pull=clock.pulling)
+        return result.marker.digest
 
     def _next(self, t: Target | None, source: str, state: str, detail: str, *, error: str | None = None) -> None:
         """The next boot's status, and one log event when it changed (a failure: once an hour)."""
@@ -677,6 +711,8 @@ class Agent:
                       removed=",".join(changes.remove) or None)
 
     def _install(self, t: Target, refuse: str | None, cancel: Cancel, install_root: Path) -> None:
+        from agent.install.image import Unchanged, Want, install_image  # noqa: PLC0415 - the change path's own
+
         want = Want(t.driver, t.os_key, t.kernel, self.settings.install.lib64_allow)
         clock = _InstallClock(lambda name, ctx: self._phase(Phase(name), **ctx), self.store)
         self._clock = clock
@@ -712,7 +748,7 @@ class Agent:
                 self.host(action.tree), self.host.root, action.parameters,
                 ours=frozenset({persisted} if persisted else ()),
                 before_unload=lambda: stop_persistenced(self.host.root, self.systemd),
-                containers=self.containers.container_names)
+                containers=self._container_names)
         except AgentError:
             if action.fallback:
                 self._roll_back(action.fallback, action.parameters)
@@ -820,6 +856,30 @@ def _read(path: Path) -> str | None:
 
 
 PROGRESS_WINDOW_S = 10.0  # the download rate is measured over this much of the recent past
+
+
+class _Fetch:
+    """Where images come from: the imported store, the engine, mirrors and the origin, in that order."""
+
+    def __init__(self, imported: ImageStore, engine: EngineSource | None, containers: EngineSource,
+                 sources: Sources) -> None:
+        self.imported, self.engine, self.containers, self.sources = imported, engine, containers, sources
+
+    @classmethod
+    def build(cls, agent: Agent) -> _Fetch:
+        from agent.fetch.engine import EngineSource, engine_for  # noqa: PLC0415 - see Agent._fetched
+        from agent.fetch.imported import ImageStore  # noqa: PLC0415
+        from agent.fetch.sources import sources_for  # noqa: PLC0415
+
+        host, image = agent.host, agent.settings.image
+        registry = agent._registry if not callable(agent._registry) else agent._registry()
+        imported = ImageStore(host(IMAGES_DIR))
+        engine = agent._engine_given or engine_for(image.source, host(image.engine_socket), agent.store,
+                                                   image.timeout_s)
+        containers = engine or EngineSource(host(image.engine_socket), agent.store, pull=False)
+        sources = sources_for(registry, agent.store, mirrors=image.mirrors, imported=imported, engine=engine,
+                              trust=agent._trust)
+        return cls(imported, engine, containers, sources)
 
 
 class _InstallClock:

@@ -14,6 +14,7 @@ from agent.install.fs import fsync_dir
 from agent.update import KERNEL_RELEASE_RE
 
 STATE_FILE = "/var/lib/nvidia-agent/state.json"
+IMAGES_DIR = "/var/lib/nvidia-agent/images"  # `nvidia-agent import`: an OCI layout (agent.fetch.imported)
 NEXT_KERNEL_FILE = "/var/lib/nvidia-agent/next-kernel"  # written when `stage` is asked, not at a pass
 TREE_MARKER = ".nvidia-agent.json"
 

@@ -266,6 +266,46 @@ def test_ready_goes_out_on_time_while_a_pass_is_still_running(tmp_path: Path, sy
     assert systemd.messages()[-1] == {"STOPPING": "1"}
 
 
+@dataclass
+class StagingAgent(DaemonFacing):
+    """A pass that reaches READY, then stages the next boot's driver (here: until the test lets it go)."""
+
+    settings: Settings
+    snapshot: Snapshot = field(default_factory=Snapshot)
+    notify: Any = None
+    watches_updates: bool = False
+    staged: threading.Event = field(default_factory=threading.Event)
+
+    def reconcile(self, cancel: Cancel) -> Phase:
+        time.sleep(0.3)  # the checks: meanwhile the main loop has gone to sleep
+        self.snapshot = self.snapshot.evolve(phase=Phase.READY, detail="driver 1.0")
+        self.notify("ready: driver 1.0")
+        while not self.staged.wait(0.01) and not cancel():  # the next boot's download
+            pass
+        return Phase.READY
+
+
+def test_ready_goes_out_when_the_pass_reaches_it_not_when_the_pass_ends(tmp_path: Path,
+                                                                         systemd: SystemdSocket) -> None:
+    """READY=1 follows the phase at once, while the same pass still stages the next boot's driver: kubelet
+    is not kept waiting for a download it does not need (nor for the main loop's next tick)."""
+    agent = StagingAgent(Settings())
+    triggers = Triggers()
+    thread, result = run_in_thread(agent, tmp_path, Notifier(str(systemd.path)), triggers)
+    try:
+        deadline = time.monotonic() + 2.0  # well inside LOOP_TICK_S: only the phase change can have woken it
+        seen: list[dict[str, str]] = []
+        while time.monotonic() < deadline and not any(m.get("READY") == "1" for m in seen):
+            seen += systemd.messages()
+        assert {"READY": "1", "STATUS": "ready: driver 1.0"} in seen, seen
+        assert thread.is_alive() and not agent.staged.is_set()  # the pass had not ended
+    finally:
+        agent.staged.set()
+        triggers.request_stop()
+        thread.join(10)
+    assert result == [0]
+
+
 def test_a_stop_does_not_wait_for_a_pass_that_cannot_be_interrupted(tmp_path: Path, systemd: SystemdSocket,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A pass blocked where no flag reaches it (a socket read) costs a stop STOP_GRACE_S at most, and

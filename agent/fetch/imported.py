@@ -58,7 +58,6 @@ from agent.state import write_atomic
 
 log = structlog.get_logger(__name__)
 
-IMAGES_DIR = "/var/lib/nvidia-agent/images"
 FROM = "io.nvidia-agent.imported-from"
 INDEX = "io.nvidia-agent.index-digest"  # the index the platform's manifest came from (pins and signatures name it)
 AT = "io.nvidia-agent.imported-at"

@@ -9,8 +9,8 @@ collector and a scraper read. Names and help texts follow Prometheus' convention
 from __future__ import annotations
 
 import threading
-
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
+import time
+from collections.abc import Callable
 
 from agent.status import Phase, Snapshot
 
@@ -19,12 +19,83 @@ DURATION_BUCKETS_S = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0
 
 
 class Metrics:
-    """The agent's metrics; thread-safe (prometheus-client's own locks, plus one for a consistent render)."""
+    """The agent's metrics; thread-safe (one lock around what is recorded and each render).
+
+    prometheus-client is imported, and its registry built, at the first render: an unchanged boot
+    on a host that neither scrapes nor collects textfiles never pays for it (~20 ms of imports).
+    Until then what happens is kept in plain Python: the latest snapshot, and the counter and
+    histogram updates in order, applied to the registry when it is built.
+    """
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started_at = time.time()
+        self._success_at = 0.0
+        self._snap: Snapshot | None = None
+        self._pending: list[Callable[[_Registry], None]] = []
+        self._built: _Registry | None = None
+
+    def observe(self, snap: Snapshot) -> None:
+        """Set the gauges from the status snapshot (at the next render)."""
+        with self._lock:
+            if snap.last_ready_at and not self._success_at:  # an earlier process's, from the state file
+                self._success_at = snap.last_ready_at
+            self._snap = snap
+
+    def passed(self, outcome: Phase, error_kind: str | None, at: float) -> None:
+        """One pass ended: its outcome, its error's kind if it failed."""
+        def apply(r: _Registry) -> None:
+            r.reconciles.labels(outcome=outcome.value).inc()
+            if error_kind:
+                r.errors.labels(kind=error_kind).inc()
+        with self._lock:
+            self._record(apply)
+            if outcome in (Phase.READY, Phase.NO_GPU):
+                self._success_at = at
+
+    def installed(self, source: str, pull_s: float | None, install_s: float, pulled_bytes: int) -> None:
+        """One image installed (or staged): how long it took, what came over the wire."""
+        def apply(r: _Registry) -> None:
+            if pull_s is not None:
+                r.pull_seconds.labels(source=source).observe(pull_s)
+            r.install_seconds.observe(install_s)
+            if pulled_bytes:
+                r.pulled_bytes.labels(source=source).inc(pulled_bytes)
+        with self._lock:
+            self._record(apply)
+
+    def _record(self, apply: Callable[[_Registry], None]) -> None:
+        if self._built is not None:
+            apply(self._built)
+        else:
+            self._pending.append(apply)
+
+    def render(self) -> bytes:
+        """The text exposition format of every metric, as of now."""
+        from prometheus_client import generate_latest  # noqa: PLC0415 - lazily: see the class
+
+        with self._lock:
+            if self._built is None:
+                self._built = _Registry(self._started_at)
+                for apply in self._pending:
+                    apply(self._built)
+                self._pending.clear()
+            r = self._built
+            if self._success_at:
+                r.last_success.set(self._success_at)
+            if self._snap is not None:
+                r.follow(self._snap)
+            return generate_latest(r.registry)
+
+
+class _Registry:
+    """The prometheus-client objects, on a registry of their own."""
+
+    def __init__(self, started_at: float) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram  # noqa: PLC0415
+
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._lock = threading.Lock()
         self.ready = Gauge("nvidia_agent_ready", "1 when this host's driver works for the running kernel (modules "
                            "at the tree's version, device nodes present; also while degraded but still serving a "
                            "working tree, and on a host with no GPU to serve), else 0.", registry=r)
@@ -54,42 +125,17 @@ class Metrics:
                                     "engine: its export).", ["source"], registry=r)
         self.started = Gauge("nvidia_agent_start_time_seconds", "When this agent process started, as Unix time.",
                              registry=r)
-        self.started.set_to_current_time()
-        self._success_at = 0.0
+        self.started.set(started_at)
 
-    def observe(self, snap: Snapshot) -> None:
-        """Set the gauges from the status snapshot."""
-        with self._lock:
-            self.ready.set(1 if snap.phase in (Phase.READY, Phase.NO_GPU) or snap.serving is not None else 0)
-            if snap.last_ready_at and not self._success_at:  # an earlier process's, from the state file
-                self._success_at = snap.last_ready_at
-                self.last_success.set(snap.last_ready_at)
-            self.phase.state(snap.phase.value)
-            driver = snap.active_driver
-            self.driver.clear()
-            if snap.current is not None and driver is not None and snap.phase is not Phase.NO_GPU:
-                self.driver.labels(driver=driver, os_key=snap.os_key or "", kernel=snap.kernel or "",
-                                   digest=snap.digest or "").set(1)
-            state = (snap.next_boot or {}).get("state", "none")
-            self.next_boot.state(state if state in NEXT_BOOT_STATES else "none")
+    def follow(self, snap: Snapshot) -> None:
+        """The gauges as the snapshot says."""
+        self.ready.set(1 if snap.phase in (Phase.READY, Phase.NO_GPU) or snap.serving is not None else 0)
+        self.phase.state(snap.phase.value)
+        driver = snap.active_driver
+        self.driver.clear()
+        if snap.current is not None and driver is not None and snap.phase is not Phase.NO_GPU:
+            self.driver.labels(driver=driver, os_key=snap.os_key or "", kernel=snap.kernel or "",
+                               digest=snap.digest or "").set(1)
+        state = (snap.next_boot or {}).get("state", "none")
+        self.next_boot.state(state if state in NEXT_BOOT_STATES else "none")
 
-    def passed(self, outcome: Phase, error_kind: str | None, at: float) -> None:
-        """One pass ended: its outcome, its error's kind if it failed."""
-        self.reconciles.labels(outcome=outcome.value).inc()
-        if error_kind:
-            self.errors.labels(kind=error_kind).inc()
-        if outcome in (Phase.READY, Phase.NO_GPU):
-            self._success_at = at
-            self.last_success.set(at)
-
-    def installed(self, source: str, pull_s: float | None, install_s: float, pulled_bytes: int) -> None:
-        """One image installed (or staged): how long it took, what came over the wire."""
-        if pull_s is not None:
-            self.pull_seconds.labels(source=source).observe(pull_s)
-        self.install_seconds.observe(install_s)
-        if pulled_bytes:
-            self.pulled_bytes.labels(source=source).inc(pulled_bytes)
-
-    def render(self) -> bytes:
-        with self._lock:
-            return generate_latest(self.registry)

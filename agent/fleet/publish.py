@@ -61,7 +61,9 @@ class Publisher:
     def _publish(self, snap: Snapshot, *, settled: bool) -> None:
         self.metrics.observe(snap)
         if self.dirs["textfile"]:
-            self._put(self._dir("textfile") / TEXTFILE, self.metrics.render(), create=False)
+            path = self._dir("textfile") / TEXTFILE
+            if path.parent.is_dir():  # else node_exporter is not set up here, and rendering costs an import
+                self._put(path, self.metrics.render(), create=False)
         if not settled:
             return
         if self.dirs["nfd"]:
