@@ -306,11 +306,7 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
     log = structlog.get_logger("nvidia-agent")
     notifier = notifier or Notifier(None)
     cancel = cancel or Cancel()
-    def told(status: str) -> None:
-        notifier.status(status)
-        triggers.poke()  # a phase changed: READY goes out when the pass reaches it, not when the pass ends
-
-    agent.notify = told
+    agent.notify = _status_and_wake(notifier, triggers)
     readiness = Readiness(notifier, agent.settings.daemon.ready_timeout_s, started_ago_s=process_age_s())
     server, gate, signals = _serve(agent, socket_path, triggers, log, once=once)
     metrics = None if once else _serve_metrics(agent, log)
@@ -366,6 +362,15 @@ def run_daemon(agent: Agent, *, socket_path: Path, once: bool, triggers: Trigger
                 closing.stop()
         # Modules and the mount stay: a stopping agent must not take GPUs from running workloads.
         log.info("stopped", phase=agent.snapshot.phase.value, **({} if finished else {"abandoned": "reconcile"}))
+
+
+def _status_and_wake(notifier: Notifier, triggers: Triggers) -> Callable[[str], None]:
+    """What a pass calls at each phase: STATUS=, and the main loop woken, so READY goes out when the pass
+    reaches it, not when the pass ends (it may stage the next boot's driver first) or at the loop's next tick."""
+    def told(status: str) -> None:
+        notifier.status(status)
+        triggers.poke()
+    return told
 
 
 class _ProgressStatus:

@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import IO, cast
+from typing import IO, Any, cast
 
 from agent.errors import Cancelled, DigestMismatch, ImageRejected
 from agent.install import fs
-from agent.install.tar import DIR, FILE, HARDLINK, SYMLINK, Member, TarReader
+from agent.install.pipeline import HashWorker, Prefetch, StreamHash
+from agent.install.tar import CHUNK_BYTES, DIR, FILE, HARDLINK, SYMLINK, Member, TarReader
 
 gzip_reader: ModuleType
 INFLATE_ERRORS: tuple[type[Exception], ...] = (EOFError, gzip.BadGzipFile, zlib.error)
@@ -98,16 +99,27 @@ class Staging:
         self.members = 0  # archive entries read
         self.entries = 0  # tree entries applied
         self._root = -1
-        self._digests: dict[str, str] = {}  # may hold stale paths; finish() keeps those still files
+        # each file's sha256, fed by the hash thread; may hold stale paths: finish() keeps those still files
+        self._digests: dict[str, Any] = {}
+        self._hashes: HashWorker | None = None
 
     def __enter__(self) -> Staging:
         self._root = os.open(self.path, _DIR_FLAGS)
+        self._hashes = HashWorker()
         return self
 
     def __exit__(self, *_: object) -> None:
+        if self._hashes is not None:
+            self._hashes.close()
+            self._hashes = None
         if self._root >= 0:
             os.close(self._root)
             self._root = -1
+
+    @property
+    def hashes(self) -> HashWorker:
+        assert self._hashes is not None, "use Staging as a context manager"  # noqa: S101
+        return self._hashes
 
     # --- layers
 
@@ -126,11 +138,12 @@ class Staging:
         else:
             raise ImageRejected(f"layer media type {media_type!r} is not supported",
                                 hint="build the image with tar or tar+gzip layers")
-        hasher = hashlib.sha256() if diff_id else None
+        hasher = StreamHash(self.hashes) if diff_id else None
         created: set[str] = set()  # entries this layer made: whiteouts in the same layer spare them
         opaque: set[str] = set()
         layer = _Layer(stream, blob.name)
-        reader = TarReader(layer, hasher=hasher)  # type: ignore[arg-type]
+        ahead = Prefetch(layer.read, chunk=CHUNK_BYTES, name="inflate")  # inflate on another core
+        reader = TarReader(ahead, hasher=hasher)  # type: ignore[arg-type]
         member: Member | None = None
         try:
             for member in reader:
@@ -143,10 +156,12 @@ class Staging:
             where = f"{member.name[:200]!r}" if member is not None else f"layer {blob.name}"
             raise fs.os_error(exc, f"extracting {where} into {self.path}") from exc
         finally:
+            ahead.close()
             layer.close()
-        if hasher is not None and f"sha256:{hasher.hexdigest()}" != diff_id:
+        self.hashes.drain()
+        if hasher is not None and f"sha256:{hasher.digest.hexdigest()}" != diff_id:
             raise DigestMismatch(f"layer {blob.name}: its uncompressed content has digest sha256:"
-                                 f"{hasher.hexdigest()}, the image config's diff_id is {diff_id}",
+                                 f"{hasher.digest.hexdigest()}, the image config's diff_id is {diff_id}",
                                  hint="the image is corrupt or was tampered with; it was not used")
 
     def _count(self, member: Member, layer: str) -> None:
@@ -222,14 +237,14 @@ class Staging:
         fd = os.open(leaf, _NEW_FILE, 0o600, dir_fd=parent)
         try:
             for view in reader.data():
-                digest.update(view)
+                self.hashes.update(digest, view)  # a view of an immutable chunk: safe to hash later
                 left = view
                 while left:
                     left = left[os.write(fd, left):]
             os.fchmod(fd, mode)
         finally:
             os.close(fd)
-        self._digests[rel] = "sha256:" + digest.hexdigest()
+        self._digests[rel] = digest
 
     def _make_dir(self, parent: int, leaf: str, mode: int) -> None:
         try:
@@ -353,6 +368,7 @@ class Staging:
 
     def finish(self) -> ExtractedTree:
         """Read the tree back: each regular file with its digest, every symlink checked to stay inside."""
+        self.hashes.drain()
         files: dict[str, str] = {}
         links: dict[str, str] = {}
         dirs: set[str] = set()
@@ -369,7 +385,8 @@ class Staging:
                     dirs.add(rel)
                     stack.append(rel)
                 elif entry.is_file(follow_symlinks=False):
-                    files[rel] = self._digests.get(rel) or _hash_file(Path(entry.path))
+                    known = self._digests.get(rel)
+                    files[rel] = "sha256:" + known.hexdigest() if known is not None else _hash_file(Path(entry.path))
                 else:  # nothing else is ever created; a safety net for the invariant
                     raise ImageRejected(f"{TREE_PREFIX}/{rel}: unexpected file type in the staging tree")
         resolver = LinkResolver(links)
