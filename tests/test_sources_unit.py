@@ -57,6 +57,9 @@ class Fake:
     def layer(self, image: ResolvedImage, desc: Descriptor, cancelled: Callable[[], bool]) -> Path:
         return Path("/nonexistent")
 
+    def landing(self, image: ResolvedImage, desc: Descriptor) -> Path | None:
+        return None
+
     def release(self, image: ResolvedImage) -> None:
         pass
 

@@ -210,6 +210,9 @@ class EngineSource:
     def layer(self, image: ResolvedImage, desc: Descriptor, cancelled: Callable[[], bool]) -> Path:
         return self.cache.verified(desc, f"{image.reference}: layer from the docker engine", cancelled)
 
+    def landing(self, image: ResolvedImage, desc: Descriptor) -> Path | None:
+        return None  # exported whole (resolve)
+
     def release(self, image: ResolvedImage) -> None:
         for image_id, kept in list(self._kept.items()):
             if kept.reference.digest == image.reference.digest:

@@ -167,6 +167,9 @@ class ImageStore:
     def layer(self, image: ResolvedImage, desc: Descriptor, cancelled: Callable[[], bool]) -> Path:
         return self.blobs.verified(desc, f"imported image {image.reference}: layer", cancelled)
 
+    def landing(self, image: ResolvedImage, desc: Descriptor) -> Path | None:
+        return None  # on disk already
+
     def release(self, image: ResolvedImage) -> None:
         """Kept: an imported image is the host's offline copy."""
 

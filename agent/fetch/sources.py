@@ -85,6 +85,10 @@ class ImageSource(Protocol):
     def layer(self, image: ResolvedImage, desc: Descriptor, cancelled: Callable[[], bool]) -> Path:
         """A local file holding the layer, checked (check_blob) before it is handed out."""
 
+    def landing(self, image: ResolvedImage, desc: Descriptor) -> Path | None:
+        """Where `layer` will hand the blob out, when it streams it to `<that path>.partial` first: a reader
+        may follow the download there (and must check what it read itself). None: it appears only whole."""
+
     def release(self, image: ResolvedImage) -> None:
         """The install is over (done or refused): drop what was fetched only for it."""
 
@@ -116,6 +120,9 @@ class RegistrySource:
 
     def layer(self, image: ResolvedImage, desc: Descriptor, cancelled: Callable[[], bool]) -> Path:
         return self.store.get(self.client, image.reference, desc, cancelled)
+
+    def landing(self, image: ResolvedImage, desc: Descriptor) -> Path | None:
+        return self.store.path(desc.digest)
 
     def release(self, image: ResolvedImage) -> None:
         self.store.discard(d.digest for d in image.layers)  # the installed tree is the cache from now on
@@ -253,6 +260,9 @@ class Sources:
         except AgentError as exc:
             self.avoid(image, exc)
             raise
+
+    def landing(self, image: ResolvedImage, desc: Descriptor) -> Path | None:
+        return self._of(image).landing(image, desc)
 
     def release(self, image: ResolvedImage) -> None:
         self._of(image).release(image)

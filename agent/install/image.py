@@ -3,6 +3,8 @@
 Nothing outside the staging directory changes before the final rename; the tree is on disk
 (syncfs) before that rename makes it visible, and its marker is inside it, so a tree with a
 marker is always complete. A failure, a stop or a crash leaves the previous tree where it was.
+The layers are extracted while they download (agent.install.layers); nothing of them is used
+before every blob was checked.
 """
 
 from __future__ import annotations
@@ -15,18 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from agent import failpoints
 from agent.errors import DigestMismatch, ImageRejected
 from agent.fetch.manifest import Platform, ResolvedImage, layer_diff_ids
 from agent.fetch.sources import ImageSource
 from agent.install import fs
+from agent.install.layers import Layers, Unfollowable
 from agent.install.trees import STAGING_PREFIX, move_into_place
-from agent.install.unpack import MAX_STREAM_BYTES, Staging
+from agent.install.unpack import MAX_STREAM_BYTES, ExtractedTree, Staging
 from agent.install.verify import VerifiedTree, verify_tree
 from agent.reference import Reference
 from agent.state import TREE_MARKER, TreeMarker, marker_bytes
 
 MAX_LAYERS = 64
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,14 +92,13 @@ def install_image(
     on_phase("pulling", {"digest": image.reference.digest, "layers": len(image.layers), "bytes": layer_bytes,
                          **({"source": image.origin} if image.origin != "registry" else {})})
     try:
-        blobs = [source.layer(image, desc, cancelled) for desc in image.layers]
-        on_phase("verifying", {"digest": image.reference.digest})
-        verified, marker = _stage(blobs, image, ref, tree=tree, install_root=install_root, want=want,
-                                  on_phase=on_phase, diff_ids=diff_ids, cancelled=cancelled)
+        with Layers(source, image, cancelled) as layers:
+            verified, marker = _stage(layers, image, ref, tree=tree, install_root=install_root, want=want,
+                                      on_phase=on_phase, diff_ids=diff_ids, cancelled=cancelled,
+                                      release=lambda: source.release(image))
     except (ImageRejected, DigestMismatch):
         source.release(image)  # never kept: the next attempt fetches again
         raise
-    source.release(image)
     return InstallResult(tree, image, verified, marker)
 
 
@@ -105,21 +110,59 @@ class Unchanged(Exception):  # a signal to the caller, not an error
         self.digest = digest
 
 
-def _stage(blobs: list[Path], image: ResolvedImage, ref: Reference, *, tree: Path, install_root: Path, want: Want,
-           on_phase: Callable[[str, dict[str, Any]], None], diff_ids: tuple[str, ...],
-           cancelled: Callable[[], bool]) -> tuple[VerifiedTree, TreeMarker]:
+def _new_staging(tree: Path, install_root: Path) -> Path:
     try:
         install_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{tree.parent.name}-{tree.name}-",
-                                        dir=install_root))
+        return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{tree.parent.name}-{tree.name}-", dir=install_root))
     except OSError as exc:
         raise fs.os_error(exc, f"creating a staging directory in {install_root}") from exc
+
+
+def _extract(staging: Path, layers: Layers, diff_ids: tuple[str, ...], cancelled: Callable[[], bool], *,
+             following: bool) -> ExtractedTree:
+    """Every layer into `staging`, in order: followed as they download, or read from the verified blobs."""
     try:
         with Staging(staging) as unpacked:
-            for blob, desc, diff_id in zip(blobs, image.layers, diff_ids, strict=True):
-                unpacked.extract_layer(blob, desc.media_type, diff_id=diff_id, cancelled=cancelled)
+            for i, (desc, diff_id) in enumerate(zip(layers.image.layers, diff_ids, strict=True)):
+                with layers.follow(i) if following else layers.verified(i).open("rb") as stream:
+                    unpacked.extract_layer(stream, desc.media_type, diff_id=diff_id, cancelled=cancelled,
+                                           name=desc.digest.removeprefix("sha256:"))
                 failpoints.hit("install.layer")
-            extracted = unpacked.finish()
+            return unpacked.finish()
+    except OSError as exc:
+        raise fs.os_error(exc, f"extracting into {staging}") from exc
+
+
+def _extract_checked(tree: Path, install_root: Path, layers: Layers, diff_ids: tuple[str, ...],
+                     cancelled: Callable[[], bool]) -> tuple[Path, ExtractedTree]:
+    """The layers extracted while they download; again from the verified blobs when what was followed
+    was not the blob, or was refused (a verdict counts only on checked bytes)."""
+    staging = _new_staging(tree, install_root)
+    try:
+        try:
+            extracted = _extract(staging, layers, diff_ids, cancelled, following=True)
+            layers.complete()  # every blob checked by its source before anything extracted from it is used
+            return staging, extracted
+        except (Unfollowable, ImageRejected, DigestMismatch) as exc:
+            layers.complete()  # the download's own verdict first: a bad transfer is its error, not the image's
+            log.info("layers_read_again", reason=str(exc), detail="extracting from the verified blobs")
+        fs.try_remove_tree(staging)
+        staging = _new_staging(tree, install_root)
+        return staging, _extract(staging, layers, diff_ids, cancelled, following=False)
+    except BaseException:
+        fs.try_remove_tree(staging)
+        raise
+
+
+def _stage(layers: Layers, image: ResolvedImage, ref: Reference, *, tree: Path, install_root: Path, want: Want,
+           on_phase: Callable[[str, dict[str, Any]], None], diff_ids: tuple[str, ...],
+           cancelled: Callable[[], bool], release: Callable[[], None]) -> tuple[VerifiedTree, TreeMarker]:
+    """The checked tree in staging, its marker written, synced, renamed into place. `release` drops the blobs
+    once the tree holds everything: before the sync, so their dirty pages are never written back (an install
+    that fails after it fetches them again)."""
+    staging, extracted = _extract_checked(tree, install_root, layers, diff_ids, cancelled)
+    try:
+        on_phase("verifying", {"digest": image.reference.digest})
         verified = verify_tree(staging, extracted, driver_version=want.driver, kernel=want.kernel,
                                lib64_allow=want.lib64_allow)
         failpoints.hit("install.verified")
@@ -129,6 +172,7 @@ def _stage(blobs: list[Path], image: ResolvedImage, ref: Reference, *, tree: Pat
         failpoints.hit("install.marker")
         on_phase("installing", {"tree": str(tree)})
         os.chmod(staging, 0o755)  # noqa: S103 - a driver tree is world-readable, like /usr
+        release()
         fs.syncfs(staging)  # the tree's data must be on disk before the rename makes it visible
         failpoints.hit("install.synced")
         move_into_place(staging, tree, install_root)

@@ -123,25 +123,27 @@ class Staging:
 
     # --- layers
 
-    def extract_layer(self, blob: Path, media_type: str, *, diff_id: str | None = None,
-                      cancelled: Callable[[], bool] = lambda: False) -> None:
-        """Apply one layer (a verified blob on disk) on top of the tree.
+    def extract_layer(self, blob: Path | IO[bytes], media_type: str, *, diff_id: str | None = None,
+                      cancelled: Callable[[], bool] = lambda: False, name: str | None = None) -> None:
+        """Apply one layer (a blob on disk, or a stream of it: agent.install.layers) on top of the tree.
 
         `diff_id` is the image config's digest of the uncompressed layer: checked once the
-        whole stream was read. Raises ImageRejected (naming the entry) for anything the
-        contract refuses, HostError (with a hint) when the filesystem fails.
+        whole stream was read. `name` names the layer in errors (default: the blob's file name).
+        Raises ImageRejected (naming the entry) for anything the contract refuses, HostError
+        (with a hint) when the filesystem fails.
         """
+        name = name or (blob.name if isinstance(blob, Path) else "?")
         if media_type in GZIP_TYPES:
             stream: IO[bytes] = gzip_reader.open(blob, "rb")
         elif media_type in TAR_TYPES:
-            stream = blob.open("rb")
+            stream = blob.open("rb") if isinstance(blob, Path) else blob
         else:
             raise ImageRejected(f"layer media type {media_type!r} is not supported",
                                 hint="build the image with tar or tar+gzip layers")
         hasher = StreamHash(self.hashes) if diff_id else None
         created: set[str] = set()  # entries this layer made: whiteouts in the same layer spare them
         opaque: set[str] = set()
-        layer = _Layer(stream, blob.name)
+        layer = _Layer(stream, name)
         ahead = Prefetch(layer.read, chunk=CHUNK_BYTES, name="inflate")  # inflate on another core
         reader = TarReader(ahead, hasher=hasher)  # type: ignore[arg-type]
         member: Member | None = None
@@ -149,18 +151,18 @@ class Staging:
             for member in reader:
                 if cancelled():
                     raise Cancelled("stopping: install abandoned")
-                self._count(member, blob.name)
+                self._count(member, name)
                 self._apply(reader, member, created, opaque)
             self.stream_bytes += reader.offset
         except OSError as exc:
-            where = f"{member.name[:200]!r}" if member is not None else f"layer {blob.name}"
+            where = f"{member.name[:200]!r}" if member is not None else f"layer {name}"
             raise fs.os_error(exc, f"extracting {where} into {self.path}") from exc
         finally:
             ahead.close()
             layer.close()
         self.hashes.drain()
         if hasher is not None and f"sha256:{hasher.digest.hexdigest()}" != diff_id:
-            raise DigestMismatch(f"layer {blob.name}: its uncompressed content has digest sha256:"
+            raise DigestMismatch(f"layer {name}: its uncompressed content has digest sha256:"
                                  f"{hasher.digest.hexdigest()}, the image config's diff_id is {diff_id}",
                                  hint="the image is corrupt or was tampered with; it was not used")
 
