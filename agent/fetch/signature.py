@@ -15,11 +15,7 @@ import base64
 import binascii
 import json
 from collections.abc import Callable, Mapping
-from typing import Any, NoReturn
-
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent.errors import ConfigError, ImageRejected
 from agent.fetch.manifest import Descriptor, ManifestError, parse_descriptor
@@ -35,15 +31,20 @@ SIGNATURE_B64_MAX_CHARS = 4096  # an RSA-8192 signature is 1,368 base64 characte
 PUBLIC_KEY_PEM_MAX_BYTES = 16 * 1024
 RSA_MIN_BITS = 2048
 
-PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+if TYPE_CHECKING:  # cryptography (~8 MiB resident) is imported only where a signature is required
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+else:
+    PublicKey = object  # a name to import; what it stands for is the checker's business
 
 # ECDSA hashes per curve. cosign (`signature.LoadVerifier(key, crypto.SHA256)` for a --key) and containers/image
 # (`sigstoreHarcodedHashAlgorithm = crypto.SHA256`) hash with SHA-256 on every curve; sigstore's newer defaults
 # pair P-384 with SHA-384 and P-521 with SHA-512, so those are accepted too.
-_EC_HASHES: dict[str, tuple[hashes.HashAlgorithm, ...]] = {
-    "secp256r1": (hashes.SHA256(),),
-    "secp384r1": (hashes.SHA256(), hashes.SHA384()),
-    "secp521r1": (hashes.SHA256(), hashes.SHA512()),
+_EC_HASHES: dict[str, tuple[str, ...]] = {
+    "secp256r1": ("SHA256",),
+    "secp384r1": ("SHA256", "SHA384"),
+    "secp521r1": ("SHA256", "SHA512"),
 }
 _KEY_KINDS = "an ECDSA P-256/P-384/P-521, Ed25519 or RSA (2048 bits or more) PEM 'PUBLIC KEY', such as cosign.pub"
 
@@ -105,6 +106,10 @@ def load_public_key(pem: bytes, source: str) -> PublicKey:
         if b"-----BEGIN CERTIFICATE-----" in pem:
             raise refuse("holds a certificate; keyless (Fulcio) signatures are not supported, configure a public key")
         raise refuse(f"has {blocks} PEM blocks, want exactly one 'PUBLIC KEY' block")
+    from cryptography.exceptions import UnsupportedAlgorithm  # noqa: PLC0415 - see TYPE_CHECKING above
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa  # noqa: PLC0415
+
     try:
         key = serialization.load_pem_public_key(pem)
     except (ValueError, UnsupportedAlgorithm) as exc:
@@ -150,6 +155,8 @@ def verify(
     Payload JSON is read only after its signature verifies, with exact lowercase keys and no duplicate keys
     (containers/image's strict parser; cosign's Go decoder would also match keys case-insensitively).
     """
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa  # noqa: PLC0415 - see TYPE_CHECKING
+
     if not isinstance(public_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey):
         raise TypeError(f"public_key is a {type(public_key).__name__}; use load_public_key")
     if not DIGEST_RE.match(manifest_digest):
@@ -242,6 +249,10 @@ def _decode_signature(encoded: object) -> bytes | None:
 
 
 def _signature_verifies(key: PublicKey, signature: bytes, payload: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415 - see TYPE_CHECKING above
+    from cryptography.hazmat.primitives import hashes  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa  # noqa: PLC0415
+
     try:
         if isinstance(key, ed25519.Ed25519PublicKey):
             key.verify(signature, payload)
@@ -251,9 +262,9 @@ def _signature_verifies(key: PublicKey, signature: bytes, payload: bytes) -> boo
             return True
     except InvalidSignature:
         return False
-    for algorithm in _EC_HASHES.get(key.curve.name, ()):
+    for name in _EC_HASHES.get(key.curve.name, ()):
         try:
-            key.verify(signature, payload, ec.ECDSA(algorithm))  # ASN.1 DER, as Go's ecdsa.SignASN1 writes
+            key.verify(signature, payload, ec.ECDSA(getattr(hashes, name)()))  # ASN.1 DER (Go: ecdsa.SignASN1)
         except InvalidSignature:
             continue
         return True

@@ -77,7 +77,7 @@ class Prefetch:
 class HashWorker:
     """sha256 updates in a thread of their own, in submission order. Thread-safe for one submitter."""
 
-    def __init__(self, *, depth: int = 8, name: str = "hash") -> None:
+    def __init__(self, *, depth: int = 4, name: str = "hash") -> None:
         self._queue: queue.Queue[Any] = queue.Queue(depth)  # items hold views of chunks: a few MiB at most
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)

@@ -144,7 +144,7 @@ class Staging:
         created: set[str] = set()  # entries this layer made: whiteouts in the same layer spare them
         opaque: set[str] = set()
         layer = _Layer(stream, name)
-        ahead = Prefetch(layer.read, chunk=CHUNK_BYTES, name="inflate")  # inflate on another core
+        ahead = Prefetch(layer.read, chunk=CHUNK_BYTES, depth=2, name="inflate")  # inflate on another core
         reader = TarReader(ahead, hasher=hasher)  # type: ignore[arg-type]
         member: Member | None = None
         try:
