@@ -68,9 +68,15 @@ def test_first_run_installs_mounts_and_reports_then_runs_offline(tmp_path: Path,
     assert len(status["gpus"]) == 2  # type: ignore[arg-type]
 
     registry.stop()
-    again = host.once()
+    again = host.once(env={"PYTHONPROFILEIMPORTTIME": "1"})  # python -X importtime: every import, on stderr
     assert again.returncode == 0, again.stdout + again.stderr
     assert "pulling" not in again.stdout
+    # an unchanged boot imports none of the change path (issue 12: each costs the boot tens of ms and MiBs)
+    imported = {line.rsplit("|", 1)[1].strip() for line in again.stderr.splitlines() if line.startswith("import time:")}
+    assert "agent.reconcile" in imported  # the profile was taken
+    heavy = {"requests", "urllib3", "prometheus_client", "cryptography", "docker", "isal",
+             "agent.fetch.registry", "agent.fetch.sources", "agent.install.image", "agent.install.layers"}
+    assert not heavy & imported, sorted(heavy & imported)
     assert len(host.our_mounts()) == 1, "an unchanged run must not stack another overlay"
     assert "tools_linked" not in again.stdout  # in place: not touched again
 

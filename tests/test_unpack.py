@@ -7,6 +7,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.config import DEFAULT_LIB64_ALLOW
 from agent.errors import DigestMismatch, ImageRejected, KernelMismatch
@@ -206,6 +208,30 @@ def test_modinfo_refuses_truncated_or_foreign_files(data: bytes) -> None:
     """Garbage is a ModinfoError (a ValueError), never an IndexError or a crash."""
     with pytest.raises(ValueError):
         parse_modinfo(data)
+
+
+@given(st.data())
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_modinfo_read_from_the_file_is_what_the_bytes_say(tmp_path: Path, data: st.DataObject) -> None:
+    """read_modinfo reads only the ELF headers and sections it needs (a real nvidia.ko is ~60 MB); on a real
+    module with bytes overwritten or cut anywhere, it agrees with parsing the whole file, refusals included."""
+    module = bytearray(compile_module("nvidia-uvm", driver="535.261.03", vermagic_kernel=KERNEL).read_bytes())
+    for _ in range(data.draw(st.integers(0, 4))):
+        at = data.draw(st.integers(0, len(module) - 1))
+        module[at:at + 8] = data.draw(st.binary(min_size=1, max_size=8))
+    if data.draw(st.booleans()):
+        del module[data.draw(st.integers(0, len(module))):]
+    path = tmp_path / "m.ko"
+    path.write_bytes(module)
+    try:
+        whole: object = parse_modinfo(bytes(module))
+    except ValueError as exc:
+        whole = type(exc)
+    try:
+        part: object = read_modinfo(path).fields
+    except ValueError as exc:
+        part = type(exc)
+    assert part == whole
 
 
 def test_a_directory_replaced_by_a_file_then_more_entries(tmp_path: Path) -> None:

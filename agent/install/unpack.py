@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import gzip
 import hashlib
 import os
@@ -28,15 +29,18 @@ from agent.install import fs
 from agent.install.pipeline import HashWorker, Prefetch, StreamHash
 from agent.install.tar import CHUNK_BYTES, DIR, FILE, HARDLINK, SYMLINK, Member, TarReader
 
-gzip_reader: ModuleType
-INFLATE_ERRORS: tuple[type[Exception], ...] = (EOFError, gzip.BadGzipFile, zlib.error)
-try:  # ISA-L inflates ~2x faster than zlib, and inflate dominates an install (bench/pull_install.py)
-    from isal import igzip as gzip_reader
-    from isal import isal_zlib
 
-    INFLATE_ERRORS += (cast("type[Exception]", isal_zlib.error),)
-except ImportError:  # pragma: no cover - a platform without an isal wheel falls back to zlib
-    gzip_reader = gzip
+@functools.cache
+def _inflater() -> tuple[ModuleType, tuple[type[Exception], ...]]:
+    """The gzip reader and what it raises for a broken stream. ISA-L inflates ~2x faster than zlib, and inflate
+    dominates an install (bench/run.py, docs/benchmarks.md); imported on first use (an unchanged boot reads
+    trees, it never inflates one)."""
+    errors: tuple[type[Exception], ...] = (EOFError, gzip.BadGzipFile, zlib.error)
+    try:
+        from isal import igzip, isal_zlib  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - a platform without an isal wheel falls back to zlib
+        return gzip, errors
+    return igzip, (*errors, cast("type[Exception]", isal_zlib.error))
 
 TREE_PREFIX = "nvidia-driver"
 WHITEOUT = ".wh."
@@ -79,7 +83,7 @@ class _Layer:
     def read(self, size: int = -1) -> bytes:
         try:
             return self._raw.read(size)
-        except INFLATE_ERRORS as exc:
+        except _inflater()[1] as exc:
             raise ImageRejected(f"layer {self._name} is not a valid gzip stream: {exc}") from None
 
     def close(self) -> None:
@@ -134,7 +138,7 @@ class Staging:
         """
         name = name or (blob.name if isinstance(blob, Path) else "?")
         if media_type in GZIP_TYPES:
-            stream: IO[bytes] = gzip_reader.open(blob, "rb")
+            stream: IO[bytes] = _inflater()[0].open(blob, "rb")
         elif media_type in TAR_TYPES:
             stream = blob.open("rb") if isinstance(blob, Path) else blob
         else:
