@@ -122,6 +122,7 @@ class Agent:
         self._trust = trust
         self._fetch_lock = threading.Lock()
         self._fetch: _Fetch | None = None
+        self._containers: EngineSource | None = None  # before the fetch stack is built
         self.notify = notify
         self.platform = platform or Platform.host()
         self.udev_monitor = udev_monitor  # a started pyudev monitor of kernel PCI events, or None
@@ -170,11 +171,22 @@ class Agent:
 
     @property
     def containers(self) -> EngineSource:
-        """Who names a container by its ID: the engine, even where it is no image source."""
-        return self._fetched().containers
+        """Who names a container by its ID: the engine, even where it is no image source (built apart from the
+        registry client: naming containers needs no TLS trust)."""
+        with self._fetch_lock:
+            if self._fetch is not None:
+                return self._fetch.containers
+            if self._containers is None:
+                self._containers = self._engine_given or _Fetch.namer(self)
+            return self._containers
 
     def _container_names(self, ids: Iterable[str]) -> dict[str, str]:
-        return self.containers.container_names(ids)
+        """Best effort: a busy module's error names the containers it can, never fails for the names."""
+        try:
+            return self.containers.container_names(ids)
+        except Exception as exc:
+            self.log.debug("container_names_unknown", error=f"{type(exc).__name__}: {exc}")
+            return {}
 
     def _fetched(self) -> _Fetch:
         with self._fetch_lock:
@@ -867,19 +879,28 @@ class _Fetch:
 
     @classmethod
     def build(cls, agent: Agent) -> _Fetch:
-        from agent.fetch.engine import EngineSource, engine_for  # noqa: PLC0415 - see Agent._fetched
+        from agent.fetch.engine import engine_for  # noqa: PLC0415 - see Agent._fetched
         from agent.fetch.imported import ImageStore  # noqa: PLC0415
+        from agent.fetch.registry import RegistryClient  # noqa: PLC0415
         from agent.fetch.sources import sources_for  # noqa: PLC0415
 
         host, image = agent.host, agent.settings.image
-        registry = agent._registry if not callable(agent._registry) else agent._registry()
+        made = agent._registry
+        registry = made if isinstance(made, RegistryClient) else made()
         imported = ImageStore(host(IMAGES_DIR))
         engine = agent._engine_given or engine_for(image.source, host(image.engine_socket), agent.store,
                                                    image.timeout_s)
-        containers = engine or EngineSource(host(image.engine_socket), agent.store, pull=False)
+        containers = engine or agent._containers or cls.namer(agent)
         sources = sources_for(registry, agent.store, mirrors=image.mirrors, imported=imported, engine=engine,
                               trust=agent._trust)
         return cls(imported, engine, containers, sources)
+
+    @staticmethod
+    def namer(agent: Agent) -> EngineSource:
+        """The engine asked only for container names (no pulls)."""
+        from agent.fetch.engine import EngineSource  # noqa: PLC0415 - see Agent._fetched
+
+        return EngineSource(agent.host(agent.settings.image.engine_socket), agent.store, pull=False)
 
 
 class _InstallClock:
@@ -944,12 +965,14 @@ class _Preempt:
     def __init__(self, cancel: Cancel, overlay_shown: Callable[[], bool]) -> None:
         self.cancel, self.overlay_shown = cancel, overlay_shown
         self._checked = time.monotonic()
+        self._hidden = False
 
     def __call__(self) -> bool:
-        if self.cancel():
+        if self.cancel() or self._hidden:
             return True
         now = time.monotonic()
         if now - self._checked < 1.0:
             return False
         self._checked = now
-        return not self.overlay_shown()
+        self._hidden = not self.overlay_shown()  # latched: every thread of the staging sees it from now on
+        return self._hidden

@@ -51,7 +51,11 @@ def trust_context(host: HostRoot, ca_file: str = "") -> ssl.SSLContext:
         import certifi  # noqa: PLC0415 - only on a host without a CA store
 
         bundle = Path(certifi.where())
-    context = ssl.create_default_context(cafile=str(bundle))
+    try:
+        context = ssl.create_default_context(cafile=str(bundle))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(str(bundle), None, f"the host's CA bundle cannot be loaded: {exc}",
+                          "a PEM file of CA certificates (update-ca-certificates rebuilds it)") from None
     if ca_file:
         _load_ca_file(context, host, ca_file)
     return context

@@ -125,6 +125,33 @@ def test_metrics_read_back_with_prometheus_own_parser() -> None:
     assert "nvidia_agent_driver_info{" not in metrics.render().decode()
 
 
+def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    families = text_string_to_metric_families(metrics.render().decode())
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+
+def test_what_happens_before_the_first_render_is_kept_in_totals_and_counted_once() -> None:
+    """The registry is built at the first render (prometheus-client is imported then): what came before is
+    kept as totals, not one record per pass (a daemon nobody scrapes must not grow), and counted once."""
+    metrics = Metrics()
+    for _ in range(10_000):
+        metrics.passed(Phase.READY, None, 1.0)
+    metrics.passed(Phase.DEGRADED, "ImageRejected", 2.0)
+    metrics.installed("registry", 1.5, 3.0, 10)
+    assert len(metrics._totals) == 4 and len(metrics._observed) == 2  # bounded by labels and installs
+    got = _samples(metrics)
+    assert got[("nvidia_agent_reconciles_total", (("outcome", "ready"),))] == 10_000
+    assert got[("nvidia_agent_errors_total", (("kind", "ImageRejected"),))] == 1
+    assert got[("nvidia_agent_pulled_bytes_total", (("source", "registry"),))] == 10
+    metrics.passed(Phase.READY, None, 3.0)  # after the build: straight into the registry
+    metrics.installed("registry", 0.5, 1.0, 5)
+    got = _samples(metrics)
+    assert got[("nvidia_agent_reconciles_total", (("outcome", "ready"),))] == 10_001
+    assert got[("nvidia_agent_install_duration_seconds_count", ())] == 2
+    assert got[("nvidia_agent_pulled_bytes_total", (("source", "registry"),))] == 15
+    assert got[("nvidia_agent_last_success_timestamp_seconds", ())] == 3.0
+
+
 def test_the_endpoint_serves_metrics_and_survives_slow_and_malformed_clients(monkeypatch: pytest.MonkeyPatch) -> None:
     """GET /metrics parses back; a client that sends a byte now and then, and one that sends garbage, hold
     only their own slots: the others are answered at once, and the slow one is cut off at the deadline."""

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent.errors import Cancelled, RegistryUnavailable
+from agent.errors import Cancelled, ImageRejected, RegistryUnavailable
 from agent.fetch.manifest import OCI_LAYER_TAR, Descriptor, Platform, ResolvedImage
 from agent.fetch.registry import RegistryClient
 from agent.fetch.sources import RegistrySource
@@ -44,7 +44,7 @@ class Dribble:
         return self.where / desc.digest.removeprefix("sha256:")
 
     def layer(self, image: ResolvedImage, desc: Descriptor, cancelled: Callable[[], bool]) -> Path:
-        final = self.landing(image, desc)
+        final = self.where / desc.digest.removeprefix("sha256:")
         partial = final.with_name(final.name + PARTIAL)
         out = partial.open("wb")
         for step in self.script:
@@ -91,7 +91,9 @@ def test_a_follower_reads_the_blob_while_it_downloads(tmp_path: Path) -> None:
     source = Dribble(tmp_path, pieces(BLOB, 16), gap_s=0.02)
     with Layers(source, IMAGE, lambda: False) as layers:  # type: ignore[arg-type]
         got, first = read_all(layers)
-        assert layers.complete() == [tmp_path / DESC.digest.removeprefix("sha256:")]
+        layers.complete()
+        assert layers.verified(0) == tmp_path / DESC.digest.removeprefix("sha256:")
+        assert not layers.unproven  # the follower checked what it read
     assert got == BLOB
     assert first < source.finished_at - 0.1  # it read while the download still ran
 
@@ -105,8 +107,9 @@ def test_what_the_follower_read_is_not_believed_when_the_blob_was_written_twice(
     with Layers(Dribble(tmp_path, script), IMAGE, lambda: False) as layers:  # type: ignore[arg-type]
         with pytest.raises(Unfollowable):
             read_all(layers)
-        verified = layers.complete()  # the download itself was fine: the install reads that instead
-    assert verified[0].read_bytes() == BLOB
+        layers.complete()  # the download itself was fine: the install reads that instead
+        assert layers.verified(0).read_bytes() == BLOB
+        assert layers.unproven
 
 
 def test_a_failed_download_is_the_followers_error(tmp_path: Path) -> None:
@@ -124,9 +127,47 @@ def test_a_stop_ends_a_follower_waiting_for_bytes(tmp_path: Path) -> None:
     started = time.monotonic()
     with Layers(source, IMAGE, stop.is_set) as layers:  # type: ignore[arg-type]
         threading.Timer(0.3, stop.set).start()
-        with pytest.raises(Cancelled, match="stopping"):
+        with pytest.raises(Cancelled):  # the download's own stop, which ended the follower's wait
             read_all(layers)
     assert time.monotonic() - started < 5  # the follower and the download both stopped
+
+
+def test_an_abandoned_follower_wakes_and_the_download_goes_on(tmp_path: Path) -> None:
+    """The extraction failed on its own: its follower, waiting for bytes, is woken at once; the download is
+    not stopped by it (the install wants its verdict)."""
+    source = Dribble(tmp_path, pieces(BLOB, 8), gap_s=0.1)
+    with Layers(source, IMAGE, lambda: False) as layers:  # type: ignore[arg-type]
+        stream = layers.follow(0)
+        assert stream.read(1)
+        threading.Timer(0.2, layers.abandon, [0]).start()
+        started = time.monotonic()
+        with pytest.raises(Cancelled, match="abandoned"):
+            while stream.read(4096):
+                pass
+        assert time.monotonic() - started < 0.6
+        stream.close()
+        layers.complete()
+        assert layers.verified(0).read_bytes() == BLOB
+
+
+class Whole(Dribble):
+    """A source whose blobs appear only whole (as the engine's and imported ones do): nothing is followed."""
+
+    def landing(self, image: ResolvedImage, desc: Descriptor) -> None:  # type: ignore[override]
+        return None
+
+
+def test_a_refusal_from_bytes_already_checked_is_final(tmp_path: Path) -> None:
+    """Nothing was followed (the blob came whole, checked): a refused layer is refused at once, not extracted
+    a second time."""
+    from agent.install.image import _extract_checked  # noqa: PLC0415
+
+    source = Whole(tmp_path, [("write", BLOB)], gap_s=0)
+    layers = Layers(source, IMAGE, lambda: False)  # type: ignore[arg-type]
+    with layers, capture_logs() as logs, pytest.raises(ImageRejected):
+        _extract_checked(tmp_path / "tree", tmp_path / "root", layers, ("sha256:" + "2" * 64,), lambda: False)
+    assert not [e for e in logs if e["event"] == "layers_read_again"]
+    assert list((tmp_path / "root").iterdir()) == []  # its staging removed
 
 
 class GarbageFirst(RegistrySource):

@@ -63,6 +63,26 @@ def test_close_stops_a_thread_blocked_on_a_full_queue_at_once() -> None:
     assert len(reads) <= 4  # it stopped reading: no runaway inflate after the reader gave up
 
 
+def test_interrupt_wakes_a_read_only_when_the_reader_gave_up_early() -> None:
+    """A read waiting for bytes (a download followed as it arrives) is woken through `interrupt` when the
+    reader abandons the stream; a stream read to its end is closed without it."""
+    woken = threading.Event()
+
+    def waits(_n: int) -> bytes:
+        if not woken.wait(5):
+            return b"late"
+        raise ImageRejected("interrupted")
+
+    ahead = Prefetch(waits, chunk=4, interrupt=woken.set)
+    started = time.monotonic()
+    ahead.close()
+    assert woken.is_set() and time.monotonic() - started < 1.0
+    whole = Prefetch(io.BytesIO(b"abc").read, chunk=2, interrupt=lambda: pytest.fail("interrupted a full read"))
+    while whole.read():
+        pass
+    whole.close()
+
+
 @given(st.lists(st.tuples(st.integers(0, 2), st.binary(max_size=200)), max_size=60))
 @settings(max_examples=200, deadline=None)
 def test_hashes_in_the_thread_equal_hashes_in_order(updates: list[tuple[int, bytes]]) -> None:

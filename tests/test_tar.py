@@ -70,6 +70,15 @@ def test_every_byte_goes_through_the_hasher_padding_included() -> None:
     assert hasher.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
+def test_what_follows_the_end_of_the_archive_is_bounded_too() -> None:
+    """Padding after the end-of-archive blocks is read (it is part of the diff_id), but not without end: a
+    stream that goes on past the layers' budget there (a gzip bomb after the archive) is refused."""
+    data = archive(tarfile.PAX_FORMAT, ("a", "file", b"x"))
+    assert [m.name for m in TarReader(io.BytesIO(data + bytes(8192)), max_bytes=len(data) + 8192)] == ["a"]
+    with pytest.raises(ImageRejected, match="after the end of the archive runs past byte"):
+        list(TarReader(io.BytesIO(data + bytes(3 << 20)), max_bytes=len(data) + (1 << 20)))
+
+
 def header(name: bytes = b"f", size: bytes = b"00000000000", typeflag: bytes = b"0", *,
            checksum: bytes | None = None) -> bytes:
     block = bytearray(512)

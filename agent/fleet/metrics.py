@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
 
 from agent.status import Phase, Snapshot
 
 NEXT_BOOT_STATES = ("none", "staging", "ready", "missing", "failed")
+PENDING_OBSERVATIONS = 256  # durations kept for a registry not built yet (one per install)
 DURATION_BUCKETS_S = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 
@@ -23,8 +24,9 @@ class Metrics:
 
     prometheus-client is imported, and its registry built, at the first render: an unchanged boot
     on a host that neither scrapes nor collects textfiles never pays for it (~20 ms of imports).
-    Until then what happens is kept in plain Python: the latest snapshot, and the counter and
-    histogram updates in order, applied to the registry when it is built.
+    Until then what happens is kept in plain Python, bounded: the latest snapshot, each counter's
+    total per label, and the histograms' observations (one per install, the oldest dropped past
+    PENDING_OBSERVATIONS), applied to the registry when it is built.
     """
 
     def __init__(self) -> None:
@@ -32,7 +34,8 @@ class Metrics:
         self._started_at = time.time()
         self._success_at = 0.0
         self._snap: Snapshot | None = None
-        self._pending: list[Callable[[_Registry], None]] = []
+        self._totals: dict[tuple[str, str], float] = {}  # (counter, label value) -> what to add
+        self._observed: deque[tuple[str, str, float]] = deque(maxlen=PENDING_OBSERVATIONS)  # (histogram, label, s)
         self._built: _Registry | None = None
 
     def observe(self, snap: Snapshot) -> None:
@@ -44,31 +47,33 @@ class Metrics:
 
     def passed(self, outcome: Phase, error_kind: str | None, at: float) -> None:
         """One pass ended: its outcome, its error's kind if it failed."""
-        def apply(r: _Registry) -> None:
-            r.reconciles.labels(outcome=outcome.value).inc()
-            if error_kind:
-                r.errors.labels(kind=error_kind).inc()
         with self._lock:
-            self._record(apply)
+            self._count("reconciles", outcome.value, 1)
+            if error_kind:
+                self._count("errors", error_kind, 1)
             if outcome in (Phase.READY, Phase.NO_GPU):
                 self._success_at = at
 
     def installed(self, source: str, pull_s: float | None, install_s: float, pulled_bytes: int) -> None:
         """One image installed (or staged): how long it took, what came over the wire."""
-        def apply(r: _Registry) -> None:
-            if pull_s is not None:
-                r.pull_seconds.labels(source=source).observe(pull_s)
-            r.install_seconds.observe(install_s)
-            if pulled_bytes:
-                r.pulled_bytes.labels(source=source).inc(pulled_bytes)
         with self._lock:
-            self._record(apply)
+            if pull_s is not None:
+                self._observe("pull_seconds", source, pull_s)
+            self._observe("install_seconds", "", install_s)
+            if pulled_bytes:
+                self._count("pulled_bytes", source, pulled_bytes)
 
-    def _record(self, apply: Callable[[_Registry], None]) -> None:
+    def _count(self, counter: str, label: str, amount: float) -> None:
         if self._built is not None:
-            apply(self._built)
+            self._built.count(counter, label, amount)
         else:
-            self._pending.append(apply)
+            self._totals[counter, label] = self._totals.get((counter, label), 0.0) + amount
+
+    def _observe(self, histogram: str, label: str, value: float) -> None:
+        if self._built is not None:
+            self._built.observe(histogram, label, value)
+        else:
+            self._observed.append((histogram, label, value))
 
     def render(self) -> bytes:
         """The text exposition format of every metric, as of now."""
@@ -76,10 +81,14 @@ class Metrics:
 
         with self._lock:
             if self._built is None:
-                self._built = _Registry(self._started_at)
-                for apply in self._pending:
-                    apply(self._built)
-                self._pending.clear()
+                built = _Registry(self._started_at)
+                for (counter, label), amount in self._totals.items():
+                    built.count(counter, label, amount)
+                for histogram, label, value in self._observed:
+                    built.observe(histogram, label, value)
+                self._totals.clear()
+                self._observed.clear()
+                self._built = built
             r = self._built
             if self._success_at:
                 r.last_success.set(self._success_at)
@@ -115,7 +124,8 @@ class _Registry:
         self.errors = Counter("nvidia_agent_errors", "Failed passes, by the kind of error (its class: "
                               "RegistryUnavailable, ImageRejected, KernelMismatch, ...).", ["kind"], registry=r)
         self.pull_seconds = Histogram("nvidia_agent_pull_duration_seconds", "Time to bring an image's layers onto "
-                                      "the host (download, export or read of an import).", ["source"],
+                                      "the host (download, export or read of an import; a download is extracted "
+                                      "as it arrives, and this includes the extraction).", ["source"],
                                       buckets=DURATION_BUCKETS_S, registry=r)
         self.install_seconds = Histogram("nvidia_agent_install_duration_seconds", "Time from resolving an image to "
                                          "its tree renamed into place (pull, verify, unpack, sync).",
@@ -126,6 +136,16 @@ class _Registry:
         self.started = Gauge("nvidia_agent_start_time_seconds", "When this agent process started, as Unix time.",
                              registry=r)
         self.started.set(started_at)
+
+    def count(self, counter: str, label: str, amount: float) -> None:
+        metric = {"reconciles": self.reconciles, "errors": self.errors, "pulled_bytes": self.pulled_bytes}[counter]
+        metric.labels(label).inc(amount)
+
+    def observe(self, histogram: str, label: str, value: float) -> None:
+        if histogram == "pull_seconds":
+            self.pull_seconds.labels(label).observe(value)
+        else:
+            self.install_seconds.observe(value)
 
     def follow(self, snap: Snapshot) -> None:
         """The gauges as the snapshot says."""

@@ -9,6 +9,7 @@ before every blob was checked.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import structlog
 
 from agent import failpoints
-from agent.errors import DigestMismatch, ImageRejected
+from agent.errors import AgentError, DigestMismatch, ImageRejected
 from agent.fetch.manifest import Platform, ResolvedImage, layer_diff_ids
 from agent.fetch.sources import ImageSource
 from agent.install import fs
@@ -126,7 +127,8 @@ def _extract(staging: Path, layers: Layers, diff_ids: tuple[str, ...], cancelled
             for i, (desc, diff_id) in enumerate(zip(layers.image.layers, diff_ids, strict=True)):
                 with layers.follow(i) if following else layers.verified(i).open("rb") as stream:
                     unpacked.extract_layer(stream, desc.media_type, diff_id=diff_id, cancelled=cancelled,
-                                           name=desc.digest.removeprefix("sha256:"))
+                                           name=desc.digest.removeprefix("sha256:"),
+                                           interrupt=functools.partial(layers.abandon, i))
                 failpoints.hit("install.layer")
             return unpacked.finish()
     except OSError as exc:
@@ -136,22 +138,45 @@ def _extract(staging: Path, layers: Layers, diff_ids: tuple[str, ...], cancelled
 def _extract_checked(tree: Path, install_root: Path, layers: Layers, diff_ids: tuple[str, ...],
                      cancelled: Callable[[], bool]) -> tuple[Path, ExtractedTree]:
     """The layers extracted while they download; again from the verified blobs when what was followed
-    was not the blob, or was refused (a verdict counts only on checked bytes)."""
+    was not the blob, or was refused before its bytes were proven (a verdict counts only on checked bytes)."""
+    staging = _new_staging(tree, install_root)
+    doubt: Exception | None = None
+    try:
+        extracted = _extract(staging, layers, diff_ids, cancelled, following=True)
+    except Unfollowable as exc:
+        doubt = exc
+    except (ImageRejected, DigestMismatch) as exc:
+        if not layers.unproven:
+            fs.try_remove_tree(staging)
+            raise  # from bytes already checked: the image's own fault
+        doubt = exc
+    except BaseException:
+        fs.try_remove_tree(staging)
+        raise
+    if doubt is None:
+        try:
+            layers.complete()  # every blob checked by its source before anything extracted from it is used
+        except BaseException:
+            fs.try_remove_tree(staging)
+            raise
+        return staging, extracted
+    fs.try_remove_tree(staging)
+    layers.complete()  # the download's own verdict first: a bad transfer is its error, not the image's
+    log.info("layers_read_again", reason=str(doubt), detail="extracting from the verified blobs")
     staging = _new_staging(tree, install_root)
     try:
-        try:
-            extracted = _extract(staging, layers, diff_ids, cancelled, following=True)
-            layers.complete()  # every blob checked by its source before anything extracted from it is used
-            return staging, extracted
-        except (Unfollowable, ImageRejected, DigestMismatch) as exc:
-            layers.complete()  # the download's own verdict first: a bad transfer is its error, not the image's
-            log.info("layers_read_again", reason=str(exc), detail="extracting from the verified blobs")
-        fs.try_remove_tree(staging)
-        staging = _new_staging(tree, install_root)
         return staging, _extract(staging, layers, diff_ids, cancelled, following=False)
     except BaseException:
         fs.try_remove_tree(staging)
         raise
+
+
+def _release(release: Callable[[], None]) -> None:
+    """Drop the blobs; a cache that cannot be cleaned is no reason to fail a verified install."""
+    try:
+        release()
+    except (OSError, AgentError) as exc:
+        log.warning("blobs_not_dropped", error=str(exc), detail="the content store's own cleanup removes them later")
 
 
 def _stage(layers: Layers, image: ResolvedImage, ref: Reference, *, tree: Path, install_root: Path, want: Want,
@@ -172,7 +197,7 @@ def _stage(layers: Layers, image: ResolvedImage, ref: Reference, *, tree: Path, 
         failpoints.hit("install.marker")
         on_phase("installing", {"tree": str(tree)})
         os.chmod(staging, 0o755)  # noqa: S103 - a driver tree is world-readable, like /usr
-        release()
+        _release(release)
         fs.syncfs(staging)  # the tree's data must be on disk before the rename makes it visible
         failpoints.hit("install.synced")
         move_into_place(staging, tree, install_root)

@@ -11,9 +11,15 @@ and nothing commits until `complete()` returned, that is until the source itself
 blob (check_blob), and until each follower checked its own bytes against the descriptor (size
 and sha256). A follower that saw anything else (the file cut short, a download started over,
 bytes that do not match) raises `Unfollowable`, and the install extracts again from the
-verified blobs. An error of the extraction itself while following is not believed either: it
-is judged again on the verified blob (a byte flipped in transit is a refetch, not a refused
-image).
+verified blobs. An error of the extraction itself while a followed layer's bytes are not proven
+yet is not believed either: it is judged again on the verified blob (a byte flipped in transit is
+a refetch, not a refused image).
+
+A follower waiting for bytes polls no stop flag of the agent's: the pull thread does (the source
+checks `cancelled` as it downloads, a stalled socket ends in its own timeouts), and a stop ends
+the download, whose end wakes the follower. So a follower never feeds the hang detector's
+heartbeat for a download that makes no progress. `abandon(i)` wakes a follower whose reader gave
+up (the extraction failed on its own), without stopping the download.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ import hashlib
 import io
 import os
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -49,6 +54,8 @@ class Layers:
         self._stop = threading.Event()
         self._paths: list[Path | None] = [None] * len(image.layers)
         self._done = [threading.Event() for _ in image.layers]
+        self._abandoned = [threading.Event() for _ in image.layers]
+        self._unproven: set[int] = set()  # layers followed whose bytes were not checked (yet)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="pull", daemon=True)
 
@@ -74,18 +81,15 @@ class Layers:
     def _should_stop(self) -> bool:
         return self._stop.is_set() or self._cancelled()
 
-    def complete(self) -> list[Path]:
-        """Every layer, fetched and checked by its source; raises what the fetch raised."""
+    def complete(self) -> None:
+        """Return once every layer was fetched and checked by its source; raise what the fetch raised."""
         self._thread.join()
         if self._error is not None:
             raise self._error
-        return [p for p in self._paths if p is not None]
 
     def verified(self, i: int) -> Path:
-        """Layer i once its source has checked it (waiting for it)."""
-        while not self._done[i].wait(0.1):
-            if self._cancelled():
-                raise Cancelled("stopping: install abandoned")
+        """Layer i once its source has checked it (waiting for the pull thread, which watches the stop)."""
+        self._done[i].wait()
         path = self._paths[i]
         if path is None:
             raise self._error or RuntimeError("a layer fetch ended without a result")
@@ -96,13 +100,26 @@ class Layers:
         landing = self.source.landing(self.image, self.image.layers[i])
         if landing is None or self._done[i].is_set():
             return self.verified(i).open("rb", buffering=READ_BUFFER)
+        self._unproven.add(i)
         return io.BufferedReader(_Follower(landing, self.image.layers[i], self, i), READ_BUFFER)
+
+    @property
+    def unproven(self) -> bool:
+        """Whether a followed layer's bytes have not been checked: an error from them is no verdict yet."""
+        return bool(self._unproven)
+
+    def abandon(self, i: int) -> None:
+        """The reader of layer i gave up: wake its follower (the download goes on)."""
+        self._abandoned[i].set()
 
     def _finished(self, i: int) -> bool:
         return self._done[i].is_set()
 
-    def _failure(self) -> BaseException | None:
-        return self._error
+    def _failure(self, i: int) -> BaseException | None:
+        return self._error if self._paths[i] is None else None
+
+    def _proven(self, i: int) -> None:
+        self._unproven.discard(i)
 
 
 class _Follower(io.RawIOBase):
@@ -128,9 +145,8 @@ class _Follower(io.RawIOBase):
                 return self._end()
             if self._file is not None and os.fstat(self._file.fileno()).st_size < self._read:
                 raise Unfollowable(f"{self._landing.name}: the download started over")
-            if self._layers._cancelled():
-                raise Cancelled("stopping: install abandoned")
-            time.sleep(FOLLOW_POLL_S)
+            if self._layers._abandoned[self._index].wait(FOLLOW_POLL_S):
+                raise Cancelled("install abandoned: its extraction failed")
 
     def _read_some(self, buffer: bytearray | memoryview) -> int:
         if self._file is None:
@@ -153,11 +169,12 @@ class _Follower(io.RawIOBase):
 
     def _end(self) -> int:
         """The writer is done: its verdict first, then whether what was read here is the blob."""
-        failure = self._layers._failure()
-        if failure is not None and self._layers._paths[self._index] is None:
+        failure = self._layers._failure(self._index)
+        if failure is not None:
             raise failure
         if self._read != self._desc.size or f"sha256:{self._digest.hexdigest()}" != self._desc.digest:
             raise Unfollowable(f"{self._landing.name}: what was read while it downloaded is not the blob")
+        self._layers._proven(self._index)
         return 0
 
     def close(self) -> None:

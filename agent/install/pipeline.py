@@ -4,8 +4,9 @@ Extracting a layer is three kinds of work on the same bytes: inflating them (ISA
 and writing them (the tar reader, the filesystem), and hashing them twice (the layer's diff_id,
 each file's digest). ISA-L and hashlib release the GIL, so each runs in a thread of its own:
 `Prefetch` inflates up to `depth` chunks ahead of the reader, `HashWorker` feeds sha256 objects
-in the order the bytes were read. Both are bounded (a few MiB in flight), hand exceptions to the
-thread that asked, and stop when closed, whatever they were doing.
+in the order the bytes were read. Both are bounded (a few MiB in flight) and hand exceptions to
+the thread that asked. Closed, they stop: `HashWorker` at once, `Prefetch` once the read under way
+returns (its `interrupt` is called first, to wake a read that waits for bytes: agent.install.layers).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ _END = object()
 class Prefetch:
     """`read(chunk)` of a stream, run ahead in a thread; `read()` here hands the chunks out in order."""
 
-    def __init__(self, read: Callable[[int], bytes], *, chunk: int, depth: int = 4, name: str = "prefetch") -> None:
+    def __init__(self, read: Callable[[int], bytes], *, chunk: int, depth: int = 4, name: str = "prefetch",
+                 interrupt: Callable[[], None] = lambda: None) -> None:
         self._read = read
+        self._interrupt = interrupt
         self._chunk = chunk
         self._queue: queue.Queue[Any] = queue.Queue(depth)
         self._stop = threading.Event()
@@ -39,7 +42,7 @@ class Prefetch:
                 data: Any = self._read(self._chunk)
             except BaseException as exc:  # handed to the reader, raised there
                 data = exc
-            if not self._put(data) or not isinstance(data, bytes) or not data:
+            if not self._put(data) or isinstance(data, BaseException) or not data:
                 return
 
     def _put(self, item: Any) -> bool:
@@ -66,6 +69,8 @@ class Prefetch:
     def close(self) -> None:
         """Stop the thread (it may finish the chunk it is reading) and wait for it."""
         self._stop.set()
+        if not self._ended:  # the reader gave up early: a read may be waiting for bytes that are not needed now
+            self._interrupt()
         while self._thread.is_alive():
             with contextlib.suppress(queue.Empty):
                 while True:  # room for a put that is under way: it wakes, sees the stop and ends
@@ -106,6 +111,8 @@ class HashWorker:
     def drain(self) -> None:
         """Return once everything submitted so far was hashed."""
         if not self._thread.is_alive():
+            if self._error is not None:
+                raise self._error
             return
         done = threading.Event()
         self._queue.put((done, None))

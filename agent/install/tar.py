@@ -99,10 +99,13 @@ class _Source:
                 raise ImageRejected(f"{what}: archive truncated at byte {self.offset}")
             n -= len(view)
 
-    def drain(self) -> None:
-        """Read to the end (padding after the end-of-archive blocks is part of the layer's digest)."""
+    def drain(self, max_bytes: int | None = None) -> None:
+        """Read to the end (padding after the end-of-archive blocks is part of the layer's digest), at most
+        to `max_bytes` of the stream."""
         while self.take(CHUNK_BYTES):
-            pass
+            if max_bytes is not None and self.offset > max_bytes:
+                raise ImageRejected(f"data after the end of the archive runs past byte {max_bytes}, the limit "
+                                    "of what the layers may unpack to")
 
 
 @dataclass(frozen=True)
@@ -193,8 +196,9 @@ class TarReader:
     the member (or the header's byte offset when the member's name is not known yet).
     """
 
-    def __init__(self, raw: IO[bytes], *, hasher: Hasher | None = None) -> None:
+    def __init__(self, raw: IO[bytes], *, hasher: Hasher | None = None, max_bytes: int | None = None) -> None:
         self._src = _Source(raw, hasher)
+        self._max_bytes = max_bytes  # what may follow the end-of-archive blocks is bounded too (a gzip bomb)
         self._left = 0  # unread data of the current member, then its padding
         self._pad = 0
         self._member: Member | None = None
@@ -219,7 +223,7 @@ class TarReader:
             if header is None:
                 if pending:
                     raise ImageRejected(f"archive ends after an extended header at byte {offset}")
-                self._src.drain()
+                self._src.drain(self._max_bytes)
                 return
             where = f"{header.name[:200]!r} (tar header at byte {offset})"
             if header.typeflag in _EXTENDED:

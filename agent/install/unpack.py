@@ -128,11 +128,13 @@ class Staging:
     # --- layers
 
     def extract_layer(self, blob: Path | IO[bytes], media_type: str, *, diff_id: str | None = None,
-                      cancelled: Callable[[], bool] = lambda: False, name: str | None = None) -> None:
+                      cancelled: Callable[[], bool] = lambda: False, name: str | None = None,
+                      interrupt: Callable[[], None] = lambda: None) -> None:
         """Apply one layer (a blob on disk, or a stream of it: agent.install.layers) on top of the tree.
 
         `diff_id` is the image config's digest of the uncompressed layer: checked once the
-        whole stream was read. `name` names the layer in errors (default: the blob's file name).
+        whole stream was read. `name` names the layer in errors (default: the blob's file name);
+        `interrupt` wakes a read of `blob` that waits for bytes, when the extraction fails first.
         Raises ImageRejected (naming the entry) for anything the contract refuses, HostError
         (with a hint) when the filesystem fails.
         """
@@ -148,8 +150,8 @@ class Staging:
         created: set[str] = set()  # entries this layer made: whiteouts in the same layer spare them
         opaque: set[str] = set()
         layer = _Layer(stream, name)
-        ahead = Prefetch(layer.read, chunk=CHUNK_BYTES, depth=2, name="inflate")  # inflate on another core
-        reader = TarReader(ahead, hasher=hasher)  # type: ignore[arg-type]
+        ahead = Prefetch(layer.read, chunk=CHUNK_BYTES, depth=2, name="inflate", interrupt=interrupt)
+        reader = TarReader(ahead, hasher=hasher, max_bytes=MAX_STREAM_BYTES - self.stream_bytes)  # type: ignore[arg-type]
         member: Member | None = None
         try:
             for member in reader:
