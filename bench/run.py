@@ -87,7 +87,20 @@ def p1_boot(base: Path, registry: RegistryServer, runs: int) -> dict[str, Any]:
             "once_s": median(once), "once_runs": once, "start_to_ready_s": median(ready), "ready_runs": ready,
             "python_pass_s": median(ref + ref_ready)}
     result["imports"] = _import_profile(root)
+    result["idle_rss_mib"] = _idle_rss(root, base)
     return result
+
+
+def _idle_rss(root: Path, base: Path) -> float:
+    """RSS of the daemon a second after READY on the unchanged host (MiB)."""
+    notify = NotifySocket(base)
+    try:
+        with daemon(root, notify) as (_proc, _started, pid):
+            notify.wait_ready(30)
+            time.sleep(1.0)
+            return memory_kib(pid)["VmRSS"] / 1024
+    finally:
+        notify.close()
 
 
 def _start_to_ready(root: Path, base: Path, *, cold: bool) -> float:
