@@ -316,7 +316,7 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "plain_http": _string_list(REGISTRY_RE, "registry host[:port] strings"),
         "auth_file": _host_path,
         "ca_file": _optional_host_path,
-        "timeout_s": _number(1, 3600),
+        "timeout_s": _number(1, 180),  # one silent read must stay well inside the hang limit (daemon.STALL_LIMIT_S)
         "attempts": _integer(1, 100),
         "mirrors": _string_list(REGISTRY_RE, "registry host[:port] strings"),
         "pins": _pins,

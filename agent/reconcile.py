@@ -900,7 +900,8 @@ class _Fetch:
         """The engine asked only for container names (no pulls)."""
         from agent.fetch.engine import EngineSource  # noqa: PLC0415 - see Agent._fetched
 
-        return EngineSource(agent.host(agent.settings.image.engine_socket), agent.store, pull=False)
+        image = agent.settings.image
+        return EngineSource(agent.host(image.engine_socket), agent.store, pull=False, timeout_s=image.timeout_s)
 
 
 class _InstallClock:

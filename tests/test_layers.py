@@ -170,6 +170,21 @@ def test_a_refusal_from_bytes_already_checked_is_final(tmp_path: Path) -> None:
     assert list((tmp_path / "root").iterdir()) == []  # its staging removed
 
 
+def test_a_refusal_before_any_byte_was_read_is_final_and_does_not_wait_for_the_download(tmp_path: Path) -> None:
+    """A layer refused before a byte of it was read (its media type) has nothing unproven behind the verdict:
+    refused at once, not after the whole image downloaded, and not extracted again."""
+    from agent.install.image import _extract_checked  # noqa: PLC0415
+
+    odd = Descriptor("application/vnd.example.layer.v1.zstd", DESC.digest, DESC.size)
+    image = ResolvedImage(IMAGE.reference, None, IMAGE.media_type, IMAGE.config, (odd,), "registry")
+    layers = Layers(Dribble(tmp_path, pieces(BLOB, 64), gap_s=0.1), image, lambda: False)  # type: ignore[arg-type]
+    started = time.monotonic()
+    with layers, capture_logs() as logs, pytest.raises(ImageRejected, match="media type"):
+        _extract_checked(tmp_path / "tree", tmp_path / "root", layers, ("sha256:" + "2" * 64,), lambda: False)
+    assert time.monotonic() - started < 3  # the ~6 s download was stopped, not waited for
+    assert not [e for e in logs if e["event"] == "layers_read_again"]
+
+
 class GarbageFirst(RegistrySource):
     """The registry, behind a transfer that first lands the blob's size in wrong bytes (a flipped stream):
     the client's own check refetches it; the follower has read the garbage meanwhile."""

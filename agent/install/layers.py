@@ -100,7 +100,6 @@ class Layers:
         landing = self.source.landing(self.image, self.image.layers[i])
         if landing is None or self._done[i].is_set():
             return self.verified(i).open("rb", buffering=READ_BUFFER)
-        self._unproven.add(i)
         return io.BufferedReader(_Follower(landing, self.image.layers[i], self, i), READ_BUFFER)
 
     @property
@@ -121,6 +120,9 @@ class Layers:
     def _proven(self, i: int) -> None:
         self._unproven.discard(i)
 
+    def _read_from(self, i: int) -> None:
+        self._unproven.add(i)  # bytes not checked yet have reached the extraction
+
 
 class _Follower(io.RawIOBase):
     """Reads `<landing>.partial` (or `landing` once renamed) while another thread writes it."""
@@ -136,6 +138,8 @@ class _Follower(io.RawIOBase):
         return True
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._layers._abandoned[self._index].is_set():
+            raise Cancelled("install abandoned: its extraction failed")
         while True:
             done = self._layers._finished(self._index)  # before the read: a read after it sees every byte
             n = self._read_some(buffer)
@@ -150,7 +154,9 @@ class _Follower(io.RawIOBase):
 
     def _read_some(self, buffer: bytearray | memoryview) -> int:
         if self._file is None:
-            for path in (self._landing.with_name(self._landing.name + PARTIAL), self._landing):
+            partial = self._landing.with_name(self._landing.name + PARTIAL)
+            # a finished download is its final blob (a .partial beside it would be an older one's)
+            for path in (self._landing, partial) if self._layers._finished(self._index) else (partial, self._landing):
                 try:
                     self._file = io.FileIO(path, "rb")
                     break
@@ -161,6 +167,8 @@ class _Follower(io.RawIOBase):
         view = memoryview(buffer)
         n = self._file.readinto(view) or 0
         if n:
+            if not self._read:
+                self._layers._read_from(self._index)
             self._read += n
             if self._read > self._desc.size:
                 raise Unfollowable(f"{self._landing.name}: more bytes than its descriptor gives")

@@ -151,7 +151,7 @@ class Staging:
         opaque: set[str] = set()
         layer = _Layer(stream, name)
         ahead = Prefetch(layer.read, chunk=CHUNK_BYTES, depth=2, name="inflate", interrupt=interrupt)
-        reader = TarReader(ahead, hasher=hasher, max_bytes=MAX_STREAM_BYTES - self.stream_bytes)  # type: ignore[arg-type]
+        reader = TarReader(ahead, hasher=hasher, max_bytes=max(0, MAX_STREAM_BYTES - self.stream_bytes))  # type: ignore[arg-type]
         member: Member | None = None
         try:
             for member in reader:
