@@ -42,7 +42,7 @@ def render(r: dict[str, Any], plot_name: str) -> str:
         f"kernel {m['kernel']}, Python {m['python']}. Every agent number has its references beside it, taken "
         f"in the same run; page cache dropped before each timed command: {'yes' if r['caches_dropped'] else 'no'}. "
         "Medians; the raw runs are in `bench/results.json`. To measure again: `bench/setup && "
-        ".venv/bin/python bench/run.py` (as root, ~25 min).",
+        ".venv/bin/python bench/run.py` (as root, ~17-20 min).",
         "",
         "## P1: an unchanged boot",
         "",

@@ -14,7 +14,7 @@
 Writes bench/results.json, docs/benchmarks.md and docs/benchmarks.png (matplotlib, from the same data).
 Needs root (drop_caches, dockerd) and the bench tools: bench/setup installs them.
 
-  .ci/setup && bench/setup && .venv/bin/python bench/run.py            # ~25 min: 1.4 GB images, 3 runs
+  .ci/setup && bench/setup && .venv/bin/python bench/run.py            # ~17-20 min: 1.4 GB images, 3 runs
   .venv/bin/python bench/run.py --size-mb 200 --runs 1 --no-docs      # a quick look
 """
 
